@@ -1,0 +1,10 @@
+"""bert-jax: BERT pretraining in JAX/Flax NNX, from one GPU to Cloud TPU pods."""
+
+__version__ = "0.1.0"
+
+
+def load(path):
+    """Loads trained BERT weights; see `bert_jax.pretrained.load`."""
+    from bert_jax.pretrained import load as _load  # keeps `import bert_jax` light
+
+    return _load(path)

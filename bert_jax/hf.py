@@ -1,0 +1,261 @@
+"""Hugging Face interop: our parameters <-> `transformers.BertForPreTraining` state dicts.
+
+Parameters travel as flat dicts `{"encoder/layers/mlp/up/kernel": array}` of numpy arrays (see
+`flatten` / `unflatten`); Hugging Face tensors as `{"bert.encoder.layer.0....": array}`.
+One table (`_entries`) lists every correspondence, and both directions read it, so they
+cannot drift apart. Files are `config.json` + `model.safetensors` (or a sharded safetensors
+index); PyTorch `.bin` files load only through `torch.load(weights_only=True)`, which cannot
+execute code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from flax import traverse_util
+from safetensors.numpy import load_file, save_file
+
+from bert_jax.config import ModelConfig
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+TORCH_WEIGHTS_FILE = "pytorch_model.bin"
+
+# Tensors some checkpoints carry that hold nothing of their own: a buffer, and the MLM decoder
+# tied to the word embeddings and the prediction bias (checked equal to them when present).
+_POSITION_IDS = "bert.embeddings.position_ids"
+_TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+         "cls.predictions.decoder.bias": "cls.predictions.bias"}
+
+# ModelConfig field -> config.json key.
+_CONFIG_KEYS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "intermediate_size": "intermediate_size",
+    "max_position_embeddings": "max_position_embeddings",
+    "type_vocab_size": "type_vocab_size",
+    "hidden_dropout_rate": "hidden_dropout_prob",
+    "attention_dropout_rate": "attention_probs_dropout_prob",
+    "layer_norm_eps": "layer_norm_eps",
+    "initializer_range": "initializer_range",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How one of our (sub-)arrays is laid out as a Hugging Face tensor.
+
+    `inputs` is the number of leading input dims of a linear kernel (PyTorch stores the
+    transposed 2-D matrix); 0 means the tensor is our array flattened, None that it is
+    our array as it is.
+    """
+
+    inputs: int | None
+
+    def hf_shape(self, shape) -> tuple:
+        if self.inputs is None:
+            return tuple(shape)
+        if self.inputs == 0:
+            return (math.prod(shape),)
+        return (math.prod(shape[self.inputs:]), math.prod(shape[:self.inputs]))
+
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        if self.inputs:
+            return x.reshape(self.hf_shape(x.shape)[::-1]).T
+        return x.reshape(self.hf_shape(x.shape))
+
+    def from_hf(self, w: np.ndarray, shape) -> np.ndarray:
+        return (w.T if self.inputs else w).reshape(shape)
+
+
+_SAME, _FLAT, _KERNEL, _KERNEL_2D_IN = _Layout(None), _Layout(0), _Layout(1), _Layout(2)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    ours: str  # flat parameter path
+    index: tuple  # the part of our array this tensor fills (layer, q/k/v)
+    hf: str
+    layout: _Layout
+
+
+def _dense(ours, hf, index=(), layout=_KERNEL):
+    return [_Entry(f"{ours}/kernel", index, f"{hf}.weight", layout),
+            _Entry(f"{ours}/bias", index, f"{hf}.bias", _FLAT)]
+
+
+def _norm(ours, hf, index=()):
+    return [_Entry(f"{ours}/scale", index, f"{hf}.weight", _SAME),
+            _Entry(f"{ours}/bias", index, f"{hf}.bias", _SAME)]
+
+
+def _entries(num_layers: int) -> list[_Entry]:
+    def table(ours, hf):
+        return _Entry(f"embeddings/{ours}/embedding", (), f"bert.embeddings.{hf}.weight", _SAME)
+
+    entries = [table("word", "word_embeddings"), table("position", "position_embeddings"),
+               table("token_type", "token_type_embeddings"),
+               *_norm("embeddings/norm", "bert.embeddings.LayerNorm")]
+    layers = "encoder/layers"
+    for i in range(num_layers):
+        hf = f"bert.encoder.layer.{i}"
+        for j, name in enumerate(("query", "key", "value")):
+            entries += [
+                _Entry(f"{layers}/attention/qkv/kernel", (i, slice(None), j),
+                       f"{hf}.attention.self.{name}.weight", _KERNEL),
+                _Entry(f"{layers}/attention/qkv/bias", (i, j),
+                       f"{hf}.attention.self.{name}.bias", _FLAT)]
+        entries += [
+            *_dense(f"{layers}/attention/out", f"{hf}.attention.output.dense", (i,), _KERNEL_2D_IN),
+            *_norm(f"{layers}/attention/norm", f"{hf}.attention.output.LayerNorm", (i,)),
+            *_dense(f"{layers}/mlp/up", f"{hf}.intermediate.dense", (i,)),
+            *_dense(f"{layers}/mlp/down", f"{hf}.output.dense", (i,)),
+            *_norm(f"{layers}/mlp/norm", f"{hf}.output.LayerNorm", (i,))]
+    entries += [
+        *_dense("pooler", "bert.pooler.dense"),
+        *_dense("mlm/transform", "cls.predictions.transform.dense"),
+        *_norm("mlm/norm", "cls.predictions.transform.LayerNorm"),
+        _Entry("mlm/bias", (), "cls.predictions.bias", _SAME),
+        *_dense("nsp", "cls.seq_relationship")]
+    return entries
+
+
+def flatten(params: dict) -> dict[str, np.ndarray]:
+    """Nested parameter dict (as `nnx.to_pure_dict` gives) -> {"a/b/c": numpy array}."""
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+
+
+def unflatten(flat: dict[str, np.ndarray]) -> dict:
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def to_hf(flat_params: dict[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:
+    """Our flat parameters -> the tensors of `BertForPreTraining.save_pretrained` (float32)."""
+    return {e.hf: np.ascontiguousarray(e.layout.to_hf(np.asarray(flat_params[e.ours])[e.index]),
+                                       dtype=np.float32)
+            for e in _entries(config.num_layers)}
+
+
+def from_hf(tensors: dict[str, np.ndarray], config: ModelConfig,
+            shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
+    """Hugging Face tensors -> our flat parameters, whose shapes `shapes` gives.
+
+    Raises ValueError naming the first missing, unexpected or misshapen tensor (with both
+    shapes); nothing is returned unless every parameter was filled.
+    """
+    entries = _entries(config.num_layers)
+    expected = {e.hf for e in entries}
+    extra = sorted(set(tensors) - expected - set(_TIED) - {_POSITION_IDS})
+    if extra:
+        raise ValueError(f"unexpected tensor {extra[0]!r} (shape {np.shape(tensors[extra[0]])}) "
+                         f"in a checkpoint for {_describe(config)}: expected none such "
+                         f"({len(extra)} unexpected in all)")
+    flat = {path: np.zeros(shape, np.float32) for path, shape in shapes.items()}
+    for e in entries:
+        want = e.layout.hf_shape(np.broadcast_to(0, shapes[e.ours])[e.index].shape)
+        if e.hf not in tensors:
+            raise ValueError(f"missing tensor {e.hf!r}: expected shape {want} for "
+                             f"{_describe(config)}")
+        got = np.shape(tensors[e.hf])
+        if got != want:
+            raise ValueError(f"tensor {e.hf!r} has shape {got}: expected {want} for "
+                             f"{_describe(config)}")
+        target = flat[e.ours]
+        target[e.index] = e.layout.from_hf(np.asarray(tensors[e.hf], np.float32),
+                                           target[e.index].shape)
+    for tied, source in _TIED.items():
+        if tied in tensors and not np.array_equal(np.asarray(tensors[tied], np.float32),
+                                                  np.asarray(tensors[source], np.float32)):
+            raise ValueError(f"tensor {tied!r} differs from {source!r}: bert-jax ties them, "
+                             f"so an untied checkpoint cannot be represented")
+    return flat
+
+
+def _describe(config: ModelConfig) -> str:
+    return (f"L={config.num_layers} H={config.hidden_size} A={config.num_heads} "
+            f"I={config.intermediate_size} V={config.vocab_size}")
+
+
+def config_to_hf(config: ModelConfig) -> dict:
+    """ModelConfig -> the `config.json` of `transformers.BertConfig`."""
+    return {"architectures": ["BertForPreTraining"], "model_type": "bert",
+            "hidden_act": "gelu", "position_embedding_type": "absolute",
+            "tie_word_embeddings": True, "pad_token_id": 0,
+            **{hf: getattr(config, ours) for ours, hf in _CONFIG_KEYS.items()}}
+
+
+def config_from_hf(values: dict, **overrides) -> ModelConfig:
+    """`config.json` -> ModelConfig; rejects architectures this model does not implement."""
+    requirements = {"model_type": ("bert",), "hidden_act": ("gelu",),
+                    "position_embedding_type": ("absolute",)}
+    for key, allowed in requirements.items():
+        if key in values and values[key] not in allowed:
+            raise ValueError(f"config.json has {key}={values[key]!r}: expected {allowed[0]!r}")
+    missing = [hf for hf in _CONFIG_KEYS.values() if hf not in values]
+    if missing:
+        raise ValueError(f"config.json lacks {missing[0]!r}: expected a BERT config with "
+                         f"{sorted(_CONFIG_KEYS.values())}")
+    return ModelConfig(**{ours: values[hf] for ours, hf in _CONFIG_KEYS.items()}, **overrides)
+
+
+def save(out_dir, config: ModelConfig, flat_params: dict[str, np.ndarray]) -> None:
+    """Writes config.json and model.safetensors; each file appears whole or not at all."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out_dir / WEIGHTS_FILE,
+                  lambda p: save_file(to_hf(flat_params, config), p, metadata={"format": "pt"}))
+    _atomic_write(out_dir / CONFIG_FILE,
+                  lambda p: Path(p).write_text(json.dumps(config_to_hf(config), indent=2) + "\n"))
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def read_config(path) -> ModelConfig:
+    config_path = Path(path) / CONFIG_FILE
+    if not config_path.is_file():
+        raise ValueError(f"{config_path} does not exist: expected a Hugging Face model directory")
+    return config_from_hf(json.loads(config_path.read_text()))
+
+
+def read_tensors(path) -> dict[str, np.ndarray]:
+    """The tensors of a Hugging Face directory: safetensors (single or sharded), else `.bin`."""
+    path = Path(path)
+    if (path / WEIGHTS_FILE).is_file():
+        return load_file(path / WEIGHTS_FILE)
+    if (path / WEIGHTS_INDEX_FILE).is_file():
+        shards = sorted(set(json.loads((path / WEIGHTS_INDEX_FILE).read_text())["weight_map"]
+                            .values()))
+        return {k: v for shard in shards for k, v in load_file(path / shard).items()}
+    if (path / TORCH_WEIGHTS_FILE).is_file():
+        return _read_torch_weights(path / TORCH_WEIGHTS_FILE)
+    raise ValueError(f"{path} has no {WEIGHTS_FILE}, {WEIGHTS_INDEX_FILE} or "
+                     f"{TORCH_WEIGHTS_FILE}: expected a Hugging Face model directory")
+
+
+def _read_torch_weights(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:
+        raise ValueError(f"{path} is a PyTorch file: install torch to read it, or convert "
+                         f"it to {WEIGHTS_FILE}") from e
+    # weights_only=True refuses pickled code: a checkpoint cannot run anything on load.
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v.float().numpy() for k, v in state.items()}

@@ -1,0 +1,294 @@
+"""BERT for pretraining in Flax NNX: the original post-LayerNorm encoder, MLM and NSP heads.
+
+Parameters are float32 and carry logical axis names (`vocab, embed, heads, kv, mlp, layers`);
+`bert_jax.sharding` maps those to a device mesh, so nothing here knows about devices.
+Encoder layers are stored stacked (a leading `layers` axis) whether or not they are run with
+`jax.lax.scan`, so checkpoints and Hugging Face conversion do not depend on that choice.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bert_jax.config import ModelConfig
+
+Array = jax.Array
+
+
+def _axes(*names, init=None):
+    """An initializer that tags its parameter with logical axis names (no eager sharding)."""
+    return nnx.with_partitioning(init or nnx.initializers.zeros_init(), names,
+                                 eager_sharding=False)
+
+
+def _dense_init(config: ModelConfig, *names):
+    # google-research/bert initializes every weight matrix with this truncated normal.
+    return _axes(*names, init=nnx.initializers.truncated_normal(config.initializer_range))
+
+
+def _layer_norm(config: ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # Statistics are computed in float32 whatever the compute dtype (nnx.LayerNorm does so).
+    return nnx.LayerNorm(config.hidden_size, epsilon=config.layer_norm_eps,
+                         dtype=config.dtype, scale_init=_axes("embed", init=nnx.initializers.ones),
+                         bias_init=_axes("embed"), rngs=rngs)
+
+
+def _linear(config: ModelConfig, d_in, d_out, in_axes, out_axes, rngs: nnx.Rngs):
+    in_axes, out_axes = tuple(in_axes), tuple(out_axes)
+    return nnx.LinearGeneral(
+        d_in, d_out, axis=tuple(range(-len(in_axes), 0)), dtype=config.dtype,
+        kernel_init=_dense_init(config, *in_axes, *out_axes),
+        bias_init=_axes(*out_axes), rngs=rngs)
+
+
+class Embeddings(nnx.Module):
+    """Word + learned position + token type embeddings, LayerNorm, dropout."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        def table(rows, *axes):
+            return nnx.Embed(rows, config.hidden_size, dtype=config.dtype,
+                             embedding_init=_dense_init(config, *axes), rngs=rngs)
+
+        self.word = table(config.vocab_size, "vocab", "embed")
+        self.position = table(config.max_position_embeddings, None, "embed")
+        self.token_type = table(config.type_vocab_size, None, "embed")
+        self.norm = _layer_norm(config, rngs)
+        self.dropout = nnx.Dropout(config.hidden_dropout_rate)
+
+    def __call__(self, input_ids_bs, token_type_ids_bs, dropout_key) -> Array:
+        positions_s = jnp.arange(input_ids_bs.shape[1])
+        x_bsd = (self.word(input_ids_bs) + self.position(positions_s)[None]
+                 + self.token_type(token_type_ids_bs))
+        return _dropout(self.dropout, self.norm(x_bsd), dropout_key)
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head self-attention with one fused QKV projection, output projection, residual + LN."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        h, k = config.num_heads, config.head_dim
+        self.qkv = _linear(config, config.hidden_size, (3, h, k), ["embed"],
+                           [None, "heads", "kv"], rngs)
+        self.out = _linear(config, (h, k), config.hidden_size, ["heads", "kv"], ["embed"], rngs)
+        self.norm = _layer_norm(config, rngs)
+        self.dropout = nnx.Dropout(config.hidden_dropout_rate)
+
+    def __call__(self, x_bsd, mask_b11s, dropout_key) -> Array:
+        attention_key, output_key = _split(dropout_key, 2)
+        qkv_bs3hk = self.qkv(x_bsd)
+        q_bshk, k_bshk, v_bshk = (qkv_bs3hk[:, :, i] for i in range(3))
+        y_bshk = _attention(self.config, q_bshk, k_bshk, v_bshk, mask_b11s, attention_key)
+        y_bsd = _dropout(self.dropout, self.out(y_bshk), output_key)
+        return self.norm(x_bsd + y_bsd)
+
+
+def _attention(config: ModelConfig, q_bshk, k_bshk, v_bshk, mask_b11s, dropout_key) -> Array:
+    """Scaled dot-product attention; fused (`jax.nn.dot_product_attention`) unless dropping out.
+
+    Attention-probability dropout needs the probabilities, which fused kernels never form,
+    so only training with `attention_dropout_rate > 0` takes the explicit softmax path.
+    """
+    if dropout_key is None or config.attention_dropout_rate == 0.0:
+        implementation = None if config.attention_impl == "auto" else config.attention_impl
+        return jax.nn.dot_product_attention(q_bshk, k_bshk, v_bshk, mask=mask_b11s,
+                                            implementation=implementation)
+    scale = config.head_dim ** -0.5
+    logits_bhst = jnp.einsum("bshk,bthk->bhst", q_bshk, k_bshk,
+                             preferred_element_type=jnp.float32) * scale
+    logits_bhst = jnp.where(mask_b11s, logits_bhst, jnp.finfo(jnp.float32).min)
+    probs_bhst = jax.nn.softmax(logits_bhst, axis=-1)
+    keep = jax.random.bernoulli(dropout_key, 1.0 - config.attention_dropout_rate,
+                                probs_bhst.shape)
+    probs_bhst = jnp.where(keep, probs_bhst / (1.0 - config.attention_dropout_rate), 0.0)
+    return jnp.einsum("bhst,bthk->bshk", probs_bhst.astype(v_bshk.dtype), v_bshk)
+
+
+class FeedForward(nnx.Module):
+    """Dense to the intermediate size, exact (erf) GELU, dense back, dropout, residual + LN."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.up = _linear(config, config.hidden_size, config.intermediate_size,
+                          ["embed"], ["mlp"], rngs)
+        self.down = _linear(config, config.intermediate_size, config.hidden_size,
+                            ["mlp"], ["embed"], rngs)
+        self.norm = _layer_norm(config, rngs)
+        self.dropout = nnx.Dropout(config.hidden_dropout_rate)
+
+    def __call__(self, x_bsd, dropout_key) -> Array:
+        y_bsd = self.down(jax.nn.gelu(self.up(x_bsd), approximate=False))
+        return self.norm(x_bsd + _dropout(self.dropout, y_bsd, dropout_key))
+
+
+class EncoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.attention = SelfAttention(config, rngs=rngs)
+        self.mlp = FeedForward(config, rngs=rngs)
+
+    def __call__(self, x_bsd, mask_b11s, dropout_key) -> Array:
+        attention_key, mlp_key = _split(dropout_key, 2)
+        return self.mlp(self.attention(x_bsd, mask_b11s, attention_key), mlp_key)
+
+
+_REMAT_SAVEABLE = {
+    "full": None,  # save nothing: recompute the whole layer
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Encoder(nnx.Module):
+    """`num_layers` encoder layers with stacked parameters, run by scan or by a Python loop."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+
+        @nnx.split_rngs(splits=config.num_layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def create_layers(rngs):
+            return EncoderLayer(config, rngs=rngs)
+
+        self.layers = create_layers(rngs)
+
+    def __call__(self, x_bsd, mask_b11s, dropout_key) -> Array:
+        graphdef, stacked = nnx.split(self.layers)
+
+        def apply_layer(x_bsd, layer_state, layer_key):
+            return nnx.merge(graphdef, layer_state)(x_bsd, mask_b11s, layer_key)
+
+        if self.config.remat_policy != "none":
+            apply_layer = jax.checkpoint(apply_layer,
+                                         policy=_REMAT_SAVEABLE[self.config.remat_policy])
+
+        layer_keys = (None if dropout_key is None
+                      else jax.random.split(dropout_key, self.config.num_layers))
+        if self.config.scan_layers:
+            def body(x_bsd, layer):
+                return apply_layer(x_bsd, *layer), None
+
+            x_bsd, _ = jax.lax.scan(body, x_bsd, (stacked, layer_keys))
+            return x_bsd
+        for i in range(self.config.num_layers):
+            layer_key = None if layer_keys is None else layer_keys[i]
+            x_bsd = apply_layer(x_bsd, jax.tree.map(lambda p: p[i], stacked), layer_key)
+        return x_bsd
+
+
+class MaskedLMHead(nnx.Module):
+    """Dense + GELU + LayerNorm, then the decoder tied to the word embeddings, plus a bias."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.transform = _linear(config, config.hidden_size, config.hidden_size,
+                                 ["embed"], [None], rngs)
+        self.norm = _layer_norm(config, rngs)
+        self.bias = nnx.Param(jnp.zeros((config.vocab_size,)), out_sharding=("vocab",),
+                              eager_sharding=False)
+
+    def __call__(self, x_bpd, word_embeddings: nnx.Embed) -> Array:
+        x_bpd = self.norm(jax.nn.gelu(self.transform(x_bpd), approximate=False))
+        table_vd = word_embeddings.embedding[...].astype(x_bpd.dtype)
+        logits_bpv = jnp.einsum("bpd,vd->bpv", x_bpd, table_vd, preferred_element_type=jnp.float32)
+        return logits_bpv + self.bias[...]
+
+
+class BertForPreTraining(nnx.Module):
+    """BERT encoder, pooler, masked-LM head and next-sentence head.
+
+    Training calls the model with `masked_lm_positions`, so the vocabulary projection runs
+    only at the P predicted positions of each row ([B, P, V] logits, never [B, S, V]).
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embeddings = Embeddings(config, rngs=rngs)
+        self.encoder = Encoder(config, rngs=rngs)
+        self.pooler = _linear(config, config.hidden_size, config.hidden_size,
+                              ["embed"], [None], rngs)
+        self.mlm = MaskedLMHead(config, rngs=rngs)
+        self.nsp = _linear(config, config.hidden_size, 2, ["embed"], [None], rngs)
+
+    def __call__(self, input_ids, token_type_ids, attention_mask, masked_lm_positions, *,
+                 dropout_key=None):
+        """Training forward. Returns (MLM logits [B, P, V] at `masked_lm_positions`, NSP logits [B, 2]).
+
+        Logits are float32 whatever the compute dtype. `dropout_key=None` means deterministic
+        (evaluation); otherwise every dropout mask derives from that key alone, so a step's
+        randomness is reproducible from (seed, step).
+        """
+        inputs = self._check_inputs(input_ids, token_type_ids, attention_mask)
+        positions = jnp.asarray(masked_lm_positions)
+        batch = inputs[0].shape[0]
+        if positions.ndim != 2 or positions.shape[0] != batch:
+            raise ValueError(f"masked_lm_positions has shape {positions.shape}: expected "
+                             f"[batch, predictions] with batch {batch}")
+        _check_integer("masked_lm_positions", positions)
+        x_bsd, pooled_bd = self._encode(*inputs, dropout_key)
+        x_bpd = jnp.take_along_axis(x_bsd, positions[:, :, None], axis=1)
+        return self.mlm(x_bpd, self.embeddings.word), self._nsp_logits(pooled_bd)
+
+    def encode(self, input_ids, token_type_ids=None, attention_mask=None, *, dropout_key=None):
+        """Runs the encoder. Returns (sequence output [B, S, D], pooled [CLS] output [B, D])."""
+        return self._encode(*self._check_inputs(input_ids, token_type_ids, attention_mask),
+                            dropout_key)
+
+    def full_logits(self, input_ids, token_type_ids=None, attention_mask=None):
+        """Inference forward. Returns (MLM logits at every position [B, S, V], NSP logits [B, 2])."""
+        x_bsd, pooled_bd = self.encode(input_ids, token_type_ids, attention_mask)
+        return self.mlm(x_bsd, self.embeddings.word), self._nsp_logits(pooled_bd)
+
+    def _encode(self, input_ids, token_type_ids, attention_mask, dropout_key):
+        embed_key, encoder_key = _split(dropout_key, 2)
+        x_bsd = self.embeddings(input_ids, token_type_ids, embed_key)
+        mask_b11s = attention_mask.astype(bool)[:, None, None, :]
+        x_bsd = self.encoder(x_bsd, mask_b11s, encoder_key)
+        pooled_bd = jnp.tanh(self.pooler(x_bsd[:, 0]))
+        return x_bsd, pooled_bd
+
+    def _nsp_logits(self, pooled_bd) -> Array:
+        return self.nsp(pooled_bd).astype(jnp.float32)
+
+    def _check_inputs(self, input_ids, token_type_ids, attention_mask):
+        """Validates shapes and dtypes (at trace time) and fills the defaults."""
+        input_ids = jnp.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids has shape {input_ids.shape}: expected [batch, length]")
+        _check_integer("input_ids", input_ids)
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(
+                f"input_ids has length {input_ids.shape[1]}: expected at most "
+                f"max_position_embeddings={self.config.max_position_embeddings}")
+        token_type_ids = _like_ids("token_type_ids", token_type_ids, input_ids, 0)
+        _check_integer("token_type_ids", token_type_ids)
+        attention_mask = _like_ids("attention_mask", attention_mask, input_ids, 1)
+        return input_ids, token_type_ids, attention_mask
+
+
+def _like_ids(name, value, input_ids, default) -> Array:
+    if value is None:
+        return jnp.full_like(input_ids, default)
+    value = jnp.asarray(value)
+    if value.shape != input_ids.shape:
+        raise ValueError(f"{name} has shape {value.shape}: expected the shape of input_ids "
+                         f"{input_ids.shape}")
+    return value
+
+
+def _check_integer(name, value):
+    if not jnp.issubdtype(value.dtype, jnp.integer):
+        raise ValueError(f"{name} has dtype {value.dtype}: expected an integer dtype")
+
+
+def _split(key, n):
+    """`n` independent keys from `key`, or `n` Nones (deterministic) when `key` is None."""
+    return [None] * n if key is None else list(jax.random.split(key, n))
+
+
+def _dropout(dropout: nnx.Dropout, x, key) -> Array:
+    return x if key is None else dropout(x, rngs=key)
+
+
+def create(config: ModelConfig, seed: int = 0) -> BertForPreTraining:
+    """A freshly initialized model."""
+    return BertForPreTraining(config, rngs=nnx.Rngs(params=seed))

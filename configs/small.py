@@ -1,0 +1,10 @@
+"""BERT-small (google-research/bert sizes).
+
+Run: bert-jax pretrain --config=configs/small.py
+"""
+
+from bert_jax.config import default_config
+
+
+def get_config():
+    return default_config("small")

@@ -1,0 +1,10 @@
+"""BERT-tiny (google-research/bert sizes).
+
+Run: bert-jax pretrain --config=configs/tiny.py
+"""
+
+from bert_jax.config import default_config
+
+
+def get_config():
+    return default_config("tiny")

@@ -1,0 +1,168 @@
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from bert_jax.config import ModelConfig
+from bert_jax.model import create
+from bert_jax.pretrained import Pretrained
+
+SMALL = ModelConfig(vocab_size=61, hidden_size=24, num_layers=3, num_heads=3,
+                    intermediate_size=40, max_position_embeddings=32, type_vocab_size=3)
+LOGICAL_AXES = {"vocab", "embed", "heads", "kv", "mlp", "layers", None}
+
+
+def _inputs(batch=2, length=12, config=SMALL, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, config.vocab_size, (batch, length)).astype(np.int32)
+    types = rng.integers(0, config.type_vocab_size, (batch, length)).astype(np.int32)
+    mask = np.ones((batch, length), np.int32)
+    mask[0, length - 4:] = 0  # row 0 is padded
+    return ids, types, mask
+
+
+def _with(model, **changes):
+    """The same parameters under a config with `changes`."""
+    params = Pretrained.from_model(model).params
+    return Pretrained(ModelConfig(**{**model.config.to_dict(), **changes}), params).model()
+
+
+def test_forward_shapes_and_float32_logits():
+    model = create(SMALL)
+    ids, types, mask = _inputs()
+    positions = np.array([[1, 3], [2, 5]], np.int32)
+    mlm, nsp = model(ids, types, mask, positions)
+    assert mlm.shape == (2, 2, SMALL.vocab_size) and mlm.dtype == jnp.float32
+    assert nsp.shape == (2, 2) and nsp.dtype == jnp.float32
+    full_mlm, full_nsp = model.full_logits(ids, types, mask)
+    assert full_mlm.shape == (2, 12, SMALL.vocab_size)
+    np.testing.assert_allclose(nsp, full_nsp, atol=1e-6)
+
+
+def test_masked_position_head_equals_gathered_full_logits():
+    model = create(SMALL, seed=1)
+    ids, types, mask = _inputs()
+    positions = np.array([[0, 4, 7, 7], [11, 2, 0, 5]], np.int32)
+    mlm, _ = model(ids, types, mask, positions)
+    full, _ = model.full_logits(ids, types, mask)
+    np.testing.assert_allclose(mlm, np.take_along_axis(np.asarray(full), positions[..., None], 1),
+                               atol=1e-5)
+
+
+def test_padding_does_not_change_outputs_at_real_positions():
+    model = create(SMALL, seed=2)
+    ids, types, mask = _inputs(batch=1, length=8)
+    mask[:] = 1
+    short_mlm, short_nsp = model.full_logits(ids, types, mask)
+    rng = np.random.default_rng(3)
+    pad = 5
+    long_ids = np.concatenate([ids, rng.integers(0, SMALL.vocab_size, (1, pad))], 1)
+    long_types = np.concatenate([types, rng.integers(0, 3, (1, pad))], 1)
+    long_mask = np.concatenate([mask, np.zeros((1, pad), np.int32)], 1)
+    long_mlm, long_nsp = model.full_logits(long_ids.astype(np.int32),
+                                           long_types.astype(np.int32), long_mask)
+    np.testing.assert_allclose(long_mlm[:, :8], short_mlm, atol=1e-5)
+    np.testing.assert_allclose(long_nsp, short_nsp, atol=1e-5)
+
+
+def test_bfloat16_forward_is_close_to_float32():
+    model = create(SMALL, seed=4)
+    ids, types, mask = _inputs()
+    mlm32, nsp32 = model.full_logits(ids, types, mask)
+    mlm16, nsp16 = _with(model, dtype="bfloat16").full_logits(ids, types, mask)
+    assert mlm16.dtype == jnp.float32  # logits leave the model in float32
+    # bfloat16 keeps 8 mantissa bits: ~0.4% relative error per op. Logits here are O(1).
+    scale = float(jnp.abs(mlm32).max())
+    assert float(jnp.abs(mlm16 - mlm32).max()) < 0.05 * scale
+    assert float(jnp.abs(nsp16 - nsp32).max()) < 0.05 * max(1.0, float(jnp.abs(nsp32).max()))
+    assert not np.allclose(mlm16, mlm32, atol=1e-6)  # bf16 really was used
+
+
+def _loss_and_grads(model, dropout_key):
+    ids, types, mask = _inputs()
+    positions = np.array([[1, 2], [3, 4]], np.int32)
+    graphdef, params = nnx.split(model)
+
+    def loss(params):
+        mlm, nsp = nnx.merge(graphdef, params)(ids, types, mask, positions,
+                                               dropout_key=dropout_key)
+        return jnp.sum(mlm ** 2) + jnp.sum(nsp)
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize("changes", [dict(scan_layers=True), dict(remat_policy="full"),
+                                     dict(scan_layers=True, remat_policy="dots")])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_scan_and_remat_match_the_unrolled_stack(changes, dropout):
+    model = create(ModelConfig(**{**SMALL.to_dict(), "attention_dropout_rate": 0.1}), seed=5)
+    key = jax.random.key(7) if dropout else None
+    loss, grads = _loss_and_grads(model, key)
+    other_loss, other_grads = _loss_and_grads(_with(model, **changes), key)
+    np.testing.assert_allclose(other_loss, loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 other_grads, grads)
+
+
+def test_dropout_is_keyed_and_off_without_a_key():
+    model = create(ModelConfig(**{**SMALL.to_dict(), "attention_dropout_rate": 0.1}), seed=6)
+    ids, types, mask = _inputs()
+    positions = np.array([[1, 2], [3, 4]], np.int32)
+    eval_a = model(ids, types, mask, positions)[0]
+    eval_b = model(ids, types, mask, positions)[0]
+    train_a = model(ids, types, mask, positions, dropout_key=jax.random.key(0))[0]
+    train_b = model(ids, types, mask, positions, dropout_key=jax.random.key(0))[0]
+    train_c = model(ids, types, mask, positions, dropout_key=jax.random.key(1))[0]
+    np.testing.assert_array_equal(eval_a, eval_b)
+    np.testing.assert_array_equal(train_a, train_b)
+    assert not np.allclose(train_a, eval_a) and not np.allclose(train_a, train_c)
+
+
+def test_explicit_attention_path_equals_the_fused_one():
+    # Attention dropout of 1e-9 drops nothing but forces the explicit softmax path.
+    model = create(ModelConfig(**{**SMALL.to_dict(), "hidden_dropout_rate": 0.0}), seed=8)
+    ids, types, mask = _inputs()
+    positions = np.array([[1, 2], [3, 4]], np.int32)
+    fused = model(ids, types, mask, positions, dropout_key=jax.random.key(0))[0]
+    explicit = _with(model, attention_dropout_rate=1e-9)(
+        ids, types, mask, positions, dropout_key=jax.random.key(0))[0]
+    np.testing.assert_allclose(explicit, fused, atol=1e-5)
+
+
+def test_every_parameter_has_logical_axis_names():
+    state = nnx.state(create(SMALL), nnx.Param)
+    variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    assert len(variables) == 26
+    for variable in variables:
+        names = variable.get_metadata()["out_sharding"]
+        assert len(names) == variable.ndim and set(names) <= LOGICAL_AXES, (names, variable.shape)
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda m, i, t, a, p: m(i[0], None, None, p), ["input_ids", "(12,)", "[batch, length]"]),
+    (lambda m, i, t, a, p: m(i.astype(np.float32), t, a, p), ["input_ids", "float32", "integer"]),
+    (lambda m, i, t, a, p: m(i, t[:, :5], a, p), ["token_type_ids", "(2, 5)", "(2, 12)"]),
+    (lambda m, i, t, a, p: m(i, t, a[:1], p), ["attention_mask", "(1, 12)", "(2, 12)"]),
+    (lambda m, i, t, a, p: m(i, t.astype(np.float32), a, p), ["token_type_ids", "float32"]),
+    (lambda m, i, t, a, p: m(i, t, a, p[0]), ["masked_lm_positions", "(2,)"]),
+    (lambda m, i, t, a, p: m(i, t, a, p.astype(np.float32)), ["masked_lm_positions", "float32"]),
+    (lambda m, i, t, a, p: m.full_logits(np.zeros((1, 40), np.int32)),
+     ["length 40", "max_position_embeddings=32"]),
+])
+def test_bad_inputs_raise_value_errors_naming_shapes(call, words):
+    model = create(SMALL)
+    ids, types, mask = _inputs()
+    with pytest.raises(ValueError) as error:
+        call(model, ids, types, mask, np.array([[1, 2], [3, 4]], np.int32))
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_model_import_does_not_need_tensorflow():
+    code = ("import sys, bert_jax, bert_jax.model, bert_jax.train, bert_jax.pretrained; "
+            "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
