@@ -290,5 +290,10 @@ def _dropout(dropout: nnx.Dropout, x, key) -> Array:
 
 
 def create(config: ModelConfig, seed: int = 0) -> BertForPreTraining:
-    """A freshly initialized model."""
-    return BertForPreTraining(config, rngs=nnx.Rngs(params=seed))
+    """A freshly initialized model, initialized by one compiled computation (eager NNX
+    initialization dispatches op by op and takes seconds even for a tiny model)."""
+    def build():
+        return BertForPreTraining(config, rngs=nnx.Rngs(params=seed))
+
+    graphdef, _ = nnx.split(nnx.eval_shape(build))
+    return nnx.merge(graphdef, jax.jit(lambda: nnx.state(build()))())
