@@ -14,16 +14,21 @@ DESCRIPTION = """\
 BERT pretraining in JAX/Flax NNX.
 
 subcommands:
-  pretrain   train BERT with MLM + NSP (for now: a smoke run of AdamW steps on a
-             synthetic batch; real data and checkpoints arrive with the data and
-             training work)
+  prepare-data  corpus -> tokenizer + TFDS dataset of NSP instances (cached), with a summary
+  inspect-data  show masked batches as text; --out saves the exact batches of steps
+  pretrain      train BERT with MLM + NSP (for now: a smoke run of AdamW steps on a
+                synthetic batch; real-data training arrives with the training work)
+
+Every subcommand takes --config=FILE (a Python file with get_config(); default: the
+built-in tiny config on the built-in corpus) and overrides such as --config.data.corpus=GLOB.
 
 Run `bert-jax SUBCOMMAND --help` for a subcommand's options.
 """
 
 
 class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
+    """Bad command-line input: printed as one line, exit code 2 (as is any ValueError, which
+    the library raises for bad input)."""
 
 
 def _load_config(config_file: str | None, overrides: list[str]):
@@ -57,15 +62,11 @@ def _load_config(config_file: str | None, overrides: list[str]):
         raise UsageError(f"bad config ({config_file or 'built-in default'}): {message}") from e
 
 
-def _pretrain(args, overrides: list[str]) -> None:
+def _pretrain(args, config) -> None:
     from bert_jax import train
     from bert_jax.config import ModelConfig
 
-    config = _load_config(args.config, overrides)
-    try:
-        model_config = ModelConfig.from_dict(config.model)
-    except (TypeError, ValueError) as e:
-        raise UsageError(str(e)) from e
+    model_config = ModelConfig.from_dict(config.model)
     print(f"bert-jax pretrain: smoke run of the {model_config.num_layers}-layer, "
           f"H={model_config.hidden_size} model on one synthetic batch "
           f"(real-data training is not implemented yet)")
@@ -74,19 +75,71 @@ def _pretrain(args, overrides: list[str]) -> None:
     print(f"done: {args.steps} steps in {result['seconds']:.1f}s, loss {first:.3f} -> {last:.3f}")
 
 
+def _prepare_data(args, config) -> None:
+    from bert_jax.data import pipeline
+
+    prepared = pipeline.prepare(config)
+    summary = prepared.metadata["summary"]
+    instances = ", ".join(f"{n:,} {split}" for split, n in summary["instances"].items())
+    print(f"dataset: {prepared.path}\n"
+          f"  documents {summary['documents']:,}  sentences {summary['sentences']:,}  "
+          f"tokens {summary['tokens']:,}\n"
+          f"  instances {instances}  fill ratio {summary['fill_ratio']:.3f}\n"
+          f"  tokenizer {prepared.tokenizer.kind}, {prepared.tokenizer.vocab_size:,} tokens\n"
+          f"  replaced non-UTF-8 bytes {summary['replaced_bytes']:,}  "
+          f"built in {summary['seconds']}s")
+
+
+def _inspect_data(args, config) -> None:
+    import numpy as np
+
+    from bert_jax.data import pipeline
+
+    prepared = pipeline.prepare(config)
+    loader = pipeline.loader(config, prepared, args.split)
+    batches = [batch for _, batch in loader.iterate(args.start_step, args.steps)]
+    for step, batch in zip(range(args.start_step, args.start_step + args.steps), batches):
+        for row in range(min(args.rows, len(batch["input_ids"]))):
+            print(f"step {step} row {row}: {pipeline.describe_row(batch, row, prepared.tokenizer)}")
+    if args.out:
+        stacked = {name: np.stack([b[name] for b in batches]) for name in batches[0]}
+        np.savez(args.out, **stacked)
+        print(f"saved {args.steps} steps of {len(batches[0]['input_ids'])} rows to {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bert-jax", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
-    pretrain = subparsers.add_parser(
-        "pretrain", help="pretrain BERT (MLM + NSP)",
-        description="Pretrain BERT. Today: AdamW steps on one synthetic batch (a smoke run "
-                    "that proves forward, backward and update). Overrides: --config.FIELD=VALUE, "
-                    "e.g. --config.model.num_layers=4.")
-    pretrain.add_argument("--config", metavar="FILE",
-                          help="Python config file with get_config() (default: built-in tiny)")
+    config_options = argparse.ArgumentParser(add_help=False)
+    config_options.add_argument(
+        "--config", metavar="FILE",
+        help="Python config file with get_config() (default: built-in tiny); any field can be "
+             "overridden as --config.FIELD=VALUE, e.g. --config.data.corpus='texts/*.txt'")
+
+    def add(name, run, help_text, description):
+        sub = subparsers.add_parser(name, parents=[config_options], help=help_text,
+                                    description=description)
+        sub.set_defaults(run=run)
+        return sub
+
+    pretrain = add("pretrain", _pretrain, "pretrain BERT (MLM + NSP)",
+                   "Pretrain BERT. Today: AdamW steps on one synthetic batch (a smoke run that "
+                   "proves forward, backward and update).")
     pretrain.add_argument("--steps", type=int, default=10, help="number of steps (default 10)")
-    pretrain.set_defaults(run=_pretrain)
+    add("prepare-data", _prepare_data, "build the tokenizer and dataset of a corpus",
+        "Reads config.data.corpus, trains a SentencePiece vocabulary unless "
+        "config.data.vocab_file is set, creates NSP/SOP instances and writes them as a TFDS "
+        "ArrayRecord dataset under config.data.data_dir (reused when it exists).")
+    inspect = add("inspect-data", _inspect_data, "print masked batches as text",
+                  "Prints the masked batches that training steps would see, decoded to text "
+                  "([MASK] shown, labels in parentheses); --out saves them exactly.")
+    inspect.add_argument("--steps", type=int, default=1, help="number of steps (default 1)")
+    inspect.add_argument("--start-step", type=int, default=0, help="first step (default 0)")
+    inspect.add_argument("--rows", type=int, default=2, help="rows printed per step (default 2)")
+    inspect.add_argument("--split", default="train", help="train or validation")
+    inspect.add_argument("--out", metavar="FILE.npz",
+                         help="save the batches (features stacked over steps) to this file")
     return parser
 
 
@@ -94,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
     try:
-        args.run(args, overrides)
-    except UsageError as e:
+        args.run(args, _load_config(args.config, overrides))
+    except (UsageError, ValueError) as e:
         print(f"bert-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -67,30 +67,75 @@ class ModelConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"model.{name}={value!r}: expected a rate in [0, 1)")
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLEMENTATIONS)
-        _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+        _check_choice("model", "dtype", self.dtype, DTYPES)
+        _check_choice("model", "attention_impl", self.attention_impl, ATTENTION_IMPLEMENTATIONS)
+        _check_choice("model", "remat_policy", self.remat_policy, REMAT_POLICIES)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
-    @classmethod
-    def from_dict(cls, values) -> ModelConfig:
-        """Builds a config from a mapping (e.g. `config.model`), rejecting unknown keys."""
-        values = dict(values)
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}: expected fields of ModelConfig")
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    from_dict = classmethod(lambda cls, values: _from_dict(cls, "model", values))
+    to_dict = dataclasses.asdict
 
 
-def _check_choice(name, value, choices):
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where pretraining data comes from and how instances and masks are made.
+
+    `corpus`: a file glob (commas for several), `builtin` (the Python standard library's
+    documentation), or `tfds:NAME[:SPLIT]`. `vocab_file`: a WordPiece `vocab.txt` or a
+    SentencePiece `.model`; empty means "train a SentencePiece vocabulary of `vocab_size`".
+    Defaults follow google-research/bert except `dupe_factor` (1, since masking is dynamic).
+    """
+
+    corpus: str = "builtin"
+    vocab_file: str = ""
+    vocab_size: int = 8192
+    lowercase: bool = True
+    max_seq_length: int = 128
+    max_predictions_per_seq: int = 20
+    masked_lm_prob: float = 0.15
+    short_seq_prob: float = 0.1
+    whole_word_masking: bool = False
+    objective: str = "nsp"
+    dupe_factor: int = 1
+    validation_fraction: float = 0.02
+    seed: int = 12345
+    data_dir: str = "runs/data"
+    text_field: str = "text"
+    tfds_data_dir: str = ""
+    workers: int = 0  # processes for tokenization and instance creation; 0: one per core
+
+    def __post_init__(self):
+        for name in ("vocab_size", "max_seq_length", "max_predictions_per_seq", "dupe_factor"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"data.{name}={value!r}: expected a positive integer")
+        if not 0.0 < self.masked_lm_prob < 1.0:
+            raise ValueError(f"data.masked_lm_prob={self.masked_lm_prob!r}: expected (0, 1)")
+        for name in ("short_seq_prob", "validation_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"data.{name}={getattr(self, name)!r}: expected [0, 1)")
+        _check_choice("data", "objective", self.objective, ("nsp", "sop"))
+
+    from_dict = classmethod(lambda cls, values: _from_dict(cls, "data", values))
+    to_dict = dataclasses.asdict
+
+
+def _from_dict(cls, section: str, values):
+    """A config dataclass from a mapping (e.g. `config.model`), rejecting unknown keys."""
+    values = dict(values)
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {section} config keys {unknown}: expected fields of "
+                         f"{cls.__name__}")
+    return cls(**values)
+
+
+def _check_choice(section, name, value, choices):
     if value not in choices:
-        raise ValueError(f"model.{name}={value!r}: expected one of {list(choices)}")
+        raise ValueError(f"{section}.{name}={value!r}: expected one of {list(choices)}")
 
 
 def preset(name: str, **overrides) -> ModelConfig:
@@ -106,7 +151,9 @@ def preset(name: str, **overrides) -> ModelConfig:
 def default_config(size: str = "tiny") -> ml_collections.ConfigDict:
     """The run config every file in `configs/` starts from."""
     config = ml_collections.ConfigDict()
+    config.data = DataConfig().to_dict()
     config.model = preset(size).to_dict()
-    config.train = ml_collections.ConfigDict(dict(seed=0, global_batch_size=8, seq_length=128,
-                                                  max_predictions_per_seq=20))
+    # The model's vocabulary is the tokenizer's unless a config says otherwise.
+    config.model.vocab_size = config.data.get_ref("vocab_size")
+    config.train = ml_collections.ConfigDict(dict(seed=0, global_batch_size=8))
     return config

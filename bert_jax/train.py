@@ -33,8 +33,8 @@ def smoke_run(config: ml_collections.ConfigDict, steps: int = 10, log=print) -> 
     train = config.train
     graphdef, params = nnx.split(create(model_config, seed=train.seed))
     tx = optax.adamw(1e-3, weight_decay=0.01)
-    batch = synthetic_batch(train.seed, train.global_batch_size, train.seq_length,
-                            model_config.vocab_size, train.max_predictions_per_seq)
+    batch = synthetic_batch(train.seed, train.global_batch_size, config.data.max_seq_length,
+                            model_config.vocab_size, config.data.max_predictions_per_seq)
 
     @jax.jit
     def step(params, opt_state, step_index):

@@ -1,0 +1,29 @@
+"""Preflight checks: mismatches between data, model and topology, caught before training."""
+
+from __future__ import annotations
+
+from bert_jax.config import DataConfig, ModelConfig
+
+
+def check_data_against_model(data: DataConfig, model: ModelConfig, tokenizer_vocab_size: int):
+    """Raises ValueError (one line, both values) when data and model cannot work together."""
+    if tokenizer_vocab_size != model.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer_vocab_size} tokens but "
+                         f"model.vocab_size={model.vocab_size}: set "
+                         f"--config.data.vocab_size={tokenizer_vocab_size}")
+    if data.max_seq_length > model.max_position_embeddings:
+        raise ValueError(f"data.max_seq_length={data.max_seq_length} exceeds "
+                         f"model.max_position_embeddings={model.max_position_embeddings}")
+    needed = round(data.max_seq_length * data.masked_lm_prob)
+    if data.max_predictions_per_seq < needed:
+        raise ValueError(f"data.max_predictions_per_seq={data.max_predictions_per_seq} is below "
+                         f"max_seq_length x masked_lm_prob = {needed}: full-length sequences "
+                         f"would be masked below data.masked_lm_prob={data.masked_lm_prob}")
+
+
+def check_batch_topology(global_batch_size: int, process_count: int, data_parallel: int):
+    """The global batch must split evenly over processes and over data-parallel shards."""
+    for count, what in ((process_count, "process count"), (data_parallel, "data-parallel size")):
+        if global_batch_size % count:
+            raise ValueError(f"train.global_batch_size={global_batch_size} is not divisible by "
+                             f"the {what} {count}: expected a multiple of {count}")

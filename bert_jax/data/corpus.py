@@ -1,0 +1,416 @@
+"""Corpus readers: raw text in, documents as lists of sentences out.
+
+A corpus (`config.data.corpus`) is one of:
+- a file glob, or several separated by commas: each file is read in the format its content
+  shows (see `read_source`): google-research/bert's (one sentence per line, a blank line
+  between documents), one document per line, or JSON Lines with a text field;
+- `builtin`: the documentation of the Python standard library in use (module, class and
+  function docstrings, and the language reference topics of `pydoc_data`): real English
+  prose that every machine has offline, so `bert-jax pretrain` runs with no data at hand;
+- `tfds:NAME[:SPLIT]`: a TFDS catalog dataset with a text feature, already prepared in the
+  TFDS data directory (nothing is ever downloaded).
+
+`list_sources` cuts a corpus into independently readable units named by picklable strings,
+so that parallel workers can each read some; `read_source` reads one of them.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import glob
+import json
+import os
+import re
+import sysconfig
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+BUILTIN = "builtin"
+TFDS_PREFIX = "tfds:"
+DEFAULT_TFDS_SPLIT = "train"
+_BUILTIN_PREFIX = f"{BUILTIN}:"
+_PYDOC_TOPICS = f"{BUILTIN}:pydoc_topics"
+_JSON_LINES_SUFFIXES = (".jsonl", ".json")
+
+# Standard-library folders that hold tests, tools and vendored code rather than library
+# documentation; matched against a folder's name or its path relative to the library root.
+_BUILTIN_SKIPPED = frozenset({"test", "tests", "idlelib", "lib2to3", "site-packages",
+                              "__pycache__", "turtledemo", "ensurepip/_bundled"})
+
+_GLOB_CHARS = re.compile(r"[*?[]")
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
+# What surrogateescape decoding turns each undecodable byte into.
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+
+# A possible sentence end: terminal punctuation, closing quotes or brackets, whitespace; the
+# lookahead captures the first character of what follows, past any opening quote or bracket.
+_CLOSERS = "\"')]\u201d\u2019"
+_OPENERS = "\"'([\u201c\u2018"
+_SENTENCE_END = re.compile(
+    rf"([.!?\u2026]+)[{re.escape(_CLOSERS)}]*\s+(?=[{re.escape(_OPENERS)}]*(\S))")
+# Documentation paragraphs that are prose end like a sentence (not in "..." as signatures do).
+_PROSE_END = re.compile(rf"[^.\s][.!?][{re.escape(_CLOSERS)}]*$")
+_LIST_MARKER = re.compile(r"^\s*(?:[*+-]|\d{1,2}\.)\s+")
+# Dotted initialisms (e.g, i.e, U.S, a.m) and abbreviations that a period does not end a
+# sentence after, whatever follows; and those that it does not end before a number.
+_INITIALISM = re.compile(r"(?:[A-Za-z]\.)+[A-Za-z]")
+_ABBREVIATIONS = frozenset(
+    "mr mrs ms dr prof sr jr st rev gen col capt lt sgt hon gov sen rep pres "
+    "cf vs viz al approx ca resp incl esp".split())
+_ABBREVIATIONS_BEFORE_NUMBERS = frozenset(
+    "no nos fig figs eq eqs vol vols pp sec ch art op ref refs".split())
+
+
+@dataclasses.dataclass
+class ReadStats:
+    """Counts gathered while reading, for the prepare-data summary."""
+
+    sources: int = 0
+    documents: int = 0
+    sentences: int = 0
+    replaced_bytes: int = 0  # undecodable (non-UTF-8) bytes replaced by U+FFFD
+
+    def add(self, other: ReadStats) -> None:
+        """Adds `other`'s counts to these, to merge the stats of parallel workers."""
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+
+
+def list_sources(spec: str) -> list[str]:
+    """The independently readable units of a corpus, as picklable strings, in a fixed order.
+
+    Args:
+      spec: a file glob (several separated by commas; `~` expanded), `builtin`, or
+        `tfds:NAME[:SPLIT]` (SPLIT defaults to `train` and may be a TFDS slice such as
+        `train[:10%]`).
+
+    Returns:
+      For files, the matching paths (each glob's sorted, in the order of the globs, each path
+      once); for `builtin`, one `builtin:PATH` per standard-library module file and
+      `builtin:pydoc_topics`; for TFDS, the one source `tfds:NAME:SPLIT`.
+
+    Raises:
+      ValueError: a glob matches no file, or a path does not exist or is a folder.
+    """
+    spec = spec.strip()
+    if spec == BUILTIN:
+        return _builtin_sources()
+    if spec.startswith(TFDS_PREFIX):
+        name, split = _parse_tfds(spec)
+        return [f"{TFDS_PREFIX}{name}:{split}"]
+    return _file_sources(spec)
+
+
+def read_source(source: str, stats: ReadStats | None = None, *, text_field: str = "text",
+                tfds_data_dir: str | None = None) -> Iterator[list[str]]:
+    """Yields the documents of one source of `list_sources`, each a list of sentences.
+
+    Sentences are stripped and non-empty; empty documents are skipped. `stats`, if given, is
+    updated as documents are yielded.
+
+    A file is read as UTF-8, each undecodable byte replaced by U+FFFD and counted, in the
+    first format that fits:
+    - `.jsonl` / `.json`: JSON Lines, one document per line in the string field `text_field`;
+    - a blank line between non-blank lines: google-research/bert's format, one sentence per
+      line (taken as it is) and blank lines between documents;
+    - otherwise one document per line, split into sentences by `split_sentences`.
+    A builtin module file gives one document: its docstrings in source order, without
+    doctest examples and non-prose paragraphs. `builtin:pydoc_topics` gives one document per
+    topic of the language reference. A TFDS source gives one document per example, from the
+    feature `text_field` or else the dataset's only text feature; `tfds_data_dir` is the TFDS
+    data directory (None: TFDS's default).
+
+    Raises:
+      ValueError: a JSON line is invalid or lacks `text_field` (naming file and line); a
+        TFDS dataset is not prepared in the data directory, or has no text feature to read.
+      FileNotFoundError: the file does not exist.
+    """
+    stats = ReadStats() if stats is None else stats
+    if source.startswith(TFDS_PREFIX):
+        documents = _read_tfds(source, stats, text_field, tfds_data_dir)
+    elif source == _PYDOC_TOPICS:
+        documents = _read_pydoc_topics(stats)
+    elif source.startswith(_BUILTIN_PREFIX):
+        documents = _read_builtin_module(source[len(_BUILTIN_PREFIX):], stats)
+    else:
+        documents = _read_file(source, stats, text_field)
+    for document in documents:
+        if document:
+            stats.documents += 1
+            stats.sentences += len(document)
+            yield document
+
+
+def split_sentences(text: str) -> list[str]:
+    """Splits running text into sentences, with whitespace (newlines included) collapsed.
+
+    Rule-based, because a learned splitter (NLTK's punkt, spaCy) needs model files that
+    cannot be downloaded offline, and the rules cover what matters for next-sentence
+    prediction. A sentence ends at `.`, `!`, `?` or an ellipsis, with any closing quotes or
+    brackets, when whitespace and an upper-case letter or digit follow (past any opening
+    quote or bracket); except after a title or Latin abbreviation (Mr., Dr., cf., vs.),
+    a dotted initialism (e.g., i.e., U.S.), a capital initial (J. Smith), or a reference
+    abbreviation before a number (No. 5, Fig. 2). Decimals (3.14) have no whitespace after
+    the point, and "etc." ends a sentence only where a capital follows.
+    """
+    text = " ".join(text.split())
+    sentences, start = [], 0
+    for match in _SENTENCE_END.finditer(text):
+        if _ends_sentence(text, match):
+            sentences.append(text[start:match.end()].rstrip())
+            start = match.end()
+    sentences.append(text[start:])
+    return [sentence for sentence in sentences if sentence]
+
+
+def builtin_stdlib_root() -> Path:
+    """The folder of the Python standard library in use: the `builtin` corpus's files."""
+    return Path(sysconfig.get_path("stdlib"))
+
+
+def _ends_sentence(text: str, match: re.Match) -> bool:
+    punctuation, following = match.group(1), match.group(2)
+    if not (following.isupper() or following.isdigit()):
+        return False
+    if punctuation != ".":  # ?, ! and ellipses are never abbreviations
+        return True
+    word = text[text.rfind(" ", 0, match.start()) + 1:match.start()].lstrip(_OPENERS)
+    lowered = word.lower()
+    if lowered in _ABBREVIATIONS or _INITIALISM.fullmatch(word):
+        return False
+    if lowered in _ABBREVIATIONS_BEFORE_NUMBERS and following.isdigit():
+        return False
+    return not (len(word) == 1 and word.isupper())
+
+
+def _text_sentences(text: str) -> list[str]:
+    """Sentences of free text; a blank line always ends one (paragraphs, headings)."""
+    return [sentence for paragraph in _PARAGRAPH_BREAK.split(text)
+            for sentence in split_sentences(paragraph)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def _file_sources(spec: str) -> list[str]:
+    patterns = [pattern.strip() for pattern in spec.split(",") if pattern.strip()]
+    if not patterns:
+        raise ValueError(f"corpus {spec!r} names no file, glob, {BUILTIN!r} or "
+                         f"'{TFDS_PREFIX}NAME[:SPLIT]'")
+    paths = []
+    for pattern in patterns:
+        expanded = os.path.expanduser(pattern)
+        matches = sorted(path for path in glob.glob(expanded, recursive=True)
+                         if os.path.isfile(path))
+        if not matches:
+            raise ValueError(f"corpus {pattern!r}: {_why_no_files(expanded)}")
+        paths += matches
+    return list(dict.fromkeys(paths))
+
+
+def _why_no_files(pattern: str) -> str:
+    if os.path.isdir(pattern):
+        return f"is a folder; give a glob of its files, such as {pattern.rstrip('/')}/*"
+    if _GLOB_CHARS.search(pattern):
+        return "matches no file"
+    return "no such file"
+
+
+def _read_file(path: str, stats: ReadStats, text_field: str) -> Iterator[list[str]]:
+    if path.lower().endswith(_JSON_LINES_SUFFIXES):
+        documents = _json_lines_documents(path, stats, text_field)
+    elif _separates_documents_by_blank_lines(path):
+        documents = _bert_format_documents(_decoded_lines(path, stats))
+    else:
+        documents = (split_sentences(line) for line in _decoded_lines(path, stats))
+    stats.sources += 1
+    yield from documents
+
+
+def _separates_documents_by_blank_lines(path: str) -> bool:
+    """Whether a blank line stands between non-blank ones: google-research/bert's format.
+
+    Reads only as far as the first such blank line (the end of the first document).
+    """
+    seen_text = seen_blank_after_text = False
+    with open(path, "rb") as file:
+        for line in file:
+            if line.strip():
+                if seen_blank_after_text:
+                    return True
+                seen_text = True
+            elif seen_text:
+                seen_blank_after_text = True
+    return False
+
+
+def _decoded_lines(path: str, stats: ReadStats) -> Iterator[str]:
+    """The lines of a file as UTF-8; each undecodable byte becomes U+FFFD and is counted."""
+    with open(path, "rb") as file:
+        for number, raw in enumerate(file):
+            line = _decode_utf8(raw, stats)
+            yield line.removeprefix("\ufeff") if number == 0 else line
+
+
+def _decode_utf8(raw: bytes, stats: ReadStats) -> str:
+    """Undecodable bytes -> U+FFFD, one each (Python's "replace" merges some), counted."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text, replaced = _ESCAPED_BYTE.subn("\ufffd", raw.decode("utf-8", "surrogateescape"))
+        stats.replaced_bytes += replaced
+        return text
+
+
+def _bert_format_documents(lines: Iterable[str]) -> Iterator[list[str]]:
+    document = []
+    for line in lines:
+        sentence = line.strip()
+        if sentence:
+            document.append(sentence)
+        elif document:
+            yield document
+            document = []
+    yield document
+
+
+def _json_lines_documents(path: str, stats: ReadStats, text_field: str) -> Iterator[list[str]]:
+    for number, line in enumerate(_decoded_lines(path, stats), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not valid JSON ({error})") from None
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{number}: expected a JSON object with a string field "
+                             f"{text_field!r}")
+        yield _text_sentences(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# The builtin corpus: the standard library's documentation
+
+
+def _builtin_sources() -> list[str]:
+    root = builtin_stdlib_root()
+    paths = []
+    for folder, subfolders, files in os.walk(root):
+        relative = Path(folder).relative_to(root)
+        subfolders[:] = [name for name in subfolders if name not in _BUILTIN_SKIPPED
+                         and (relative / name).as_posix() not in _BUILTIN_SKIPPED]
+        paths += [os.path.join(folder, name) for name in files if name.endswith(".py")]
+    return [f"{_BUILTIN_PREFIX}{path}" for path in sorted(paths)] + [_PYDOC_TOPICS]
+
+
+def _read_builtin_module(path: str, stats: ReadStats) -> Iterator[list[str]]:
+    """One document: the module's docstrings. Parsed, never imported: importing some
+    modules (`antigravity`, `this`) has side effects. A file that does not parse counts
+    for nothing."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. invalid escapes in old modules: not ours
+            tree = ast.parse(Path(path).read_bytes(), filename=path)
+    except (SyntaxError, ValueError):  # ValueError: null bytes
+        return
+    stats.sources += 1
+    yield [sentence for docstring in _docstrings(tree)
+           for sentence in _documentation_sentences(docstring)]
+
+
+def _docstrings(node: ast.AST) -> Iterator[str]:
+    """The docstrings of a module, its classes and functions, in source order.
+
+    Descends only through statements, as no expression holds a docstring.
+    """
+    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        docstring = ast.get_docstring(node, clean=True)  # clean: inspect.cleandoc
+        if docstring:
+            yield docstring
+    for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+        children = getattr(node, field, None)
+        if isinstance(children, list):
+            for child in children:
+                yield from _docstrings(child)
+
+
+def _read_pydoc_topics(stats: ReadStats) -> Iterator[list[str]]:
+    """One document per topic of the language reference that `help()` shows."""
+    from pydoc_data.topics import topics  # a dict literal: importing it does nothing else
+
+    stats.sources += 1
+    for text in topics.values():
+        yield _documentation_sentences(text)
+
+
+def _documentation_sentences(text: str) -> list[str]:
+    """Sentences of the prose of documentation text.
+
+    Doctest examples go, and so does every paragraph that does not end like a sentence:
+    headings, tables, code and grammar blocks, signatures, argument lists and lead-ins
+    such as "For example:". List markers go too, so that "1." is no sentence.
+    """
+    return [sentence for paragraph in _PARAGRAPH_BREAK.split(_without_doctests(text))
+            if _PROSE_END.search(paragraph.rstrip())
+            for sentence in split_sentences(_LIST_MARKER.sub("", paragraph))]
+
+
+def _without_doctests(text: str) -> str:
+    """Drops `>>>` examples: each runs, with its `...` lines and output, to a blank line."""
+    kept, in_example = [], False
+    for line in text.splitlines():
+        stripped = line.strip()
+        in_example = stripped.startswith(">>>") or (in_example and bool(stripped))
+        if not in_example:
+            kept.append(line)
+    return "\n".join(kept)
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS
+
+
+def _parse_tfds(spec: str) -> tuple[str, str]:
+    name, _, split = spec[len(TFDS_PREFIX):].partition(":")
+    if not name.strip():
+        raise ValueError(f"corpus {spec!r}: expected '{TFDS_PREFIX}NAME[:SPLIT]', such as "
+                         f"'{TFDS_PREFIX}wikipedia/20230601.en:train'")
+    return name.strip(), split.strip() or DEFAULT_TFDS_SPLIT
+
+
+def _read_tfds(source: str, stats: ReadStats, text_field: str,
+               data_dir: str | None) -> Iterator[list[str]]:
+    import tensorflow_datasets as tfds  # heavy, and needed on this path only
+
+    name, split = _parse_tfds(source)
+    builder = tfds.builder(name, data_dir=data_dir)
+    try:
+        dataset = builder.as_dataset(split=split, shuffle_files=False)
+    except AssertionError as error:  # how TFDS says the data directory lacks the dataset
+        raise ValueError(
+            f"TFDS dataset {name!r} is not prepared in the data directory "
+            f"{builder.data_dir_root}: prepare it there first (bert-jax never downloads), "
+            f"or point the data directory where it is prepared") from error
+    field = _text_feature(builder.info.features, text_field, name)
+    stats.sources += 1
+    for raw in tfds.as_numpy(dataset.map(lambda example: example[field])):
+        yield _text_sentences(_decode_utf8(raw, stats))
+
+
+def _text_feature(features, text_field: str, name: str) -> str:
+    """`text_field` if the dataset has that text feature, else its only text feature."""
+    import tensorflow_datasets as tfds
+
+    texts = [key for key, feature in features.items() if isinstance(feature, tfds.features.Text)]
+    if text_field in texts:
+        return text_field
+    if len(texts) == 1:
+        return texts[0]
+    choice = f"; choose one of {', '.join(texts)} with text_field" if texts else ""
+    listing = ", ".join(f"{key} ({type(feature).__name__})" for key, feature in features.items())
+    raise ValueError(f"TFDS dataset {name!r} has no text feature {text_field!r}{choice} "
+                     f"(features: {listing})")

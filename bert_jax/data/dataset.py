@@ -1,0 +1,314 @@
+"""The prepared pretraining dataset: a TFDS builder that writes NSP/SOP instances as ArrayRecord.
+
+`prepare(data_config)` turns a corpus into `DATA_DIR/bert_pretraining/NAME/VERSION/`, where
+NAME hashes everything that determines the instances (corpus, tokenizer fingerprint, lengths,
+probabilities, seed), so a changed config never reuses a stale dataset. The directory also
+holds the tokenizer file and, in TFDS metadata, that identity and the build summary.
+TFDS builds into an `incomplete` directory and renames it at the end: an interrupted build
+never looks complete. Instances store no masks (masking is dynamic, in the loader).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+from tqdm import tqdm
+
+from bert_jax import tokenizer as tokenization
+from bert_jax.config import DataConfig
+from bert_jax.data import corpus as corpora
+from bert_jax.data.instances import (InstanceOptions, TokenizedCorpus,
+                                     create_instances_from_document, document_rng)
+
+VERSION = "1.0.0"
+BUILDER_NAME = "bert_pretraining"
+# Fields of DataConfig that do not change the instances.
+_NOT_IDENTITY = {"data_dir", "workers", "max_predictions_per_seq", "masked_lm_prob",
+                 "whole_word_masking", "tfds_data_dir"}
+
+
+class BertPretrainingConfig(tfds.core.BuilderConfig):
+    def __init__(self, *, data_config: DataConfig, tokenizer_file: str, **kwargs):
+        super().__init__(**kwargs)
+        self.data_config = data_config
+        self.tokenizer_file = tokenizer_file
+
+
+class BertPretraining(tfds.core.GeneratorBasedBuilder):
+    """BERT pretraining instances: `[CLS] A [SEP] B [SEP]` ids, word starts, NSP/SOP label."""
+
+    VERSION = tfds.core.Version(VERSION)
+    BUILDER_CONFIGS = []  # made per identity at run time
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict({
+                "input_ids": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+                "word_starts": tfds.features.Tensor(shape=(None,), dtype=np.bool_),
+                "a_length": tfds.features.Scalar(dtype=np.int32),
+                "next_sentence_label": tfds.features.ClassLabel(num_classes=2),
+            }),
+            metadata=tfds.core.MetadataDict(),
+            disable_shuffling=True,  # the loader permutes; storage order stays creation order
+        )
+
+    def _split_generators(self, dl_manager):
+        config: BertPretrainingConfig = self.builder_config
+        data = config.data_config
+        tokenizer = tokenization.load_tokenizer(config.tokenizer_file, lowercase=data.lowercase)
+        started = time.perf_counter()
+        corpus, stats = tokenize_corpus(data, config.tokenizer_file)
+        if corpus.num_documents == 0:
+            raise ValueError(f"corpus {data.corpus!r} has no documents: expected text")
+        splits = _split_documents(corpus.num_documents, data)
+        options = InstanceOptions(data.max_seq_length, data.short_seq_prob, data.objective)
+        instances = {name: create_instances(corpus.subset(docs), options, data.seed,
+                                            data.dupe_factor, tokenizer, data.workers)
+                     for name, docs in splits.items()}
+        shutil.copy(config.tokenizer_file,
+                    Path(self.data_dir) / tokenizer_file_name(config.tokenizer_file))
+        self.info.metadata.update({
+            "identity": identity(data, tokenizer.fingerprint),
+            "tokenizer_file": tokenizer_file_name(config.tokenizer_file),
+            "summary": _summary(stats, corpus, instances, data.max_seq_length,
+                                time.perf_counter() - started),
+        })
+        return {name: self._generate_examples(examples)
+                for name, examples in instances.items()}
+
+    def _generate_examples(self, instances):
+        for index, instance in enumerate(instances):
+            yield index, {"input_ids": instance.input_ids, "word_starts": instance.word_starts,
+                          "a_length": instance.a_length,
+                          "next_sentence_label": instance.next_sentence_label}
+
+
+def identity(data: DataConfig, tokenizer_fingerprint: str) -> dict:
+    """What determines a dataset's instances; stored with it and checked before training."""
+    values = {k: v for k, v in data.to_dict().items() if k not in _NOT_IDENTITY}
+    return {**values, "tokenizer_fingerprint": tokenizer_fingerprint, "version": VERSION}
+
+
+def dataset_name(identity_values: dict) -> str:
+    digest = hashlib.sha256(json.dumps(identity_values, sort_keys=True).encode()).hexdigest()
+    return f"seq{identity_values['max_seq_length']}_{digest[:16]}"
+
+
+def tokenizer_file_name(path) -> str:
+    return "vocab.txt" if str(path).endswith(".txt") else "tokenizer.model"
+
+
+def _run_parallel(function, items: list, workers: int, desc: str, unit: str, **pool_kwargs):
+    """`map(function, items)` over worker processes, in order, with a progress bar.
+
+    Workers are spawned: forking a process that has loaded TensorFlow or JAX is unsafe.
+    """
+    workers = workers or os.cpu_count() or 1
+    with concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"), **pool_kwargs) as pool:
+        results = pool.map(function, items, chunksize=max(1, len(items) // (8 * workers)))
+        return list(tqdm(results, total=len(items), desc=desc, unit=unit))
+
+
+@functools.lru_cache(maxsize=4)
+def _worker_tokenizer(path: str, lowercase: bool) -> tokenization.Tokenizer:
+    return tokenization.load_tokenizer(path, lowercase=lowercase)
+
+
+def _tokenize_source(source: str, data: DataConfig, tokenizer_file: str):
+    """Tokenizes one corpus source (runs in a worker). Returns flat arrays and stats."""
+    tokenizer = _worker_tokenizer(tokenizer_file, data.lowercase)
+    stats = corpora.ReadStats()
+    ids, starts, sentence_lengths, document_sizes = [], [], [], []
+    for document in corpora.read_source(source, stats, text_field=data.text_field,
+                                        tfds_data_dir=data.tfds_data_dir or None):
+        encoded = [pair for pair in tokenizer.encode_batch(document) if len(pair[0])]
+        if not encoded:
+            continue
+        document_sizes.append(len(encoded))
+        for sentence_ids, sentence_starts in encoded:
+            ids.append(sentence_ids)
+            starts.append(sentence_starts)
+            sentence_lengths.append(len(sentence_ids))
+    return (_concat(ids, np.int32), _concat(starts, bool),
+            np.array(sentence_lengths, np.int64), np.array(document_sizes, np.int64), stats)
+
+
+def _concat(arrays, dtype) -> np.ndarray:
+    return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)
+
+
+def tokenize_corpus(data: DataConfig, tokenizer_file) -> tuple[TokenizedCorpus, corpora.ReadStats]:
+    """The whole corpus tokenized, in source order, in parallel over sources."""
+    sources = corpora.list_sources(data.corpus)
+    results = _run_parallel(functools.partial(_tokenize_source, data=data,
+                                              tokenizer_file=str(tokenizer_file)),
+                            sources, data.workers, "tokenizing", "source")
+    stats = corpora.ReadStats()
+    for result in results:
+        stats.add(result[-1])
+    parts = [result[:4] for result in results]
+    if stats.replaced_bytes:
+        print(f"warning: replaced {stats.replaced_bytes} undecodable (non-UTF-8) bytes in "
+              f"corpus {data.corpus!r}")
+    ids, starts, sentence_lengths, document_sizes = (
+        np.concatenate([part[i] for part in parts]) if parts else np.zeros(0, np.int64)
+        for i in range(4))
+    corpus = TokenizedCorpus(
+        ids=ids.astype(np.int32), word_starts=starts.astype(bool),
+        sentence_offsets=np.concatenate([[0], np.cumsum(sentence_lengths)]).astype(np.int64),
+        document_offsets=np.concatenate([[0], np.cumsum(document_sizes)]).astype(np.int64))
+    return corpus, stats
+
+
+def _split_documents(num_documents: int, data: DataConfig) -> dict[str, np.ndarray]:
+    """Train/validation document indices: a seeded shuffle, validation taking its share."""
+    order = np.random.default_rng([data.seed, 0]).permutation(num_documents)
+    if data.validation_fraction == 0:
+        return {"train": np.sort(order)}
+    if num_documents < 2:
+        raise ValueError(f"corpus {data.corpus!r} has {num_documents} document: expected at "
+                         f"least 2 (one for validation), or data.validation_fraction=0")
+    held_out = min(num_documents - 1, max(1, round(num_documents * data.validation_fraction)))
+    return {"train": np.sort(order[held_out:]), "validation": np.sort(order[:held_out])}
+
+
+_WORKER_CORPUS: TokenizedCorpus | None = None
+
+
+def _set_worker_corpus(corpus: TokenizedCorpus) -> None:
+    global _WORKER_CORPUS
+    _WORKER_CORPUS = corpus
+
+
+def _instances_of(documents: range, options: InstanceOptions, seed: int, dupe_factor: int,
+                  cls_id: int, sep_id: int):
+    instances = []
+    for dupe in range(dupe_factor):
+        for document in documents:
+            instances += create_instances_from_document(
+                _WORKER_CORPUS, document, options, document_rng(seed, dupe, document),
+                cls_id, sep_id)
+    return instances
+
+
+def create_instances(corpus: TokenizedCorpus, options: InstanceOptions, seed: int,
+                     dupe_factor: int, tokenizer, workers: int = 0) -> list:
+    """All instances of `corpus`, in document order, created in parallel worker processes."""
+    bounds = np.linspace(0, corpus.num_documents, 64 + 1).astype(int)
+    chunks = [range(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    create = functools.partial(_instances_of, options=options, seed=seed,
+                               dupe_factor=dupe_factor, cls_id=tokenizer.cls_id,
+                               sep_id=tokenizer.sep_id)
+    results = _run_parallel(create, chunks, workers, "creating instances", "chunk",
+                            initializer=_set_worker_corpus, initargs=(corpus,))
+    return [instance for result in results for instance in result]
+
+
+def _summary(stats, corpus: TokenizedCorpus, instances: dict, max_seq_length: int,
+             seconds: float) -> dict:
+    counts = {name: len(items) for name, items in instances.items()}
+    lengths = np.array([len(i.input_ids) for items in instances.values() for i in items])
+    return {"sources": stats.sources, "documents": corpus.num_documents,
+            "sentences": len(corpus.sentence_offsets) - 1, "tokens": len(corpus.ids),
+            "replaced_bytes": stats.replaced_bytes, "instances": counts,
+            "fill_ratio": float(lengths.mean() / max_seq_length) if len(lengths) else 0.0,
+            "seconds": round(seconds, 1)}
+
+
+# --- the tokenizer, trained on the corpus when no vocabulary file is given ----------------
+
+def tokenizer_file(data: DataConfig) -> Path:
+    """The vocabulary file to use: the configured one, or a SentencePiece model trained on the
+    corpus once and cached under `data_dir/tokenizers/`."""
+    if data.vocab_file:
+        path = Path(data.vocab_file).expanduser()
+        if not path.is_file():
+            raise ValueError(f"data.vocab_file={data.vocab_file!r} does not exist: expected a "
+                             f"WordPiece vocab.txt or a SentencePiece .model")
+        return path
+    key = json.dumps([data.corpus, data.vocab_size, data.seed, data.text_field])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = Path(data.data_dir) / "tokenizers" / f"spm_{data.vocab_size}_{digest}.model"
+    if not path.is_file():
+        _train_tokenizer(data, path)
+    return path
+
+
+def _train_tokenizer(data: DataConfig, path: Path) -> None:
+    def sentences():
+        for source in tqdm(corpora.list_sources(data.corpus), desc="reading for the tokenizer",
+                           unit="source"):
+            for document in corpora.read_source(source, text_field=data.text_field,
+                                                tfds_data_dir=data.tfds_data_dir or None):
+                yield from document
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        trained = tokenization.train_sentencepiece(sentences(), data.vocab_size,
+                                                   Path(tmp) / path.name, seed=data.seed)
+        os.replace(trained, path)  # appears whole or not at all
+
+
+# --- building and opening -----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A prepared dataset: its directory, tokenizer and metadata."""
+
+    path: Path
+    tokenizer: tokenization.Tokenizer
+    metadata: dict
+
+    def data_source(self, split: str):
+        """Random access to a split's instances (decoded to numpy by TFDS)."""
+        return tfds.builder_from_directory(str(self.path)).as_data_source(split=split)
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.metadata["summary"]["instances"])
+
+
+def prepare(data: DataConfig) -> Prepared:
+    """Builds the dataset for `data` unless it exists; returns it either way."""
+    vocab = tokenizer_file(data)
+    tokenizer = tokenization.load_tokenizer(vocab, lowercase=data.lowercase)
+    values = identity(data, tokenizer.fingerprint)
+    builder = BertPretraining(
+        config=BertPretrainingConfig(name=dataset_name(values), data_config=data,
+                                     tokenizer_file=str(vocab)),
+        data_dir=str(Path(data.data_dir).expanduser().absolute()))
+    if not (Path(builder.data_dir) / "dataset_info.json").is_file():
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(
+                file_format=tfds.core.FileFormat.ARRAY_RECORD))
+    return open_prepared(builder.data_dir, expected=values)
+
+
+def open_prepared(path, expected: dict | None = None) -> Prepared:
+    """Opens a prepared dataset directory; with `expected`, checks its identity matches."""
+    path = Path(path)
+    if not (path / "dataset_info.json").is_file():
+        raise ValueError(f"{path} is not a prepared dataset: run `bert-jax prepare-data`")
+    metadata = json.loads((path / "metadata.json").read_text())
+    if expected is not None:
+        for key, want in expected.items():
+            got = metadata["identity"].get(key)
+            if got != want:
+                raise ValueError(f"dataset {path} was prepared with {key}={got!r}, but the "
+                                 f"config has {key}={want!r}: prepare it again")
+    tokenizer = tokenization.load_tokenizer(path / metadata["tokenizer_file"],
+                                            lowercase=metadata["identity"]["lowercase"])
+    return Prepared(path, tokenizer, metadata)

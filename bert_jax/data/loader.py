@@ -1,0 +1,130 @@
+"""Deterministic, host-sharded batches: the examples of global step k depend on (seed, k) only.
+
+Each epoch has a seeded permutation of the example indices; global step k takes positions
+[k*B, (k+1)*B) of the concatenated permutations. Process p of n reads only rows
+[p*B/n, (p+1)*B/n) of that global batch, by random access, and masks each row with a
+generator keyed by its position in the stream. So the loader's whole state is the step, and
+a run resumed on another number of processes sees the same global batches.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+
+from bert_jax.data.checks import check_batch_topology
+from bert_jax.data.masking import MaskingOptions, mask_batch
+
+
+class Loader:
+    """Masked batches of one split, for one process, by step.
+
+    Args:
+      source: random access to stored instances (`len`, `__getitems__` or `__getitem__`).
+      global_batch_size: rows per step across all processes.
+      seed: keys the epoch permutations and the masks.
+      shuffle: False reads the split in stored order (evaluation).
+    """
+
+    def __init__(self, source, masking: MaskingOptions, *, global_batch_size: int, seed: int,
+                 max_seq_length: int, process_index: int = 0, process_count: int = 1,
+                 shuffle: bool = True):
+        check_batch_topology(global_batch_size, process_count, data_parallel=1)
+        if len(source) == 0:
+            raise ValueError("the dataset split has no examples: expected a non-empty split")
+        self.source = source
+        self.masking = masking
+        self.global_batch_size = global_batch_size
+        self.seed = seed
+        self.max_seq_length = max_seq_length
+        rows = global_batch_size // process_count
+        self.rows = slice(process_index * rows, (process_index + 1) * rows)
+        self.shuffle = shuffle
+        self._permutations: dict[int, np.ndarray] = {}
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return len(self.source) / self.global_batch_size
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.source))
+        if epoch not in self._permutations:
+            if len(self._permutations) > 2:  # a batch spans at most two epochs
+                self._permutations.pop(min(self._permutations))
+            self._permutations[epoch] = np.random.default_rng(
+                [self.seed, epoch]).permutation(len(self.source))
+        return self._permutations[epoch]
+
+    def global_indices(self, step: int) -> np.ndarray:
+        """Example indices of global step `step`, all processes' rows."""
+        size = len(self.source)
+        positions = np.arange(step * self.global_batch_size,
+                              (step + 1) * self.global_batch_size)
+        epochs, offsets = np.divmod(positions, size)
+        indices = np.empty_like(positions)
+        for epoch in np.unique(epochs):
+            in_epoch = epochs == epoch
+            indices[in_epoch] = self._epoch_order(int(epoch))[offsets[in_epoch]]
+        return indices
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of global step `step`, masked, as fixed-shape numpy arrays."""
+        indices = self.global_indices(step)[self.rows]
+        examples = _read(self.source, indices)
+        first_position = step * self.global_batch_size + self.rows.start
+        return mask_batch(examples, self.masking, self.max_seq_length, self.seed, first_position)
+
+    def iterate(self, start_step: int = 0, num_steps: int | None = None,
+                prefetch: int = 2) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """Yields (step, batch) from `start_step`, preparing the next batches on a thread."""
+        steps = (range(start_step, start_step + num_steps) if num_steps is not None
+                 else itertools.count(start_step))
+        return _prefetched(((step, self.batch(step)) for step in steps), prefetch)
+
+
+def _read(source, indices: np.ndarray) -> list[dict]:
+    if hasattr(source, "__getitems__"):
+        return list(source.__getitems__([int(i) for i in indices]))
+    return [source[int(i)] for i in indices]
+
+
+_DONE = object()
+
+
+def _prefetched(items: Iterator, size: int) -> Iterator:
+    """Runs `items` on a daemon thread, `size` ahead; exceptions reach the consumer."""
+    if size <= 0:
+        yield from items
+        return
+    buffer: queue.Queue = queue.Queue(maxsize=size)
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buffer.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put(_DONE)
+        except BaseException as error:  # handed to the consumer, raised there
+            buffer.put(error)
+
+    thread = threading.Thread(target=produce, daemon=True, name="bert-jax-prefetch")
+    thread.start()
+    try:
+        while (item := buffer.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

@@ -1,0 +1,51 @@
+"""From a run config to masked batches: prepare (or reuse) the dataset, check it, load it."""
+
+from __future__ import annotations
+
+import ml_collections
+import numpy as np
+
+from bert_jax.config import DataConfig, ModelConfig
+from bert_jax.data import dataset
+from bert_jax.data.checks import check_data_against_model
+from bert_jax.data.loader import Loader
+from bert_jax.data.masking import MaskingOptions
+
+
+def prepare(config: ml_collections.ConfigDict) -> dataset.Prepared:
+    """The dataset of `config.data` (built once, then reused), checked against `config.model`."""
+    data = DataConfig.from_dict(config.data)
+    prepared = dataset.prepare(data)
+    check_data_against_model(data, ModelConfig.from_dict(config.model),
+                             prepared.tokenizer.vocab_size)
+    return prepared
+
+
+def loader(config: ml_collections.ConfigDict, prepared: dataset.Prepared, split: str = "train",
+           process_index: int = 0, process_count: int = 1) -> Loader:
+    data = DataConfig.from_dict(config.data)
+    if split not in prepared.splits:
+        raise ValueError(f"split {split!r} is not in dataset {prepared.path}: expected one of "
+                         f"{prepared.splits}")
+    tokenizer = prepared.tokenizer
+    masking = MaskingOptions(
+        max_predictions=data.max_predictions_per_seq, masked_lm_prob=data.masked_lm_prob,
+        whole_word_masking=data.whole_word_masking, mask_id=tokenizer.mask_id,
+        vocab_size=tokenizer.vocab_size, special_ids=frozenset(tokenizer.special_ids))
+    return Loader(prepared.data_source(split), masking,
+                  global_batch_size=config.train.global_batch_size, seed=config.train.seed,
+                  max_seq_length=data.max_seq_length, process_index=process_index,
+                  process_count=process_count, shuffle=split == "train")
+
+
+def describe_row(batch: dict[str, np.ndarray], row: int, tokenizer) -> str:
+    """One masked row as text: tokens with [MASK] shown, `(label)` after each prediction,
+    `|` between segments, and the NSP label."""
+    length = int(batch["input_mask"][row].sum())
+    tokens = tokenizer.id_to_token(batch["input_ids"][row, :length].tolist())
+    weights = batch["masked_lm_weights"][row] > 0
+    labels = tokenizer.id_to_token(batch["masked_lm_ids"][row][weights].tolist())
+    for position, label in zip(batch["masked_lm_positions"][row][weights], labels):
+        tokens[position] = f"{tokens[position]}({label})"
+    nsp = "random next" if batch["next_sentence_labels"][row] else "is next"
+    return f"[{nsp}] " + " ".join(tokens)

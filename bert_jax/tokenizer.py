@@ -1,0 +1,317 @@
+"""BERT tokenizers: SentencePiece vocabularies trained here, or released WordPiece vocab.txt files.
+
+Both kinds tokenize through one `tokenizers.Tokenizer` (Rust). SentencePiece itself only trains:
+its `.model` is converted into a `tokenizers` Unigram pipeline, so the data pipeline and the
+exported `tokenizer.json` are literally the same tokenizer, and `transformers.AutoTokenizer`
+on the export gives the ids the model was trained on. The BERT special tokens are atomic in
+both kinds: "[MASK]" in a text is the [MASK] id, as in Hugging Face's BertTokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import sentencepiece
+import tokenizers
+from sentencepiece import sentencepiece_model_pb2
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import Unigram, WordPiece
+
+PAD, UNK, CLS, SEP, MASK = SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+# SentencePiece keeps a seeded reservoir sample of at most this many sentences: it bounds
+# training memory (a few GB) whatever the corpus size.
+MAX_TRAINING_SENTENCES = 2_000_000
+# Fixed rather than os.cpu_count(): the EM statistics are summed per thread, so the model
+# could depend on the thread count. 16 is SentencePiece's default.
+_TRAINING_THREADS = 16
+
+_SPM = sentencepiece_model_pb2.ModelProto
+# The SentencePiece options the conversion to `tokenizers` reproduces: those of
+# `train_sentencepiece` (spec name -> field -> value).
+_CONVERTIBLE_SPM_OPTIONS = {
+    "trainer_spec": {"model_type": sentencepiece_model_pb2.TrainerSpec.UNIGRAM,
+                     "byte_fallback": False, "treat_whitespace_as_suffix": False,
+                     "split_by_whitespace": True},
+    "normalizer_spec": {"name": "nmt_nfkc", "add_dummy_prefix": True,
+                        "remove_extra_whitespaces": True, "escape_whitespaces": True},
+}
+_METASPACE = "▁"
+_WORDPIECE_PREFIX = "##"
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+VOCAB_FILE = "vocab.txt"
+_SPECIAL_TOKENS_MAP = {"pad_token": PAD, "unk_token": UNK, "cls_token": CLS,
+                       "sep_token": SEP, "mask_token": MASK}
+# transformers 5 leaves token_type_ids out of a plain tokenizer.json's outputs unless told.
+_MODEL_INPUT_NAMES = ["input_ids", "token_type_ids", "attention_mask"]
+
+
+def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_path, *,
+                        seed: int = 0) -> Path:
+    """Trains a SentencePiece unigram model on `sentences` and writes it to `model_path`.
+
+    The vocabulary holds [PAD] [UNK] [CLS] [SEP] [MASK] at ids 0..4 and exactly `vocab_size`
+    pieces: a corpus too small for that many raises ValueError (SentencePiece's message gives
+    the largest size it supports) rather than quietly yielding fewer ids than the model's
+    embedding table expects. [CLS] [SEP] [MASK] are user-defined symbols, so training sees
+    them as the atomic tokens encoding makes of them.
+
+    Training is deterministic for the same sentences and seed. At most
+    `MAX_TRAINING_SENTENCES` sentences are kept (a seeded reservoir sample); SentencePiece
+    skips sentences longer than 4192 bytes and covers 99.95% of characters, the rarest
+    becoming [UNK]. The seed is SentencePiece's process-wide random seed.
+
+    Returns:
+      `model_path` (a `.model` file, written whole or not at all).
+    """
+    model_path = Path(model_path)
+    if model_path.suffix != ".model":
+        raise ValueError(f"{model_path}: a SentencePiece model path must end in .model")
+    sentencepiece.set_random_generator_seed(seed)
+    model = io.BytesIO()  # no model_prefix: the model's bytes then do not depend on its path
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
+            model_type="unigram", pad_id=0, pad_piece=PAD, unk_id=1, unk_piece=UNK,
+            bos_id=-1, eos_id=-1, user_defined_symbols=[CLS, SEP, MASK],
+            input_sentence_size=MAX_TRAINING_SENTENCES, shuffle_input_sentence=True,
+            num_threads=_TRAINING_THREADS, minloglevel=1)
+    except RuntimeError as e:
+        raise ValueError(f"cannot train a SentencePiece vocabulary of {vocab_size} pieces on "
+                         f"this corpus: {e}") from e
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(model_path, model.getvalue())
+    return model_path
+
+
+class Tokenizer:
+    """A BERT tokenizer backed by a `tokenizers.Tokenizer`; build it with `load_tokenizer`.
+
+    Attributes:
+      kind: "sentencepiece" or "wordpiece".
+      vocab_size: the number of ids (the model's vocabulary must be at least this large).
+      pad_id, unk_id, cls_id, sep_id, mask_id: the special tokens' ids.
+      special_ids: ids never masked nor predicted: [PAD] [CLS] [SEP] [MASK]. [UNK] is not
+        among them: it stands for real text, and original BERT masks and predicts it too.
+      fingerprint: hex sha256 of the kind, the vocabulary file and (WordPiece only) the
+        lowercase flag: names the tokenizer in dataset metadata.
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer, *, kind: str, fingerprint: str,
+                 hf_config: dict, hf_files: dict[str, bytes]):
+        self._backend = backend
+        self._hf_config = hf_config  # tokenizer_config.json entries particular to the kind
+        self._hf_files = hf_files  # further files the export holds, name -> content
+        self.kind = kind
+        self.fingerprint = fingerprint
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
+            backend.token_to_id(token) for token in SPECIAL_TOKENS)
+        self.special_ids = frozenset((self.pad_id, self.cls_id, self.sep_id, self.mask_id))
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, "
+                f"fingerprint={self.fingerprint[:12]!r})")
+
+    def encode_batch(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """For each text: its ids (int32, no [CLS]/[SEP]) and, as long, word-start flags.
+
+        A token starts a word when its word differs from the previous token's (`word_ids`
+        of the encoding), for whole-word masking. Words are what the pre-tokenizer splits:
+        whitespace-separated for SentencePiece; for WordPiece also each punctuation mark and
+        CJK character, as in BERT's whole-word masking. Texts are encoded in parallel in Rust.
+        """
+        return [_ids_and_word_starts(encoding)
+                for encoding in self._backend.encode_batch(texts, add_special_tokens=False)]
+
+    def encode(self, text: str) -> list[int]:
+        """The ids of `text`, without [CLS]/[SEP]."""
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    def id_to_token(self, ids) -> list[str]:
+        ids = np.asarray(ids, np.int64).tolist()
+        tokens = [self._backend.id_to_token(i) for i in ids]
+        if None in tokens:
+            raise ValueError(f"id {ids[tokens.index(None)]} is outside the vocabulary of "
+                             f"{self.vocab_size}")
+        return tokens
+
+    def decode(self, ids) -> str:
+        """The text of `ids`, special tokens shown (as `transformers` decodes by default)."""
+        return self._backend.decode(np.asarray(ids, np.int64).tolist(),
+                                    skip_special_tokens=False)
+
+    def save_hf(self, out_dir, *, model_max_length: int | None = None) -> None:
+        """Writes the tokenizer for `transformers.AutoTokenizer.from_pretrained(out_dir)`.
+
+        tokenizer.json is this tokenizer's own pipeline plus a [CLS] a [SEP] (b [SEP])
+        template with token_type_ids 0 (1 for b); tokenizer_config.json and
+        special_tokens_map.json name the special tokens; WordPiece adds the vocab.txt it was
+        loaded from, and names `BertTokenizer` (which `transformers` 5 rebuilds from the
+        vocabulary and `do_lower_case`). Each file is written whole or not at all.
+        `model_max_length` (the model's maximum positions) lets `transformers` truncate.
+        """
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config = {**self._hf_config, **_SPECIAL_TOKENS_MAP, "model_input_names": _MODEL_INPUT_NAMES,
+                  "clean_up_tokenization_spaces": False}
+        if model_max_length is not None:
+            config["model_max_length"] = model_max_length
+        files = {TOKENIZER_FILE: self._backend.to_str(pretty=True).encode(),
+                 TOKENIZER_CONFIG_FILE: _json_bytes(config),
+                 SPECIAL_TOKENS_MAP_FILE: _json_bytes(_SPECIAL_TOKENS_MAP), **self._hf_files}
+        for name, content in files.items():
+            _write_atomically(out_dir / name, content)
+
+
+def load_tokenizer(vocab_file, *, lowercase: bool = True) -> Tokenizer:
+    """The tokenizer of a SentencePiece `.model` or a WordPiece `vocab.txt`.
+
+    A `.model` suffix means SentencePiece, a `.txt` suffix WordPiece; otherwise a file that is
+    not UTF-8 text is taken for a SentencePiece model. `lowercase` applies to WordPiece only
+    (True: BERT-uncased, lowercasing and stripping accents; False: cased); a SentencePiece
+    model carries its own normalization.
+
+    Raises ValueError naming the path when the file is missing or unreadable, is not a
+    vocabulary of that kind, or lacks one of [PAD] [UNK] [CLS] [SEP] [MASK].
+    """
+    path = Path(vocab_file)
+    try:
+        content = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read the vocabulary file {path}: {e}") from e
+    if _is_sentencepiece(path, content):
+        kind, backend = "sentencepiece", _sentencepiece_backend(path, content)
+        hf_config, hf_files = {"tokenizer_class": "PreTrainedTokenizerFast"}, {}
+    else:
+        kind, backend = "wordpiece", _wordpiece_backend(path, lowercase)
+        hf_config = {"tokenizer_class": "BertTokenizer", "do_lower_case": lowercase,
+                     "strip_accents": None, "tokenize_chinese_chars": True}
+        hf_files = {VOCAB_FILE: content}
+    _add_bert_special_tokens(backend, path)
+    fingerprint = hashlib.sha256(
+        f"{kind}\0{lowercase if kind == 'wordpiece' else ''}\0".encode() + content).hexdigest()
+    return Tokenizer(backend, kind=kind, fingerprint=fingerprint, hf_config=hf_config,
+                     hf_files=hf_files)
+
+
+def _is_sentencepiece(path: Path, content: bytes) -> bool:
+    if path.suffix == ".model":
+        return True
+    if path.suffix == ".txt":
+        return False
+    try:
+        content.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+def _sentencepiece_backend(path: Path, content: bytes) -> tokenizers.Tokenizer:
+    """A `tokenizers` Unigram pipeline equal to SentencePiece's encoder (see the caveats below).
+
+    Normalization is NFKC, then SentencePiece's own character map (NFKC plus NMT rules), then
+    SentencePiece's whitespace handling (collapse runs, strip the ends). NFKC comes first
+    because `tokenizers` applies the map one grapheme at a time where SentencePiece takes the
+    longest match over characters: without it halfwidth katakana with sound marks ("ｶﾞ"),
+    compatibility jamo ("ㄱㅏ") and decomposed accents ("e" + U+0301 + U+0302) normalize
+    differently or lose marks. NFKC changes nothing the map would not, except that it puts
+    runs of combining marks in canonical order, where SentencePiece keeps their order.
+    """
+    proto = _SPM()
+    try:
+        proto.ParseFromString(content)
+    except Exception as e:  # protobuf raises its own DecodeError, not a ValueError
+        raise ValueError(f"{path} is not a SentencePiece model: {e}") from e
+    if not proto.pieces:
+        raise ValueError(f"{path} is not a SentencePiece model: it has no pieces")
+    for spec_name, options in _CONVERTIBLE_SPM_OPTIONS.items():
+        spec = getattr(proto, spec_name)
+        for option, expected in options.items():
+            if getattr(spec, option) != expected:
+                raise ValueError(f"{path}: SentencePiece models with {spec_name}.{option}="
+                                 f"{getattr(spec, option)!r} are not supported: expected "
+                                 f"{expected!r}, as train_sentencepiece writes")
+    backend = tokenizers.Tokenizer(Unigram([(p.piece, p.score) for p in proto.pieces],
+                                           unk_id=proto.trainer_spec.unk_id, byte_fallback=False))
+    backend.normalizer = normalizers.Sequence([
+        normalizers.NFKC(),
+        normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap),
+        normalizers.Replace(Regex(" {2,}"), " "),
+        normalizers.Replace(Regex(r"\A | \z"), "")])
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_METASPACE,
+                                                     prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement=_METASPACE, prepend_scheme="always")
+    # SentencePiece matches its other user-defined symbols atomically too.
+    backend.add_tokens([AddedToken(p.piece, normalized=False) for p in proto.pieces
+                        if p.type == _SPM.SentencePiece.USER_DEFINED
+                        and p.piece not in SPECIAL_TOKENS])
+    return backend
+
+
+def _wordpiece_backend(path: Path, lowercase: bool) -> tokenizers.Tokenizer:
+    """The pipeline of `transformers.BertTokenizerFast` for this vocabulary and casing."""
+    try:
+        vocab = WordPiece.read_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on undecodable files
+        raise ValueError(f"cannot read the WordPiece vocabulary {path}: {e}") from e
+    if vocab and max(vocab.values()) + 1 != len(vocab):
+        raise ValueError(f"{path} repeats tokens: {max(vocab.values()) + 1} lines hold "
+                         f"{len(vocab)} distinct tokens, so ids would not match lines")
+    backend = tokenizers.Tokenizer(WordPiece(vocab, unk_token=UNK, max_input_chars_per_word=100,
+                                             continuing_subword_prefix=_WORDPIECE_PREFIX))
+    # strip_accents=None follows `lowercase`: BERT-uncased strips accents, cased keeps them.
+    backend.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece(prefix=_WORDPIECE_PREFIX)
+    return backend
+
+
+def _add_bert_special_tokens(backend: tokenizers.Tokenizer, path: Path) -> None:
+    """Makes the special tokens atomic and adds the [CLS] a [SEP] (b [SEP]) template."""
+    vocab = backend.get_vocab()
+    missing = [token for token in SPECIAL_TOKENS if token not in vocab]
+    if missing:
+        raise ValueError(f"the vocabulary {path} lacks {missing[0]}: expected all of "
+                         f"{' '.join(SPECIAL_TOKENS)}")
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False)
+                                for token in SPECIAL_TOKENS])
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{CLS}:0 $A:0 {SEP}:0", pair=f"{CLS}:0 $A:0 {SEP}:0 $B:1 {SEP}:1",
+        special_tokens=[(CLS, vocab[CLS]), (SEP, vocab[SEP])])
+
+
+def _ids_and_word_starts(encoding: tokenizers.Encoding) -> tuple[np.ndarray, np.ndarray]:
+    # float so that None (no word) becomes NaN, which differs from everything: a token
+    # without a word is a word of its own.
+    words = np.array(encoding.word_ids, dtype=np.float64)
+    starts = np.ones(len(words), bool)
+    starts[1:] = words[1:] != words[:-1]
+    return np.array(encoding.ids, np.int32), starts
+
+
+def _json_bytes(value: dict) -> bytes:
+    return (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def _write_atomically(path: Path, content: bytes) -> None:
+    # Not tempfile.mkstemp: its files are private (0600), and os.replace would keep that.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(content)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
