@@ -16,6 +16,7 @@ BERT pretraining in JAX/Flax NNX.
 subcommands:
   prepare-data  corpus -> tokenizer + TFDS dataset of NSP instances (cached), with a summary
   inspect-data  show masked batches as text; --out saves the exact batches of steps
+  benchmark-data  time reading + masking batches (sequences per second)
   pretrain      train BERT with MLM + NSP (for now: a smoke run of AdamW steps on a
                 synthetic batch; real-data training arrives with the training work)
 
@@ -107,6 +108,16 @@ def _inspect_data(args, config) -> None:
         print(f"saved {args.steps} steps of {len(batches[0]['input_ids'])} rows to {args.out}")
 
 
+def _benchmark_data(args, config) -> None:
+    import json
+
+    from bert_jax.data import pipeline
+
+    prepared = pipeline.prepare(config)
+    loader = pipeline.loader(config, prepared)
+    print(json.dumps(pipeline.measure_throughput(loader, args.steps)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bert-jax", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--split", default="train", help="train or validation")
     inspect.add_argument("--out", metavar="FILE.npz",
                          help="save the batches (features stacked over steps) to this file")
+    benchmark = add("benchmark-data", _benchmark_data, "time masked batches from the dataset",
+                    "Times reading and masking train batches in this process (no prefetch "
+                    "thread), printing one JSON line with sequences per second.")
+    benchmark.add_argument("--steps", type=int, default=50, help="batches timed (default 50)")
     return parser
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import uuid
@@ -26,9 +27,11 @@ from tokenizers.models import Unigram, WordPiece
 
 PAD, UNK, CLS, SEP, MASK = SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
-# SentencePiece keeps a seeded reservoir sample of at most this many sentences: it bounds
-# training memory (a few GB) whatever the corpus size.
+# Training sees a random sample of at most this many sentences: it bounds training memory
+# (a few GB) whatever the corpus size. Sampled here, not by SentencePiece, whose sample
+# differs from run to run whatever seed it is given.
 MAX_TRAINING_SENTENCES = 2_000_000
+_SAMPLING_CHUNK = 1 << 16
 # Fixed rather than os.cpu_count(): the EM statistics are summed per thread, so the model
 # could depend on the thread count. 16 is SentencePiece's default.
 _TRAINING_THREADS = 16
@@ -66,10 +69,11 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_path, *
     embedding table expects. [CLS] [SEP] [MASK] are user-defined symbols, so training sees
     them as the atomic tokens encoding makes of them.
 
-    Training is deterministic for the same sentences and seed. At most
-    `MAX_TRAINING_SENTENCES` sentences are kept (a seeded reservoir sample); SentencePiece
-    skips sentences longer than 4192 bytes and covers 99.95% of characters, the rarest
-    becoming [UNK]. The seed is SentencePiece's process-wide random seed.
+    Training is deterministic for the same sentences and seed. It sees at most
+    `MAX_TRAINING_SENTENCES` sentences, a uniform sample drawn with `seed` in one pass over
+    `sentences` (which may be a generator over a corpus of any size). SentencePiece skips
+    sentences longer than 4192 bytes and covers 99.95% of characters, the rarest becoming
+    [UNK].
 
     Returns:
       `model_path` (a `.model` file, written whole or not at all).
@@ -77,21 +81,38 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_path, *
     model_path = Path(model_path)
     if model_path.suffix != ".model":
         raise ValueError(f"{model_path}: a SentencePiece model path must end in .model")
-    sentencepiece.set_random_generator_seed(seed)
+    sample = _sample(sentences, MAX_TRAINING_SENTENCES, seed)
     model = io.BytesIO()  # no model_prefix: the model's bytes then do not depend on its path
     try:
         sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
+            sentence_iterator=iter(sample), model_writer=model, vocab_size=vocab_size,
             model_type="unigram", pad_id=0, pad_piece=PAD, unk_id=1, unk_piece=UNK,
             bos_id=-1, eos_id=-1, user_defined_symbols=[CLS, SEP, MASK],
-            input_sentence_size=MAX_TRAINING_SENTENCES, shuffle_input_sentence=True,
-            num_threads=_TRAINING_THREADS, minloglevel=1)
+            input_sentence_size=0, num_threads=_TRAINING_THREADS, minloglevel=1)
     except RuntimeError as e:
         raise ValueError(f"cannot train a SentencePiece vocabulary of {vocab_size} pieces on "
                          f"this corpus: {e}") from e
     model_path.parent.mkdir(parents=True, exist_ok=True)
     _write_atomically(model_path, model.getvalue())
     return model_path
+
+
+def _sample(items: Iterable, k: int, seed: int) -> list:
+    """A uniform random sample of at most `k` of `items`, in one pass (reservoir sampling).
+
+    Algorithm R, with the random draws and the iteration done a chunk at a time in C.
+    """
+    rng = np.random.default_rng(seed)
+    items = iter(items)
+    sample = list(itertools.islice(items, k))
+    seen = len(sample)
+    while chunk := list(itertools.islice(items, _SAMPLING_CHUNK)):
+        # Item number n (from 0) replaces a uniform slot of [0, n] when that slot is a real one.
+        slots = rng.integers(0, np.arange(seen + 1, seen + len(chunk) + 1))
+        for i in np.flatnonzero(slots < k):
+            sample[slots[i]] = chunk[i]
+        seen += len(chunk)
+    return sample
 
 
 class Tokenizer:
@@ -177,8 +198,8 @@ class Tokenizer:
 def load_tokenizer(vocab_file, *, lowercase: bool = True) -> Tokenizer:
     """The tokenizer of a SentencePiece `.model` or a WordPiece `vocab.txt`.
 
-    A `.model` suffix means SentencePiece, a `.txt` suffix WordPiece; otherwise a file that is
-    not UTF-8 text is taken for a SentencePiece model. `lowercase` applies to WordPiece only
+    A file of UTF-8 text is a WordPiece vocabulary (a token a line), any other a SentencePiece
+    model (a binary protobuf), whatever its name. `lowercase` applies to WordPiece only
     (True: BERT-uncased, lowercasing and stripping accents; False: cased); a SentencePiece
     model carries its own normalization.
 
@@ -206,27 +227,29 @@ def load_tokenizer(vocab_file, *, lowercase: bool = True) -> Tokenizer:
 
 
 def _is_sentencepiece(path: Path, content: bytes) -> bool:
-    if path.suffix == ".model":
-        return True
-    if path.suffix == ".txt":
-        return False
+    # A SentencePiece model is not UTF-8 in practice: every piece's score is stored as the
+    # four raw bytes of a float. So content decides, whatever the file's name.
     try:
         content.decode("utf-8")
     except UnicodeDecodeError:
-        return True
+        return path.suffix != ".txt"  # a .txt file that is not UTF-8 is a broken vocab.txt
     return False
 
 
 def _sentencepiece_backend(path: Path, content: bytes) -> tokenizers.Tokenizer:
-    """A `tokenizers` Unigram pipeline equal to SentencePiece's encoder (see the caveats below).
+    """A `tokenizers` Unigram pipeline that encodes as SentencePiece does, but for three cases.
 
     Normalization is NFKC, then SentencePiece's own character map (NFKC plus NMT rules), then
     SentencePiece's whitespace handling (collapse runs, strip the ends). NFKC comes first
     because `tokenizers` applies the map one grapheme at a time where SentencePiece takes the
     longest match over characters: without it halfwidth katakana with sound marks ("ｶﾞ"),
     compatibility jamo ("ㄱㅏ") and decomposed accents ("e" + U+0301 + U+0302) normalize
-    differently or lose marks. NFKC changes nothing the map would not, except that it puts
-    runs of combining marks in canonical order, where SentencePiece keeps their order.
+    differently or lose marks.
+
+    The cases: NFKC puts runs of combining marks in canonical order, where SentencePiece
+    keeps their order; where several segmentations score the same (runs such as "-----"),
+    each library breaks the tie its own way; and special tokens in a text are atomic here,
+    absorbing the spaces around them, where SentencePiece splits [PAD] and [UNK].
     """
     proto = _SPM()
     try:

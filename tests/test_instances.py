@@ -12,7 +12,7 @@ from bert import tokenization as reference_tokenization
 
 from bert_jax.data.instances import (InstanceOptions, TokenizedCorpus,
                                      create_instances_from_document, document_rng)
-from bert_jax.data.masking import MaskingOptions, example_rng, mask_example
+from bert_jax.data.masking import MaskingOptions, mask_batch
 
 MAX_SEQ_LENGTH = 128
 DUPES = 3
@@ -105,8 +105,10 @@ def test_instance_statistics_match_google_research_bert(corpus_files):
     masking = MaskingOptions(max_predictions=20, masked_lm_prob=0.15, mask_id=vocab["[MASK]"],
                              vocab_size=len(vocab),
                              special_ids=frozenset(vocab[t] for t in ("[CLS]", "[SEP]", "[PAD]")))
-    our_predictions = [len(mask_example(i.input_ids, i.word_starts, masking,
-                                        example_rng(0, n))[1]) for n, i in enumerate(ours)]
+    stored = [{"input_ids": i.input_ids, "word_starts": i.word_starts, "a_length": i.a_length,
+               "next_sentence_label": i.next_sentence_label} for i in ours]
+    our_predictions = mask_batch(stored, masking, MAX_SEQ_LENGTH, seed=0,
+                                 first_position=0)["masked_lm_weights"].sum(axis=1)
     stats = {
         "instances per dupe": (len(theirs) / DUPES, len(ours) / DUPES),
         "mean length": (np.mean([len(i.tokens) for i in theirs]),
@@ -164,3 +166,21 @@ def test_sentence_order_objective_swaps_half_and_never_draws_from_other_document
             labels.append(instance.next_sentence_label)
             assert (a[-1] < b[0]) == (instance.next_sentence_label == 0)  # contiguous text
     assert 0.4 < np.mean(labels) < 0.6
+
+
+def test_one_sentence_documents_and_overlong_sentences_are_handled_as_the_reference():
+    # Document 0: one 300-token sentence; document 1: one short sentence; document 2: three.
+    lengths = [300, 4, 5, 6, 7]
+    ids = np.arange(sum(lengths), dtype=np.int32) % 90 + 10
+    corpus = TokenizedCorpus(ids, np.ones(len(ids), bool), np.cumsum([0] + lengths),
+                             np.array([0, 1, 2, 5]))
+    options = InstanceOptions(32, short_seq_prob=0.0)
+    for document in range(3):
+        for seed in range(20):
+            for instance in create_instances_from_document(
+                    corpus, document, options, document_rng(seed, 0, document), 2, 3):
+                assert len(instance.input_ids) <= 32
+                if document < 2:  # a one-sentence chunk always takes a random B
+                    assert instance.next_sentence_label == 1
+    long = create_instances_from_document(corpus, 0, options, document_rng(0, 0, 0), 2, 3)
+    assert len(long) == 1 and len(long[0].input_ids) == 32  # truncated to fit

@@ -110,14 +110,21 @@ def tokenizer_file_name(path) -> str:
     return "vocab.txt" if str(path).endswith(".txt") else "tokenizer.model"
 
 
-def _run_parallel(function, items: list, workers: int, desc: str, unit: str, **pool_kwargs):
+def _run_parallel(function, items: list, workers: int, desc: str, unit: str,
+                  initializer=None, initargs=()):
     """`map(function, items)` over worker processes, in order, with a progress bar.
 
     Workers are spawned: forking a process that has loaded TensorFlow or JAX is unsafe.
+    One worker or one item runs in this process (no start-up cost; TFDS mocks stay visible).
     """
-    workers = workers or os.cpu_count() or 1
+    workers = min(workers or os.cpu_count() or 1, len(items))
+    if workers <= 1:
+        if initializer:
+            initializer(*initargs)
+        return [function(item) for item in tqdm(items, desc=desc, unit=unit)]
     with concurrent.futures.ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("spawn"), **pool_kwargs) as pool:
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=initializer,
+            initargs=initargs) as pool:
         results = pool.map(function, items, chunksize=max(1, len(items) // (8 * workers)))
         return list(tqdm(results, total=len(items), desc=desc, unit=unit))
 
@@ -291,9 +298,7 @@ def prepare(data: DataConfig) -> Prepared:
                                      tokenizer_file=str(vocab)),
         data_dir=str(Path(data.data_dir).expanduser().absolute()))
     if not (Path(builder.data_dir) / "dataset_info.json").is_file():
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(
-                file_format=tfds.core.FileFormat.ARRAY_RECORD))
+        builder.download_and_prepare(file_format=tfds.core.FileFormat.ARRAY_RECORD)
     return open_prepared(builder.data_dir, expected=values)
 
 

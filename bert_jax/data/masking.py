@@ -1,18 +1,26 @@
-"""Dynamic MLM masking in numpy, keyed by (seed, global example position): stateless.
+"""Dynamic MLM masking in numpy, keyed by (seed, position in the training stream): stateless.
 
 google-research/bert's `create_masked_lm_predictions`, per instance: predict
-`min(max_predictions, max(1, round(len(tokens) * masked_lm_prob)))` tokens chosen at random
-among non-special tokens (whole words with `whole_word_masking`, skipping a word that would
-overshoot); replace 80% with [MASK], keep 10%, and put a random token in 10%.
-One deliberate difference: the random replacement is drawn from ordinary tokens only (the
-reference may insert [CLS] or [PAD]).
+`min(max_predictions, max(1, round(n * masked_lm_prob)))` tokens chosen uniformly at random
+among the n non-special tokens (whole words with `whole_word_masking`, skipping a word that
+would overshoot); replace 80% with [MASK], keep 10%, and put a random token in 10%.
+Two deliberate differences: `n` counts maskable tokens only (the reference counts [CLS] and
+[SEP] too, which masks 16-17% of the text at length 64), and random replacements are drawn
+from ordinary tokens only (the reference may insert [CLS] or [PAD]).
+
+The random numbers of stream position p (row r of step k is position k * B + r) come from
+a generator keyed by (seed, p // BLOCK): the same for every process layout, and cheap,
+since a generator is made per block of rows rather than per row.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
+
+BLOCK = 64  # stream positions per random generator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,56 +38,50 @@ class MaskingOptions:
         if self.max_predictions < 1:
             raise ValueError(f"max_predictions_per_seq={self.max_predictions}: expected >= 1")
 
+    @functools.cached_property
+    def is_special(self) -> np.ndarray:
+        """Lookup table [vocab_size]: True for ids never masked."""
+        table = np.zeros(self.vocab_size, bool)
+        table[list(self.special_ids)] = True
+        return table
 
-def example_rng(seed: int, position: int) -> np.random.Generator:
-    """The generator for the example at `position` of the training stream (step * B + row)."""
-    return np.random.default_rng([seed, position])
-
-
-def mask_example(input_ids: np.ndarray, word_starts: np.ndarray, options: MaskingOptions,
-                 rng: np.random.Generator):
-    """Masks one instance. Returns (masked ids, positions, original ids) of the predictions,
-    positions sorted; at most `options.max_predictions` of them."""
-    special = np.isin(input_ids, list(options.special_ids))
-    num_to_predict = min(options.max_predictions,
-                         max(1, int(round(len(input_ids) * options.masked_lm_prob))))
-    candidates = np.flatnonzero(~special)
-    if options.whole_word_masking:
-        chosen = _choose_whole_words(candidates, word_starts, special, num_to_predict, rng)
-    else:
-        chosen = np.sort(rng.permutation(candidates)[:num_to_predict])
-    labels = input_ids[chosen]
-    masked = input_ids.copy()
-    action = rng.random(len(chosen))
-    masked[chosen[action < 0.8]] = options.mask_id
-    random_slots = chosen[action >= 0.9]
-    masked[random_slots] = _random_ordinary_ids(len(random_slots), options, rng)
-    return masked, chosen, labels
+    @functools.cached_property
+    def ordinary_ids(self) -> np.ndarray:
+        """The ids a random replacement draws from."""
+        return np.flatnonzero(~self.is_special)
 
 
-def _choose_whole_words(candidates, word_starts, special, num_to_predict, rng) -> np.ndarray:
-    # A piece right after a special token starts a word even if truncation cut its head off.
-    starts = word_starts | np.concatenate([[True], special[:-1]])
-    word_of_token = np.cumsum(starts) - 1
-    words = [candidates[word_of_token[candidates] == w]
-             for w in np.unique(word_of_token[candidates])]
-    chosen: list[int] = []
-    for w in rng.permutation(len(words)):
-        if len(chosen) >= num_to_predict:
-            break
-        if len(chosen) + len(words[w]) > num_to_predict:
-            continue
-        chosen.extend(words[w])
-    return np.sort(np.array(chosen, dtype=np.int64))
+def stream_randoms(seed: int, first_position: int, rows: int, length: int, predictions: int):
+    """Uniform [0, 1) numbers for `rows` stream positions from `first_position`:
+    (token keys [rows, length], actions [rows, predictions], replacements [rows, predictions]).
+    """
+    first_block, last_block = first_position // BLOCK, (first_position + rows - 1) // BLOCK
+    blocks = [np.random.default_rng([seed, block]).random((BLOCK, length + 2 * predictions),
+                                                          dtype=np.float32)
+              for block in range(first_block, last_block + 1)]
+    start = first_position - first_block * BLOCK
+    values = np.concatenate(blocks)[start:start + rows]
+    return (values[:, :length], values[:, length:length + predictions],
+            values[:, length + predictions:])
 
 
-def _random_ordinary_ids(count: int, options: MaskingOptions, rng: np.random.Generator):
-    ids = rng.integers(0, options.vocab_size, count)
-    special = np.array(sorted(options.special_ids), dtype=np.int64)
-    while special.size and np.isin(ids, special).any():  # redraw the rare special picks
-        clash = np.isin(ids, special)
-        ids[clash] = rng.integers(0, options.vocab_size, int(clash.sum()))
-    return ids
+def pad(examples: list[dict], max_seq_length: int) -> dict[str, np.ndarray]:
+    """Stored instances -> fixed-shape ids, word starts, input mask, segment ids, NSP labels."""
+    batch = len(examples)
+    ids = np.zeros((batch, max_seq_length), np.int32)
+    starts = np.zeros((batch, max_seq_length), bool)
+    for row, example in enumerate(examples):
+        length = len(example["input_ids"])
+        ids[row, :length] = example["input_ids"]
+        starts[row, :length] = example["word_starts"]
+    lengths = np.array([len(e["input_ids"]) for e in examples])
+    a_lengths = np.array([int(e["a_length"]) for e in examples])
+    position = np.arange(max_seq_length)
+    input_mask = position < lengths[:, None]
+    return {"input_ids": ids, "word_starts": starts, "input_mask": input_mask.astype(np.int32),
+            "segment_ids": (input_mask & (position > a_lengths[:, None] + 1)).astype(np.int32),
+            "next_sentence_labels": np.array([int(e["next_sentence_label"]) for e in examples],
+                                             np.int32)}
 
 
 def mask_batch(examples: list[dict], options: MaskingOptions, max_seq_length: int,
@@ -87,29 +89,62 @@ def mask_batch(examples: list[dict], options: MaskingOptions, max_seq_length: in
     """Pads and masks stored instances into BERT's fixed-shape features.
 
     `examples[r]` holds `input_ids`, `word_starts`, `a_length`, `next_sentence_label`;
-    row r is masked with `example_rng(seed, first_position + r)`.
+    row r is stream position `first_position + r`.
     """
-    batch = len(examples)
-    out = {
-        "input_ids": np.zeros((batch, max_seq_length), np.int32),
-        "input_mask": np.zeros((batch, max_seq_length), np.int32),
-        "segment_ids": np.zeros((batch, max_seq_length), np.int32),
-        "masked_lm_positions": np.zeros((batch, options.max_predictions), np.int32),
-        "masked_lm_ids": np.zeros((batch, options.max_predictions), np.int32),
-        "masked_lm_weights": np.zeros((batch, options.max_predictions), np.float32),
-        "next_sentence_labels": np.zeros((batch,), np.int32),
-    }
-    for row, example in enumerate(examples):
-        ids = np.asarray(example["input_ids"])
-        length = len(ids)
-        masked, positions, labels = mask_example(ids, np.asarray(example["word_starts"], bool),
-                                                 options, example_rng(seed, first_position + row))
-        out["input_ids"][row, :length] = masked
-        out["input_mask"][row, :length] = 1
-        out["segment_ids"][row, int(example["a_length"]) + 2:length] = 1
-        count = len(positions)
-        out["masked_lm_positions"][row, :count] = positions
-        out["masked_lm_ids"][row, :count] = labels
-        out["masked_lm_weights"][row, :count] = 1.0
-        out["next_sentence_labels"][row] = int(example["next_sentence_label"])
-    return out
+    padded = pad(examples, max_seq_length)
+    ids = padded.pop("input_ids")
+    starts = padded.pop("word_starts")
+    keys, actions, replacements = stream_randoms(seed, first_position, len(examples),
+                                                 max_seq_length, options.max_predictions)
+    candidates = (padded["input_mask"] > 0) & ~options.is_special[ids]
+    count = candidates.sum(axis=1)
+    to_predict = np.minimum(options.max_predictions,
+                            np.maximum(1, np.rint(count * options.masked_lm_prob))).astype(int)
+    to_predict = np.minimum(to_predict, count)
+    if options.whole_word_masking:
+        chosen = _choose_whole_words(candidates, starts, keys, to_predict)
+    else:
+        rank = np.argsort(np.where(candidates, keys, 2.0), axis=1, kind="stable").argsort(axis=1)
+        chosen = rank < to_predict[:, None]
+    positions, weights = _positions(chosen, options.max_predictions)
+    labels = np.where(weights, np.take_along_axis(ids, positions, axis=1), 0)
+    new_values = np.where(actions < 0.8, options.mask_id, labels)
+    random_ids = options.ordinary_ids[(replacements * len(options.ordinary_ids)).astype(int)]
+    new_values = np.where(actions >= 0.9, random_ids, new_values)
+    masked = ids.copy()
+    rows = np.nonzero(weights)[0]
+    masked[rows, positions[weights]] = new_values[weights]
+    return {"input_ids": masked, **padded,
+            "masked_lm_positions": positions.astype(np.int32),
+            "masked_lm_ids": labels.astype(np.int32),
+            "masked_lm_weights": weights.astype(np.float32)}
+
+
+def _positions(chosen: np.ndarray, max_predictions: int):
+    """Chosen flags [B, S] -> sorted positions [B, P] (padded with 0) and weights [B, P]."""
+    length = chosen.shape[1]
+    order = np.sort(np.where(chosen, np.arange(length), length), axis=1)[:, :max_predictions]
+    order = np.pad(order, ((0, 0), (0, max_predictions - order.shape[1])), constant_values=length)
+    weights = order < length
+    return np.where(weights, order, 0), weights
+
+
+def _choose_whole_words(candidates, starts, keys, to_predict) -> np.ndarray:
+    """Whole words in random order (each word ranked by its first piece's key), skipping a
+    word that would overshoot, as the reference; a row at a time."""
+    # A piece right after a special token starts a word even if truncation cut its head off.
+    starts = starts | np.concatenate([np.ones_like(starts[:, :1]), ~candidates[:, :-1]], axis=1)
+    chosen = np.zeros_like(candidates)
+    for row in range(len(candidates)):
+        word = np.cumsum(starts[row]) - 1
+        word_key = keys[row][np.flatnonzero(starts[row])]
+        budget = int(to_predict[row])
+        for w in np.argsort(word_key, kind="stable"):
+            members = candidates[row] & (word == w)
+            size = int(members.sum())
+            if budget == 0:
+                break
+            if 0 < size <= budget:
+                chosen[row] |= members
+                budget -= size
+    return chosen

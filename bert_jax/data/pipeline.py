@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import ml_collections
 import numpy as np
 
@@ -49,3 +51,16 @@ def describe_row(batch: dict[str, np.ndarray], row: int, tokenizer) -> str:
         tokens[position] = f"{tokens[position]}({label})"
     nsp = "random next" if batch["next_sentence_labels"][row] else "is next"
     return f"[{nsp}] " + " ".join(tokens)
+
+
+def measure_throughput(loader: Loader, steps: int) -> dict:
+    """Sequences per second of `loader.batch` (read + mask) in this thread, after one warm-up."""
+    loader.batch(0)
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        loader.batch(step)
+    seconds = time.perf_counter() - start
+    return {"seq_per_s": round(steps * loader.global_batch_size / seconds),
+            "global_batch_size": loader.global_batch_size,
+            "max_seq_length": loader.max_seq_length, "steps": steps,
+            "seconds": round(seconds, 3)}

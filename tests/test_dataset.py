@@ -1,0 +1,218 @@
+"""The prepared TFDS dataset, end to end: corpus -> tokenizer -> ArrayRecord -> masked batches."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pydoc_data.topics
+import pytest
+import tensorflow_datasets as tfds
+
+from bert_jax.config import DataConfig, default_config
+from bert_jax.data import dataset, pipeline
+
+SEQ = 64
+
+
+def _write_topics(root, files=2):
+    """Python's topic help as google-research/bert-format files (one sentence per line)."""
+    documents = []
+    for text in pydoc_data.topics.topics.values():
+        lines = [" ".join(line.split()) for line in text.splitlines()]
+        lines = [line for line in lines if len(line) > 1]
+        documents += [lines[i:i + 25] for i in range(0, len(lines), 25)]
+    for index in range(files):
+        part = documents[index::files]
+        (root / f"part{index}.txt").write_text("\n\n".join("\n".join(d) for d in part) + "\n")
+    return str(root / "part*.txt")
+
+
+def _config(tmp_path, corpus, **data):
+    config = default_config("tiny")
+    config.data.corpus = corpus
+    config.data.data_dir = str(tmp_path / "data")
+    config.data.vocab_size = 1000
+    config.data.max_seq_length = SEQ
+    config.data.max_predictions_per_seq = 10
+    config.data.workers = 2
+    config.train.global_batch_size = 16
+    for key, value in data.items():
+        setattr(config.data, key, value)
+    return config
+
+
+@pytest.fixture(scope="module")
+def topics(tmp_path_factory):
+    root = tmp_path_factory.mktemp("topics")
+    corpus = _write_topics(root)
+    config = _config(root, corpus)
+    return config, pipeline.prepare(config)
+
+
+def _all(prepared, split):
+    source = prepared.data_source(split)
+    return [source[i] for i in range(len(source))]
+
+
+def test_prepared_instances_have_bert_layout_and_summary(topics):
+    config, prepared = topics
+    summary = prepared.metadata["summary"]
+    train = _all(prepared, "train")
+    assert summary["instances"]["train"] == len(train) >= 2000
+    assert summary["instances"]["validation"] >= 20
+    assert summary["sources"] == 2 and summary["documents"] > 300
+    assert 0.5 < summary["fill_ratio"] <= 1.0
+    tokenizer = prepared.tokenizer
+    for example in train:
+        ids = example["input_ids"]
+        a = example["a_length"]
+        assert len(ids) <= SEQ and ids[0] == tokenizer.cls_id and ids[-1] == tokenizer.sep_id
+        assert ids[a + 1] == tokenizer.sep_id
+        assert (ids == tokenizer.sep_id).sum() == 2 and (ids == tokenizer.cls_id).sum() == 1
+    assert prepared.metadata["identity"]["tokenizer_fingerprint"] == tokenizer.fingerprint
+
+
+def test_masked_batches_meet_the_acceptance_rates(topics):
+    config, prepared = topics
+    loader = pipeline.loader(config, prepared)
+    steps = -(-len(prepared.data_source("train")) // 16)
+    maskable = predicted = masked = kept = 0
+    tokenizer = prepared.tokenizer
+    for _, batch in loader.iterate(0, steps):
+        ids, weights = batch["input_ids"], batch["masked_lm_weights"] > 0
+        real = batch["input_mask"] > 0
+        # Reconstruct the originals to count maskable tokens.
+        original = ids.copy()
+        np.put_along_axis(original, batch["masked_lm_positions"],
+                          np.where(weights, batch["masked_lm_ids"],
+                                   np.take_along_axis(ids, batch["masked_lm_positions"], 1)), 1)
+        special = np.isin(original, [tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id])
+        maskable += int((real & ~special).sum())
+        at = np.take_along_axis(ids, batch["masked_lm_positions"], 1)[weights]
+        labels = batch["masked_lm_ids"][weights]
+        assert not np.isin(labels, [tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id]).any()
+        predicted += int(weights.sum())
+        masked += int((at == tokenizer.mask_id).sum())
+        kept += int((at == labels).sum())
+        for row in range(len(ids)):  # segment ids: 0 through the first [SEP], then 1
+            length = int(real[row].sum())
+            first_sep = int(np.flatnonzero(original[row] == tokenizer.sep_id)[0])
+            np.testing.assert_array_equal(batch["segment_ids"][row, :length],
+                                          np.arange(length) > first_sep)
+    assert predicted / maskable == pytest.approx(0.15, abs=0.01)
+    assert masked / predicted == pytest.approx(0.8, abs=0.02)
+    assert kept / predicted == pytest.approx(0.1, abs=0.02)
+
+
+def test_batches_are_the_same_for_fresh_resumed_and_resharded_runs(topics):
+    config, prepared = topics
+    fresh = [b for _, b in pipeline.loader(config, prepared).iterate(0, 6)]
+    resumed = [b for _, b in pipeline.loader(config, prepared).iterate(3, 3)]
+    for process_count in (2, 4):
+        parts = [[b for _, b in pipeline.loader(config, prepared, process_index=p,
+                                                process_count=process_count).iterate(3, 3)]
+                 for p in range(process_count)]
+        for step in range(3):
+            for name, value in fresh[3 + step].items():
+                np.testing.assert_array_equal(resumed[step][name], value)
+                np.testing.assert_array_equal(
+                    np.concatenate([part[step][name] for part in parts]), value)
+
+
+def test_inspect_data_out_saves_exactly_the_training_batches(topics, tmp_path):
+    config, prepared = topics
+    overrides = [f"--config.data.{k}={v}" for k, v in config.data.items()]
+    out = tmp_path / "batches.npz"
+    result = subprocess.run(
+        [sys.executable, "-m", "bert_jax.cli", "inspect-data", "--steps=3", "--start-step=2",
+         f"--out={out}", *overrides, "--config.train.global_batch_size=16"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "[MASK](" in result.stdout  # decoded text with labels beside masks
+    saved = np.load(out)
+    expected = [b for _, b in pipeline.loader(config, prepared).iterate(2, 3)]
+    for name in expected[0]:
+        np.testing.assert_array_equal(saved[name], np.stack([b[name] for b in expected]))
+
+
+def test_building_is_deterministic_and_reused(topics, tmp_path):
+    config, prepared = topics
+    again = _config(tmp_path, config.data.corpus, workers=1)
+    rebuilt = pipeline.prepare(again)  # another data_dir, one worker: the same instances
+    assert rebuilt.path.name == prepared.path.name
+    assert rebuilt.path != prepared.path
+    for a, b in zip(_all(prepared, "train"), _all(rebuilt, "train")):
+        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+    mtime = (rebuilt.path / "dataset_info.json").stat().st_mtime
+    assert pipeline.prepare(again).path == rebuilt.path  # reused, not rebuilt
+    assert (rebuilt.path / "dataset_info.json").stat().st_mtime == mtime
+
+
+def test_a_changed_config_gets_another_dataset_and_a_mismatch_is_caught(topics, tmp_path):
+    config, prepared = topics
+    data = DataConfig.from_dict(config.data)
+    other = dataset.identity(DataConfig(**{**data.to_dict(), "max_seq_length": 128}),
+                             prepared.tokenizer.fingerprint)
+    assert dataset.dataset_name(other) != prepared.path.parent.name
+    with pytest.raises(ValueError, match="max_seq_length=64.*max_seq_length=128"):
+        dataset.open_prepared(prepared.path, expected=other)
+
+
+def test_an_interrupted_build_leaves_nothing_that_looks_complete(tmp_path):
+    good = _write_topics(tmp_path, files=1)
+    broken = tmp_path / "zz.jsonl"
+    broken.write_text('{"text": "One sentence here. And another."}\nnot json\n')
+    config = _config(tmp_path, f"{good},{broken}", vocab_file="", workers=1)
+    config.data.vocab_file = str(dataset.tokenizer_file(DataConfig.from_dict(
+        _config(tmp_path, good).data)))
+    with pytest.raises(ValueError, match="zz.jsonl"):
+        pipeline.prepare(config)
+    built = list((tmp_path / "data" / "bert_pretraining").glob("*/*/dataset_info.json"))
+    assert built == []
+    assert not [p for p in (tmp_path / "data" / "bert_pretraining").glob("*/*")
+                if not p.name.startswith("incomplete")]
+
+
+def test_empty_corpus_and_missing_files_are_clear_errors(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n\n")
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]) + "\n")
+    with pytest.raises(ValueError, match="no documents"):
+        pipeline.prepare(_config(tmp_path, str(empty), vocab_file=str(vocab), vocab_size=7))
+    with pytest.raises(ValueError, match="nowhere.txt"):
+        pipeline.prepare(_config(tmp_path, str(tmp_path / "nowhere.txt"), vocab_file=str(vocab)))
+    with pytest.raises(ValueError, match="missing.model"):
+        pipeline.prepare(_config(tmp_path, str(empty), vocab_file=str(tmp_path / "missing.model")))
+
+
+def test_wordpiece_vocabulary_and_preflight_vocab_check(topics, tmp_path):
+    import tokenizers
+
+    config, _ = topics
+    wordpiece = tokenizers.BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train(sorted(str(p) for p in (tmp_path.parent.glob("topics*/part*.txt"))) or
+                    [str(_write_topics(tmp_path, files=1)).replace("*", "0")],
+                    vocab_size=800, show_progress=False)
+    wordpiece.save_model(str(tmp_path))
+    size = len((tmp_path / "vocab.txt").read_text().splitlines())
+    with pytest.raises(ValueError, match=f"the tokenizer has {size} tokens but model.vocab_size=1000"):
+        pipeline.prepare(_config(tmp_path, config.data.corpus,
+                                 vocab_file=str(tmp_path / "vocab.txt")))
+    prepared = pipeline.prepare(_config(tmp_path, config.data.corpus,
+                                        vocab_file=str(tmp_path / "vocab.txt"), vocab_size=size))
+    assert prepared.tokenizer.kind == "wordpiece"
+    assert prepared.tokenizer.cls_id == (tmp_path / "vocab.txt").read_text().split().index("[CLS]")
+    assert len(prepared.data_source("train")) > 1000
+
+
+def test_tfds_catalog_corpus_on_mock_data(tmp_path):
+    """The catalog path: a tokenizer trained on, and the tokenized corpus of, `tfds:NAME`.
+    (mock_data fakes every TFDS builder, ours too, so the build itself is tested above.)"""
+    data = DataConfig.from_dict(_config(tmp_path, "tfds:imdb_reviews", vocab_size=150).data)
+    with tfds.testing.mock_data(num_examples=60):
+        vocab = dataset.tokenizer_file(data)
+        corpus, stats = dataset.tokenize_corpus(data, vocab)
+    assert stats.documents == 60 and corpus.num_documents == 60
+    assert len(corpus.ids) >= 60 and corpus.ids.max() < 150
