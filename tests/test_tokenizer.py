@@ -145,6 +145,8 @@ def test_training_sample_is_uniform_and_fixed_by_the_seed():
     assert len(set(sample)) == 1000 and set(sample) <= set(range(100_000))
     assert abs(np.mean(sample) - 50_000) < 5 * 28_868 / 1000 ** 0.5  # 5 standard errors
     assert _sample(["a", "b"], 1000, seed=0) == ["a", "b"]
+    first_kept = sum(_sample(["a", "b"], 1, seed=seed) == ["a"] for seed in range(400))
+    assert 150 < first_kept < 250  # each of two items is kept half the time
 
 
 def test_training_rejects_a_vocabulary_the_corpus_cannot_fill(corpus, tmp_path):

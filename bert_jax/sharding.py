@@ -1,0 +1,135 @@
+"""Device mesh, logical-axis rules, and the shardings of parameters, optimizer state and batches.
+
+Mesh axes: `data` (pure data parallel), `fsdp` (parameters and optimizer state sharded, batch
+sharded too), `tensor` (Megatron-style: heads and MLP hidden split). The model names its
+parameter dimensions logically (`embed`, `mlp`, ...); `RULES` maps those names to mesh axes
+(t5x's standard rules). A dimension its mesh axes do not divide is replicated, with a warning.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+RULES = (
+    ("batch", BATCH_AXES),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("layers", None),
+)
+
+
+def mesh_shape(sizes: dict, device_count: int) -> tuple[int, ...]:
+    """(data, fsdp, tensor) sizes with one -1 filled from `device_count`."""
+    shape = [int(sizes[axis]) for axis in MESH_AXES]
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))}: expected positive sizes and at "
+                         f"most one -1")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if device_count % known:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} cannot fill {device_count} "
+                             f"devices: {device_count} is not a multiple of {known}")
+        shape[shape.index(-1)] = device_count // known
+    if math.prod(shape) != device_count:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} has {math.prod(shape)} devices: "
+                         f"expected {device_count}")
+    return tuple(shape)
+
+
+def make_mesh(sizes: dict, devices=None) -> Mesh:
+    """The (data, fsdp, tensor) mesh over `devices` (default: all), laid out by JAX so that
+    inner axes get the fastest links."""
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(sizes, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, devices=devices)
+
+
+def _mesh_axes_of(name, rules) -> tuple[str, ...]:
+    axes = dict(rules).get(name)
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def spec_for(logical_names, shape, mesh: Mesh, rules=RULES, what: str = "") -> PartitionSpec:
+    """PartitionSpec of an array whose dimensions have `logical_names`."""
+    spec, used = [], set()
+    for name, size in zip(logical_names, shape):
+        axes = tuple(a for a in _mesh_axes_of(name, rules) if a not in used and mesh.shape[a] > 1)
+        ways = math.prod(mesh.shape[a] for a in axes)
+        if axes and size % ways:
+            warnings.warn(f"{what}: dimension {name!r} of size {size} is not divisible by mesh "
+                          f"axes {axes} ({ways} ways): replicated along them", stacklevel=2)
+            axes = ()
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else (axes or None))
+    return PartitionSpec(*spec)
+
+
+def logical_names(abstract_params_state: nnx.State) -> dict:
+    """Pure dict of each parameter's logical axis names (from the model's metadata)."""
+    specs = nnx.get_partition_spec(abstract_params_state)
+    return jax.tree.map(tuple, nnx.to_pure_dict(specs),
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def param_shardings(abstract_params: dict, names: dict, mesh: Mesh, rules=RULES) -> dict:
+    """NamedShardings of a pure parameter dict, from the parameters' logical names."""
+    def sharding(path, leaf, leaf_names):
+        return NamedSharding(mesh, spec_for(leaf_names, leaf.shape, mesh, rules,
+                                            jax.tree_util.keystr(path)))
+
+    return jax.tree_util.tree_map_with_path(
+        sharding, abstract_params, names, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def like_params(tree, params_shardings: dict, mesh: Mesh):
+    """Shardings for a tree (e.g. optimizer state) whose parameter-shaped subtrees mirror the
+    parameters: a leaf whose path ends with a parameter's path and has its shape gets that
+    parameter's sharding; anything else (counts, scalars) is replicated."""
+    by_path = {tuple(_key(k) for k in path): leaf_sharding
+               for path, leaf_sharding in jax.tree_util.tree_flatten_with_path(params_shardings)[0]}
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def sharding(path, leaf):
+        keys = tuple(_key(k) for k in path)
+        for start in range(len(keys)):
+            if keys[start:] in by_path:
+                return by_path[keys[start:]]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(sharding, tree)
+
+
+def _key(entry) -> str:
+    for attribute in ("key", "name", "idx"):
+        if hasattr(entry, attribute):
+            return str(getattr(entry, attribute))
+    return str(entry)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batch rows split over `data` x `fsdp`; everything else replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows -> global arrays sharded over the batch axes."""
+    sharding = batch_sharding(mesh)
+    return {name: jax.make_array_from_process_local_data(sharding, value)
+            for name, value in local_batch.items()}
