@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 DESCRIPTION = """\
 BERT pretraining in JAX/Flax NNX.
@@ -17,11 +18,14 @@ subcommands:
   prepare-data  corpus -> tokenizer + TFDS dataset of NSP instances (cached), with a summary
   inspect-data  show masked batches as text; --out saves the exact batches of steps
   benchmark-data  time reading + masking batches (sequences per second)
-  pretrain      train BERT with MLM + NSP (for now: a smoke run of AdamW steps on a
-                synthetic batch; real-data training arrives with the training work)
+  pretrain      train BERT with MLM + NSP, checkpointing, evaluating and exporting
+  eval          evaluate a workdir's checkpoint on the validation split
+  export        write a Hugging Face directory (weights + tokenizer) from a workdir
+  fill-mask     predict the [MASK] tokens of a text with a workdir or export
 
-Every subcommand takes --config=FILE (a Python file with get_config(); default: the
-built-in tiny config on the built-in corpus) and overrides such as --config.data.corpus=GLOB.
+pretrain and the data subcommands take --config=FILE (a Python file with get_config();
+default: the built-in tiny config on the built-in corpus) and overrides such as
+--config.data.corpus=GLOB; eval, export and fill-mask use the config saved in the workdir.
 
 Run `bert-jax SUBCOMMAND --help` for a subcommand's options.
 """
@@ -63,17 +67,60 @@ def _load_config(config_file: str | None, overrides: list[str]):
         raise UsageError(f"bad config ({config_file or 'built-in default'}): {message}") from e
 
 
-def _pretrain(args, config) -> None:
-    from bert_jax import train
-    from bert_jax.config import ModelConfig
+FILL_MASK_EXAMPLE = "Return a new [MASK] containing the items of the list."
 
-    model_config = ModelConfig.from_dict(config.model)
-    print(f"bert-jax pretrain: smoke run of the {model_config.num_layers}-layer, "
-          f"H={model_config.hidden_size} model on one synthetic batch "
-          f"(real-data training is not implemented yet)")
-    result = train.smoke_run(config, steps=args.steps)
-    first, last = result["first"]["loss"], result["last"]["loss"]
-    print(f"done: {args.steps} steps in {result['seconds']:.1f}s, loss {first:.3f} -> {last:.3f}")
+
+def _pretrain(args, config) -> None:
+    import jax
+
+    from bert_jax import export, train
+
+    summary = train.train_and_evaluate(config, args.workdir)
+    if jax.process_index() != 0:
+        return
+    train_metrics, validation = summary["train"], summary["validation"]
+    print(f"\nstopped at step {summary['step']} after {summary['seconds']:.0f}s"
+          f"{' (preempted: checkpoint saved, run again to resume)' if summary['preempted'] else ''}")
+    if train_metrics:
+        print(f"  train       loss {train_metrics['loss']:.3f}  "
+              f"mlm_accuracy {train_metrics['mlm_accuracy']:.3f}  "
+              f"{train_metrics['seq_per_s']:.0f} seq/s")
+    if validation:
+        print(f"  validation  loss {validation['loss']:.3f}  "
+              f"mlm_accuracy {validation['mlm_accuracy']:.3f}  "
+              f"nsp_accuracy {validation['nsp_accuracy']:.3f}")
+    if summary["preempted"] or summary["step"] < config.train.num_steps:
+        return
+    out = export.export(args.workdir, Path(args.workdir) / "export")
+    print(f"  exported to {out} (transformers.BertForPreTraining.from_pretrained loads it)")
+    pretrained, tokenizer = export.load_with_tokenizer(out)
+    guesses = export.fill_mask(pretrained, tokenizer, FILL_MASK_EXAMPLE)[0]
+    print(f"  fill-mask: {FILL_MASK_EXAMPLE!r} -> " +
+          ", ".join(f"{token} ({p:.2f})" for token, p in guesses))
+
+
+def _eval(args, config) -> None:
+    import json
+
+    from bert_jax import train
+
+    print(json.dumps(train.evaluate_workdir(args.workdir, args.step)))
+
+
+def _export(args, config) -> None:
+    from bert_jax import export
+
+    out = export.export(args.workdir, args.out, args.step)
+    print(f"exported {args.workdir} to {out}")
+
+
+def _fill_mask(args, config) -> None:
+    from bert_jax import export
+
+    pretrained, tokenizer = export.load_with_tokenizer(args.path)
+    for number, guesses in enumerate(export.fill_mask(pretrained, tokenizer, args.text,
+                                                      args.top_k)):
+        print(f"[MASK] {number + 1}: " + ", ".join(f"{t} ({p:.3f})" for t, p in guesses))
 
 
 def _prepare_data(args, config) -> None:
@@ -128,16 +175,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="Python config file with get_config() (default: built-in tiny); any field can be "
              "overridden as --config.FIELD=VALUE, e.g. --config.data.corpus='texts/*.txt'")
 
-    def add(name, run, help_text, description):
-        sub = subparsers.add_parser(name, parents=[config_options], help=help_text,
-                                    description=description)
+    def add(name, run, help_text, description, takes_config=True):
+        sub = subparsers.add_parser(name, parents=[config_options] if takes_config else [],
+                                    help=help_text, description=description)
         sub.set_defaults(run=run)
         return sub
 
     pretrain = add("pretrain", _pretrain, "pretrain BERT (MLM + NSP)",
-                   "Pretrain BERT. Today: AdamW steps on one synthetic batch (a smoke run that "
-                   "proves forward, backward and update).")
-    pretrain.add_argument("--steps", type=int, default=10, help="number of steps (default 10)")
+                   "Pretrain BERT on config.data.corpus: prepares the data (once), trains with "
+                   "checkpoints every config.checkpoint.every_steps, evaluates, and exports to "
+                   "WORKDIR/export. A workdir with a checkpoint is resumed. SIGTERM saves a "
+                   "checkpoint and exits 0. Stop early with --config.train.stop_at_step=N.")
+    pretrain.add_argument("--workdir", default="runs/default",
+                          help="checkpoints, metrics and export (default runs/default)")
+    evaluate = add("eval", _eval, "evaluate a workdir's checkpoint on the validation split",
+                   "Prints MLM/NSP loss and accuracy of a checkpoint on the validation split as "
+                   "one JSON line (the run's own config, from the checkpoint).", False)
+    evaluate.add_argument("--workdir", required=True)
+    evaluate.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    export_parser = add("export", _export, "write a Hugging Face directory from a workdir",
+                        "Writes config.json, model.safetensors and tokenizer files that "
+                        "transformers.BertForPreTraining.from_pretrained and "
+                        "AutoTokenizer.from_pretrained load.", False)
+    export_parser.add_argument("--workdir", required=True)
+    export_parser.add_argument("--out", required=True, help="output directory")
+    export_parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    fill = add("fill-mask", _fill_mask, "predict [MASK] tokens with a trained model",
+               "Prints the most likely tokens for each [MASK] in TEXT, with probabilities.",
+               False)
+    fill.add_argument("path", help="a workdir or an exported Hugging Face directory")
+    fill.add_argument("text", help='text with [MASK], e.g. "Return a new [MASK]."')
+    fill.add_argument("--top-k", type=int, default=5)
     add("prepare-data", _prepare_data, "build the tokenizer and dataset of a corpus",
         "Reads config.data.corpus, trains a SentencePiece vocabulary unless "
         "config.data.vocab_file is set, creates NSP/SOP instances and writes them as a TFDS "
@@ -162,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
     try:
-        args.run(args, _load_config(args.config, overrides))
+        if "config" not in args and overrides:
+            raise UsageError(f"unrecognized argument {overrides[0]!r}: {args.command} uses the "
+                             f"config saved in the workdir")
+        args.run(args, _load_config(args.config, overrides) if "config" in args else None)
     except (UsageError, ValueError) as e:
         print(f"bert-jax {args.command}: error: {e}", file=sys.stderr)
         return 2

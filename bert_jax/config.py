@@ -155,5 +155,20 @@ def default_config(size: str = "tiny") -> ml_collections.ConfigDict:
     config.model = preset(size).to_dict()
     # The model's vocabulary is the tokenizer's unless a config says otherwise.
     config.model.vocab_size = config.data.get_ref("vocab_size")
-    config.train = ml_collections.ConfigDict(dict(seed=0, global_batch_size=8))
+    config.train = ml_collections.ConfigDict(dict(
+        seed=0, num_steps=10_000, stop_at_step=0, global_batch_size=256, grad_accum_steps=1,
+        # google-research/bert's optimizer: AdamW, eps 1e-6, decay 0.01, clipping at 1.0.
+        optimizer="adamw", learning_rate=1e-4, end_learning_rate=0.0, warmup_steps=1000,
+        decay_power=1.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-6, weight_decay=0.01,
+        grad_clip_norm=1.0,
+        log_every=100, eval_steps=0,
+        # Dropout PRNG: threefry2x32 is the same under every sharding; rbg is faster.
+        rng_impl="threefry2x32",
+        # ((start_step, max_seq_length, max_predictions_per_seq, global_batch_size), ...);
+        # empty: one phase with the data lengths and train.global_batch_size.
+        phases=()))
+    config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3,
+                                                       async_save=True))
+    # Device mesh sizes; -1 fills the remaining devices.
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     return config

@@ -55,7 +55,12 @@ class Pretrained:
 
 
 def load(path) -> Pretrained:
-    """Loads a Hugging Face BERT directory (config.json + model.safetensors or .bin)."""
+    """Loads a training workdir (its latest checkpoint) or a Hugging Face BERT directory
+    (config.json + model.safetensors or .bin)."""
+    from bert_jax import export  # reads Orbax checkpoints; not needed for HF directories
+
+    if export.is_workdir(path):
+        return export.load_workdir(path)[0]
     config = hf.read_config(path)
     flat = hf.from_hf(hf.read_tensors(path), config, param_shapes(config))
     return Pretrained(config, hf.unflatten(flat))

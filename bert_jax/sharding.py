@@ -49,10 +49,12 @@ def mesh_shape(sizes: dict, device_count: int) -> tuple[int, ...]:
 
 def make_mesh(sizes: dict, devices=None) -> Mesh:
     """The (data, fsdp, tensor) mesh over `devices` (default: all), laid out by JAX so that
-    inner axes get the fastest links."""
+    inner axes get the fastest links. Axes are `Auto`: XLA propagates shardings from the
+    parameters and the batch (the model carries no sharding annotations of its own)."""
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(sizes, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, devices=devices)
+    return jax.make_mesh(shape, MESH_AXES, devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
 def _mesh_axes_of(name, rules) -> tuple[str, ...]:

@@ -1,54 +1,369 @@
-"""Training steps. Until the data and training issues land, `pretrain` is a smoke run:
-a few AdamW steps of the model on one synthetic batch, which proves forward, backward and
-update work end to end (the loss must fall)."""
+"""Pretraining: sharded train state, jitted MLM/NSP steps, the loop, evaluation, checkpoints.
+
+The train state is a dict of arrays: `step`, `params` (the model's parameters as a nested
+dict), `opt_state` and `rng` (the base key; each step's dropout key is `fold_in(rng, step)`).
+It is created already sharded by a jitted init, and the same abstract state is the Orbax
+restore target, so unsharded state never exists. Steps are pure module-level functions,
+jitted once per batch shape with explicit shardings and the state donated.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
+import signal
 import time
+from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
+from tqdm import tqdm
 
-from bert_jax import losses
-from bert_jax.config import ModelConfig
-from bert_jax.data.synthetic import synthetic_batch
-from bert_jax.model import create
+from bert_jax import flops, losses, sharding
+from bert_jax.checkpoint import Checkpointer
+from bert_jax.config import DataConfig, ModelConfig
+from bert_jax.data import pipeline
+from bert_jax.data.checks import check_batch_topology
+from bert_jax.export import keep_tokenizer
+from bert_jax.metrics import MetricsWriter
+from bert_jax.model import BertForPreTraining
+from bert_jax.optim import learning_rate_schedule, make_optimizer
 
 
-def loss_and_metrics(params: nnx.State, graphdef: nnx.GraphDef, batch, dropout_key):
-    """Pure loss of a batch under `params`; returns (loss, metrics)."""
+# --- state ---------------------------------------------------------------------------------
+
+def _init_state(model_config: ModelConfig, tx: optax.GradientTransformation, seed: int,
+                rng_impl: str):
+    model = BertForPreTraining(model_config, rngs=nnx.Rngs(params=seed))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "rng": jax.random.key(seed, impl=rng_impl)}
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSpec:
+    """What a train state looks like: the model's graph, abstract arrays, and shardings."""
+
+    graphdef: nnx.GraphDef
+    abstract: dict  # jax.ShapeDtypeStruct leaves, each with its sharding
+    shardings: dict
+
+
+def state_spec(model_config: ModelConfig, tx, seed: int, mesh,
+               rng_impl: str = "threefry2x32") -> StateSpec:
+    abstract_model = nnx.eval_shape(lambda: BertForPreTraining(model_config,
+                                                               rngs=nnx.Rngs(params=seed)))
+    graphdef, abstract_params = nnx.split(abstract_model)
+    abstract = jax.eval_shape(lambda: _init_state(model_config, tx, seed, rng_impl))
+    params = sharding.param_shardings(abstract["params"], sharding.logical_names(abstract_params),
+                                      mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    shardings = {"step": replicated, "params": params,
+                 "opt_state": sharding.like_params(abstract["opt_state"], params, mesh),
+                 "rng": replicated}
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+    return StateSpec(graphdef, abstract, shardings)
+
+
+def init_state(model_config: ModelConfig, tx, seed: int, spec: StateSpec,
+               rng_impl: str = "threefry2x32") -> dict:
+    """A fresh train state, each array created directly in its shards.
+
+    `rng_impl` is the dropout keys' PRNG: threefry2x32 (default) gives the same dropout masks
+    under every sharding; rbg is much faster on CPU but its bits may depend on the sharding.
+    """
+    return jax.jit(lambda: _init_state(model_config, tx, seed, rng_impl),
+                   out_shardings=spec.shardings)()
+
+
+# --- steps ---------------------------------------------------------------------------------
+
+def _forward_sums(params, graphdef, batch, dropout_key):
     model = nnx.merge(graphdef, params)
     mlm_logits, nsp_logits = model(batch["input_ids"], batch["segment_ids"],
                                    batch["input_mask"], batch["masked_lm_positions"],
                                    dropout_key=dropout_key)
-    metrics = losses.pretraining_metrics(mlm_logits, nsp_logits, batch)
-    return metrics["loss"], metrics
+    return losses.pretraining_sums(mlm_logits, nsp_logits, batch)
 
 
-def smoke_run(config: ml_collections.ConfigDict, steps: int = 10, log=print) -> dict:
-    """Runs `steps` AdamW steps on one synthetic batch; returns the first and last metrics."""
-    model_config = ModelConfig.from_dict(config.model)
+def _micro_batches(batch: dict, count: int) -> dict:
+    """[B, ...] -> [count, B / count, ...], micro-batch i taking rows i, i + count, ...: every
+    device's rows spread evenly over the micro-batches."""
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // count, count, *x.shape[1:])
+                        .swapaxes(0, 1), batch)
+
+
+def train_step(state: dict, batch: dict, *, graphdef, tx, schedule, accum_steps: int = 1):
+    """One optimizer step on `batch`, accumulating gradients over `accum_steps` micro-batches.
+
+    The loss is (sum of MLM losses) / (MLM weight of the whole batch) + (sum of NSP losses) /
+    (rows of the whole batch), so the micro-batches' gradients add up to the whole batch's.
+    Returns the new state and the step's metrics (float32 scalars).
+    """
+    mlm_total = jnp.sum(batch["masked_lm_weights"].astype(jnp.float32))
+    nsp_total = jnp.asarray(batch["next_sentence_labels"].shape[0], jnp.float32)
+    step_key = jax.random.fold_in(state["rng"], state["step"])
+
+    def loss(params, micro, key):
+        sums = _forward_sums(params, graphdef, micro, key)
+        return sums["mlm_loss"] / jnp.maximum(mlm_total, 1.0) + sums["nsp_loss"] / nsp_total, sums
+
+    grad_fn = jax.grad(loss, has_aux=True)
+    if accum_steps == 1:
+        grads, sums = grad_fn(state["params"], batch, step_key)
+    else:
+        def accumulate(carry, micro_and_index):
+            micro, index = micro_and_index
+            grads, sums = grad_fn(state["params"], micro, jax.random.fold_in(step_key, index))
+            return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+        micro = _micro_batches(batch, accum_steps)
+        shapes = jax.eval_shape(grad_fn, state["params"], jax.tree.map(lambda x: x[0], micro),
+                                step_key)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(accum_steps)))
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    metrics = losses.metrics_from_sums(sums)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["learning_rate"] = jnp.asarray(schedule(state["step"]), jnp.float32)
+    new_state = {"step": state["step"] + 1,
+                 "params": optax.apply_updates(state["params"], updates),
+                 "opt_state": opt_state, "rng": state["rng"]}
+    return new_state, metrics
+
+
+def eval_step(params: dict, batch: dict, *, graphdef) -> dict:
+    """Summed MLM/NSP losses and hits of a batch (no dropout); add them over batches."""
+    return _forward_sums(params, graphdef, batch, None)
+
+
+# --- the loop ------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """A stretch of steps at one sequence length and batch size."""
+
+    start: int
+    end: int
+    max_seq_length: int
+    max_predictions_per_seq: int
+    global_batch_size: int
+
+
+def phases(config: ml_collections.ConfigDict) -> list[Phase]:
+    """`config.train.phases`: ((start_step, max_seq_length, max_predictions, batch), ...);
+    empty means one phase of `config.data` lengths and `train.global_batch_size`."""
     train = config.train
-    graphdef, params = nnx.split(create(model_config, seed=train.seed))
-    tx = optax.adamw(1e-3, weight_decay=0.01)
-    batch = synthetic_batch(train.seed, train.global_batch_size, config.data.max_seq_length,
-                            model_config.vocab_size, config.data.max_predictions_per_seq)
+    rows = tuple(train.phases) or ((0, config.data.max_seq_length,
+                                    config.data.max_predictions_per_seq,
+                                    train.global_batch_size),)
+    starts = [int(row[0]) for row in rows]
+    if starts[0] != 0 or starts != sorted(set(starts)) or starts[-1] >= train.num_steps:
+        raise ValueError(f"train.phases={tuple(train.phases)}: expected start steps rising "
+                         f"from 0 and below train.num_steps={train.num_steps}")
+    ends = starts[1:] + [int(train.num_steps)]
+    return [Phase(s, e, int(length), int(predictions), int(batch))
+            for (s, length, predictions, batch), e in zip(rows, ends)]
 
-    @jax.jit
-    def step(params, opt_state, step_index):
-        key = jax.random.fold_in(jax.random.key(train.seed), step_index)
-        grads, metrics = jax.grad(loss_and_metrics, has_aux=True)(params, graphdef, batch, key)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, metrics
 
-    opt_state = tx.init(params)
-    start = time.perf_counter()
-    history = []
-    for i in range(steps):
-        params, opt_state, metrics = step(params, opt_state, i)
-        history.append({k: float(v) for k, v in metrics.items()})
-        log(f"step {i + 1}/{steps}  loss {history[-1]['loss']:.4f}  "
-            f"mlm_accuracy {history[-1]['mlm_accuracy']:.3f}")
-    return {"first": history[0], "last": history[-1], "seconds": time.perf_counter() - start}
+def phase_config(config: ml_collections.ConfigDict, phase: Phase) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.max_seq_length = phase.max_seq_length
+    config.data.max_predictions_per_seq = phase.max_predictions_per_seq
+    config.train.global_batch_size = phase.global_batch_size
+    return config
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_resumable(saved: dict, config: ml_collections.ConfigDict) -> None:
+    for section in ("model",):
+        for key, value in saved[section].items():
+            if key in ("dtype", "attention_impl", "scan_layers", "remat_policy"):
+                continue  # numerics and execution choices may change on resume
+            if config[section].get(key) != value:
+                raise ValueError(f"the workdir's checkpoint has {section}.{key}={value!r} but "
+                                 f"the config has {config[section].get(key)!r}: use another "
+                                 f"workdir or the same config")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) -> dict:
+    """Trains until `train.num_steps` (or `train.stop_at_step`), resuming from the workdir's
+    latest checkpoint, evaluating on the validation split, and returns a summary."""
+    workdir = Path(workdir)
+    model_config = ModelConfig.from_dict(config.model)
+    mesh = sharding.make_mesh(config.mesh.to_dict())
+    process_index, process_count = jax.process_index(), jax.process_count()
+    is_main = process_index == 0
+    tx = make_optimizer(config.train)
+    schedule = learning_rate_schedule(config.train)
+    spec = state_spec(model_config, tx, config.train.seed, mesh, config.train.rng_impl)
+    train_phases = phases(config)
+    for phase in train_phases:
+        check_batch_topology(phase.global_batch_size, process_count,
+                             sharding.data_parallel_size(mesh) * config.train.grad_accum_steps)
+
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
+                                every_steps=config.checkpoint.every_steps,
+                                async_save=config.checkpoint.async_save)
+    if checkpointer.latest_step() is not None:
+        _check_resumable(checkpointer.restore_metadata()["config"], config)
+        state, _, start = checkpointer.restore(spec.abstract)
+        log(f"resumed from {workdir / 'checkpoints'} at step {start}")
+    else:
+        state = init_state(model_config, tx, config.train.seed, spec, config.train.rng_impl)
+        start = 0
+    stop = min(config.train.stop_at_step or config.train.num_steps, config.train.num_steps)
+
+    step_fn = jax.jit(functools.partial(train_step, graphdef=spec.graphdef, tx=tx,
+                                        schedule=schedule,
+                                        accum_steps=config.train.grad_accum_steps),
+                      in_shardings=(spec.shardings, sharding.batch_sharding(mesh)),
+                      out_shardings=(spec.shardings, None), donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(eval_step, graphdef=spec.graphdef),
+                      in_shardings=(spec.shardings["params"], sharding.batch_sharding(mesh)))
+    writer = MetricsWriter(workdir, enabled=is_main)
+    if is_main:
+        (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    preemption = _Preemption()
+    last_eval: dict = {}
+    last_train: dict = {}
+    started = time.perf_counter()
+    try:
+        step = start
+        for phase in train_phases:
+            if step >= min(phase.end, stop):
+                continue
+            run_config = phase_config(config, phase)
+            prepared = pipeline.prepare(run_config)
+            if is_main:
+                keep_tokenizer(workdir, prepared.path / prepared.metadata["tokenizer_file"])
+            loader = pipeline.loader(run_config, prepared, "train", process_index, process_count)
+            state, step, last_train = _train_phase(
+                run_config, phase, step, min(phase.end, stop), state, step_fn, loader, mesh,
+                model_config, writer, checkpointer, preemption, is_main)
+            if preemption.requested:
+                break
+        if not preemption.requested and step == stop:
+            last_eval = evaluate(config, train_phases[-1], state, eval_fn, mesh, process_index,
+                                 process_count)
+            writer.write(step, last_eval, split="validation")
+        checkpointer.save(step, state, _checkpoint_metadata(config, step), force=True)
+        checkpointer.wait()
+    finally:
+        preemption.restore()
+        writer.close()
+        checkpointer.close()
+    return {"step": step, "preempted": preemption.requested, "train": last_train,
+            "validation": last_eval, "seconds": time.perf_counter() - started,
+            "workdir": str(workdir)}
+
+
+def _checkpoint_metadata(config, step: int) -> dict:
+    return {"config": config.to_dict(), "loader_step": step}
+
+
+def _train_phase(config, phase: Phase, start: int, stop: int, state: dict, step_fn,
+                 loader, mesh, model_config: ModelConfig, writer: MetricsWriter,
+                 checkpointer: Checkpointer, preemption: _Preemption, is_main: bool):
+    """Steps [start, stop) of one phase. Metrics of a logged step are fetched after the next
+    step is dispatched, so the device never waits for the host."""
+    data = DataConfig.from_dict(config.data)
+    flops_per_sequence = flops.train_flops_per_sequence(model_config, data.max_seq_length,
+                                                        data.max_predictions_per_seq)
+    device = jax.devices()[0]
+    log_every = config.train.log_every
+    pending = None
+    last = {}
+    timer = (start, time.perf_counter())
+    progress = tqdm(total=stop - start, initial=0, desc=f"train (length {phase.max_seq_length})",
+                    unit="step", disable=not is_main)
+    for step, local in loader.iterate(start - phase.start, stop - start):
+        step += phase.start
+        state, metrics = step_fn(state, sharding.global_batch(local, mesh))
+        if pending is not None:
+            last = _log_train(*pending, timer, writer, progress, phase, flops_per_sequence,
+                              device)
+            timer, pending = (pending[0], time.perf_counter()), None
+        done = step + 1
+        progress.update(1)
+        if done % log_every == 0 or done == stop:
+            pending = (done, metrics)
+        if checkpointer.should_save(done) and done != stop:
+            checkpointer.save(done, state, _checkpoint_metadata(config, done))
+        if preemption.requested:
+            stop = done
+            break
+    if pending is not None:
+        last = _log_train(*pending, timer, writer, progress, phase, flops_per_sequence, device)
+    progress.close()
+    return state, stop, last
+
+
+def _log_train(step, metrics, timer, writer, progress, phase: Phase, flops_per_sequence,
+               device) -> dict:
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    steps = step - timer[0]
+    seconds = max(time.perf_counter() - timer[1], 1e-9)
+    seq_per_s = steps * phase.global_batch_size / seconds
+    values.update(
+        step_ms=1000 * seconds / steps, seq_per_s=seq_per_s,
+        tokens_per_s=seq_per_s * phase.max_seq_length,
+        mfu=flops.mfu(seq_per_s, flops_per_sequence, device.device_kind, jax.device_count()))
+    writer.write(step, values)
+    progress.set_postfix(loss=f"{values['loss']:.3f}", mlm_acc=f"{values['mlm_accuracy']:.3f}")
+    return values
+
+
+def evaluate(config, phase: Phase, state: dict, eval_fn, mesh, process_index=0,
+             process_count=1) -> dict:
+    """MLM/NSP loss and accuracy over the validation split (`train.eval_steps` batches; 0:
+    the whole split, the last batch wrapping around)."""
+    run_config = phase_config(config, phase)
+    prepared = pipeline.prepare(run_config)
+    loader = pipeline.loader(run_config, prepared, "validation", process_index, process_count)
+    steps = config.train.eval_steps or max(1, int(np.ceil(loader.steps_per_epoch)))
+    totals = None
+    for _, local in loader.iterate(0, steps):
+        sums = eval_fn(state["params"], sharding.global_batch(local, mesh))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    return {k: float(v) for k, v in jax.device_get(losses.metrics_from_sums(totals)).items()}
+
+
+def evaluate_workdir(workdir, step: int | None = None) -> dict:
+    """Validation metrics of a workdir's checkpoint, under the config it was trained with."""
+    checkpointer = Checkpointer(Path(workdir) / "checkpoints")
+    try:
+        if checkpointer.latest_step() is None:
+            raise ValueError(f"{workdir} has no checkpoint: train first (bert-jax pretrain)")
+        config = ml_collections.ConfigDict(checkpointer.restore_metadata(step)["config"])
+        model_config = ModelConfig.from_dict(config.model)
+        mesh = sharding.make_mesh(config.mesh.to_dict())
+        tx = make_optimizer(config.train)
+        spec = state_spec(model_config, tx, config.train.seed, mesh, config.train.rng_impl)
+        state, _, restored_step = checkpointer.restore(spec.abstract, step)
+    finally:
+        checkpointer.close()
+    eval_fn = jax.jit(functools.partial(eval_step, graphdef=spec.graphdef),
+                      in_shardings=(spec.shardings["params"], sharding.batch_sharding(mesh)))
+    metrics = evaluate(config, phases(config)[-1], state, eval_fn, mesh, jax.process_index(),
+                       jax.process_count())
+    return {"step": restored_step, "split": "validation", **metrics}

@@ -1,0 +1,108 @@
+"""Trained weights out of a workdir: `load_workdir`, Hugging Face `export`, and `fill_mask`.
+
+A workdir holds `checkpoints/` (Orbax), `config.json`, `metrics.jsonl`, `tensorboard/` and the
+tokenizer's vocabulary file (`vocab.txt` or `tokenizer.model`), copied there by training so
+that export needs neither the dataset nor the corpus.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+
+from bert_jax import hf
+from bert_jax.checkpoint import Checkpointer
+from bert_jax.config import ModelConfig
+from bert_jax.pretrained import Pretrained
+from bert_jax.tokenizer import Tokenizer, load_tokenizer
+
+CHECKPOINTS = "checkpoints"
+TOKENIZER_FILES = ("tokenizer.model", "vocab.txt")
+
+
+def is_workdir(path) -> bool:
+    return (Path(path) / CHECKPOINTS).is_dir()
+
+
+def keep_tokenizer(workdir, vocabulary_file) -> None:
+    """Copies the vocabulary file of the training data into the workdir."""
+    name = "vocab.txt" if str(vocabulary_file).endswith(".txt") else "tokenizer.model"
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    shutil.copy(vocabulary_file, Path(workdir) / name)
+
+
+def load_tokenizer_of(path, lowercase: bool = True) -> Tokenizer:
+    """The tokenizer kept in a workdir or exported beside a Hugging Face model."""
+    for name in TOKENIZER_FILES:
+        if (Path(path) / name).is_file():
+            return load_tokenizer(Path(path) / name, lowercase=lowercase)
+    raise ValueError(f"{path} holds no {' or '.join(TOKENIZER_FILES)}: expected a bert-jax "
+                     f"workdir or export")
+
+
+def load_workdir(workdir, step: int | None = None) -> tuple[Pretrained, ml_collections.ConfigDict]:
+    """The parameters of a workdir's checkpoint (`step`, default the latest) on the host."""
+    from bert_jax import sharding, train  # training machinery only when a workdir is read
+    from bert_jax.optim import make_optimizer
+
+    checkpointer = Checkpointer(Path(workdir) / CHECKPOINTS)
+    try:
+        if checkpointer.latest_step() is None:
+            raise ValueError(f"{workdir} has no checkpoint: train first (bert-jax pretrain)")
+        config = ml_collections.ConfigDict(checkpointer.restore_metadata(step)["config"])
+        model_config = ModelConfig.from_dict(config.model)
+        one_device = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
+                                        devices=jax.devices()[:1])
+        spec = train.state_spec(model_config, make_optimizer(config.train), config.train.seed,
+                                one_device, config.train.rng_impl)
+        state, _, _ = checkpointer.restore(spec.abstract, step)
+    finally:
+        checkpointer.close()
+    params = jax.tree.map(np.asarray, jax.device_get(state["params"]))
+    return Pretrained(model_config, params), config
+
+
+def export(workdir, out_dir, step: int | None = None) -> Path:
+    """Writes a Hugging Face directory: config.json, model.safetensors, tokenizer files."""
+    pretrained, config = load_workdir(workdir, step)
+    tokenizer = load_tokenizer_of(workdir, config.data.lowercase)
+    out_dir = Path(out_dir)
+    pretrained.save_hf(out_dir)
+    tokenizer.save_hf(out_dir, model_max_length=pretrained.config.max_position_embeddings)
+    keep_tokenizer(out_dir, next(Path(workdir) / n for n in TOKENIZER_FILES
+                                 if (Path(workdir) / n).is_file()))
+    return out_dir
+
+
+def load_with_tokenizer(path) -> tuple[Pretrained, Tokenizer]:
+    """A workdir or an exported directory: the model and its tokenizer."""
+    if is_workdir(path):
+        pretrained, config = load_workdir(path)
+        return pretrained, load_tokenizer_of(path, config.data.lowercase)
+    from bert_jax.pretrained import load
+
+    return load(path), load_tokenizer_of(path)
+
+
+def fill_mask(pretrained: Pretrained, tokenizer: Tokenizer, text: str, top_k: int = 5):
+    """For each [MASK] in `text`: the `top_k` most likely tokens with their probabilities."""
+    ids = [tokenizer.cls_id, *tokenizer.encode(text), tokenizer.sep_id]
+    if len(ids) > pretrained.config.max_position_embeddings:
+        raise ValueError(f"the text has {len(ids)} tokens: expected at most "
+                         f"{pretrained.config.max_position_embeddings}")
+    masks = [i for i, token in enumerate(ids) if token == tokenizer.mask_id]
+    if not masks:
+        raise ValueError(f"text {text!r} has no [MASK]: expected at least one")
+    logits, _ = pretrained.logits(np.array([ids], np.int32))
+    results = []
+    for position in masks:
+        scores = logits[0, position].astype(np.float64)
+        probabilities = np.exp(scores - scores.max())
+        probabilities /= probabilities.sum()
+        best = np.argsort(-probabilities)[:top_k]
+        results.append(list(zip(tokenizer.id_to_token(best), probabilities[best].tolist())))
+    return results

@@ -1,0 +1,195 @@
+"""Training: sharded equals single-device, accumulation equals one big step, resume equals
+straight, preemption saves and exits 0, exports load in transformers."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import bert_jax
+from bert_jax import export, sharding, train
+from bert_jax.config import default_config, preset
+from bert_jax.data.synthetic import synthetic_batch
+from bert_jax.metrics import read_metrics
+from bert_jax.optim import learning_rate_schedule, make_optimizer
+
+
+def _run_steps(config, mesh, batches, accum_steps=1, initial=None):
+    """Losses and final parameters of steps on `batches`, from `initial` (resharded onto
+    `mesh`) or a fresh state."""
+    model_config = preset(config.model_size, **config.overrides)
+    train_config = default_config().train
+    train_config.update(num_steps=10, warmup_steps=2, learning_rate=1e-3)
+    tx = make_optimizer(train_config)
+    spec = train.state_spec(model_config, tx, 0, mesh)
+    state = (train.init_state(model_config, tx, 0, spec) if initial is None
+             else jax.device_put(initial, spec.shardings))
+    step = jax.jit(lambda s, b: train.train_step(s, b, graphdef=spec.graphdef, tx=tx,
+                                                 schedule=learning_rate_schedule(train_config),
+                                                 accum_steps=accum_steps),
+                   in_shardings=(spec.shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(spec.shardings, None))
+    first = jax.device_get(state)
+    losses = []
+    for batch in batches:
+        state, metrics = step(state, sharding.global_batch(batch, mesh))
+        losses.append(float(metrics["loss"]))
+    return np.array(losses), jax.device_get(state["params"]), first
+
+
+class _Case:
+    def __init__(self, model_size, **overrides):
+        self.model_size, self.overrides = model_size, overrides
+
+
+NO_DROPOUT = dict(vocab_size=512, hidden_dropout_rate=0.0)
+
+
+@pytest.mark.parametrize("model_size", ["tiny", "mini"])
+def test_sharded_meshes_give_the_single_device_losses(model_size):
+    case = _Case(model_size, vocab_size=512, max_position_embeddings=64, scan_layers=True)
+    batches = [synthetic_batch(i, 16, 32, 512, 5) for i in range(3)]
+    single, _, initial = _run_steps(case, sharding.make_mesh(
+        {"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1]), batches)
+    assert len(jax.devices()) == 8
+    for shape in [(8, 1, 1), (2, 2, 2), (1, 4, 2), (1, 2, 4)]:
+        mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tiny's 2 heads on 4-way tensor: replicated
+            # The same initial values (sharded init is tested by the resume tests).
+            losses, _, _ = _run_steps(case, mesh, batches, initial=initial)
+        np.testing.assert_allclose(losses, single, rtol=1e-5, err_msg=str(shape))
+
+
+def test_indivisible_dimensions_are_replicated_with_a_warning():
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+    with pytest.warns(UserWarning, match="'heads' of size 2 is not divisible"):
+        spec = train.state_spec(preset("tiny", vocab_size=512), make_optimizer(
+            default_config().train), 0, mesh)
+    qkv = spec.shardings["params"]["encoder"]["layers"]["attention"]["qkv"]["kernel"]
+    assert qkv.spec == jax.sharding.PartitionSpec(None, "fsdp", None, None, None)
+    up = spec.shardings["params"]["encoder"]["layers"]["mlp"]["up"]["kernel"]
+    assert up.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    mu = spec.shardings["opt_state"][1][0].mu["encoder"]["layers"]["mlp"]["up"]["kernel"]
+    assert mu.spec == up.spec  # optimizer state sharded like its parameter
+
+
+def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
+    case = _Case("tiny", **NO_DROPOUT)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 1}, devices=jax.devices()[:4])
+    batches = [synthetic_batch(i, 16, 32, 512, 5) for i in range(2)]
+    whole_losses, whole, initial = _run_steps(case, mesh, batches)
+    accumulated_losses, accumulated, _ = _run_steps(case, mesh, batches, accum_steps=4,
+                                                    initial=initial)
+    np.testing.assert_allclose(accumulated_losses, whole_losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 accumulated, whole)
+
+
+def _overrides(data_dir, **extra):
+    values = {"data.data_dir": data_dir, "data.vocab_size": 2000, "data.max_seq_length": 64,
+              "data.max_predictions_per_seq": 10, "train.num_steps": 20,
+              "train.global_batch_size": 16, "train.warmup_steps": 5, "train.learning_rate": 1e-3,
+              "train.log_every": 1, "checkpoint.every_steps": 5,
+              "model.max_position_embeddings": 64, **extra}
+    return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def _pretrain(workdir, overrides):
+    return subprocess.run([sys.executable, "-m", "bert_jax.cli", "pretrain",
+                           f"--workdir={workdir}", *overrides], capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """20 uninterrupted steps on the built-in corpus: the reference for resumed runs."""
+    root = tmp_path_factory.mktemp("straight")
+    result = _pretrain(root / "run", _overrides(root / "data"))
+    assert result.returncode == 0, result.stderr
+    return root / "run", root / "data", result.stdout
+
+
+def _assert_same_run(a, b):
+    train_a = [m for m in read_metrics(a) if "split" not in m]
+    train_b = [m for m in read_metrics(b) if "split" not in m]
+    assert [m["step"] for m in train_a] == [m["step"] for m in train_b]
+    for x, y in zip(train_a, train_b):
+        for name in ("loss", "mlm_accuracy", "nsp_loss", "grad_norm", "learning_rate"):
+            assert x[name] == pytest.approx(y[name], rel=1e-6, abs=1e-7), (x["step"], name)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
+                 bert_jax.load(a).params, bert_jax.load(b).params)
+
+
+@pytest.mark.slow
+def test_resume_after_stop_at_step_equals_the_straight_run(straight_run, tmp_path):
+    reference, data_dir, _ = straight_run
+    first = _pretrain(tmp_path, _overrides(data_dir, **{"train.stop_at_step": 10}))
+    assert first.returncode == 0, first.stderr
+    assert "stopped at step 10" in first.stdout
+    second = _pretrain(tmp_path, _overrides(data_dir))
+    assert second.returncode == 0, second.stderr
+    assert "resumed" in second.stdout + second.stderr
+    _assert_same_run(reference, tmp_path)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_0_and_resumes_exactly(straight_run, tmp_path):
+    reference, data_dir, _ = straight_run
+    overrides = _overrides(data_dir, **{"checkpoint.every_steps": 1000})
+    process = subprocess.Popen([sys.executable, "-m", "bert_jax.cli", "pretrain",
+                                f"--workdir={tmp_path}", *overrides],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if (tmp_path / "metrics.jsonl").is_file() and len(read_metrics(tmp_path)) >= 2:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert "preempted" in stdout
+    saved = read_metrics(tmp_path)[-1]["step"]
+    assert 2 <= saved < 20
+    resumed = _pretrain(tmp_path, overrides)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {tmp_path / 'checkpoints'} at step {saved}" in resumed.stdout
+    _assert_same_run(reference, tmp_path)
+
+
+@pytest.mark.slow
+def test_trained_model_exports_to_transformers_with_equal_logits(straight_run):
+    workdir, _, stdout = straight_run
+    assert "fill-mask" in stdout and "validation  loss" in stdout
+    validation = [m for m in read_metrics(workdir) if m.get("split")]
+    assert validation[-1]["split"] == "validation" and validation[-1]["step"] == 20
+    out = workdir / "export"
+    hf_model = transformers.BertForPreTraining.from_pretrained(out).eval()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    encoded = hf_tokenizer(["Return a new list.", "The value of x is [MASK]."], padding=True,
+                           return_tensors="np")
+    ours = bert_jax.load(workdir).logits(encoded["input_ids"], encoded["token_type_ids"],
+                                         encoded["attention_mask"])
+    with torch.no_grad():
+        theirs = hf_model(**{k: torch.tensor(v) for k, v in encoded.items()})
+    real = encoded["attention_mask"].astype(bool)
+    assert np.abs(ours[0] - theirs.prediction_logits.numpy())[real].max() <= 1e-4
+    assert np.abs(ours[1] - theirs.seq_relationship_logits.numpy()).max() <= 1e-4
+    tokenizer = export.load_tokenizer_of(workdir)
+    assert hf_tokenizer("Return a new list.", add_special_tokens=False)["input_ids"] == (
+        tokenizer.encode("Return a new list."))
+    evaluated = subprocess.run([sys.executable, "-m", "bert_jax.cli", "eval",
+                                f"--workdir={workdir}"], capture_output=True, text=True,
+                               timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr
+    line = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert line["step"] == 20
+    assert line["mlm_accuracy"] == pytest.approx(validation[-1]["mlm_accuracy"], abs=1e-6)
