@@ -39,7 +39,8 @@ class Checkpointer:
     writes what. Usable as a context manager (closing waits for pending saves).
 
     Args:
-      directory: local path or `gs://...`; created if missing.
+      directory: local path (relative ones are made absolute) or `gs://...`; created if
+        missing.
       keep: how many of the newest checkpoints to keep.
       every_steps: `should_save` is true at multiples of this.
       async_save: False blocks in `save` until the checkpoint is committed.
@@ -61,8 +62,11 @@ class Checkpointer:
             save_decision_policy=policies.AnySavePolicy([
                 policies.FixedIntervalPolicy(every_steps),
                 policies.PreemptionCheckpointingPolicy()]))
+        directory = epath.Path(directory)
+        if "://" not in str(directory):
+            directory = directory.absolute()  # TensorStore wants absolute local paths
         self._manager = ocp.CheckpointManager(
-            epath.Path(directory), options=options,
+            directory, options=options,
             item_handlers={STATE: ocp.StandardCheckpointHandler(),
                            METADATA: ocp.JsonCheckpointHandler()})
         # Restores bypass the manager (see `_read_newest`); these handlers read one item each.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
+from etils.epath import Path  # local paths and gs:// alike
 
 DESCRIPTION = """\
 BERT pretraining in JAX/Flax NNX.
@@ -41,7 +41,7 @@ def _load_config(config_file: str | None, overrides: list[str]):
     from absl import flags
     from ml_collections import config_flags
 
-    from bert_jax.config import default_config
+    from bert_jax.config import default_run
 
     bad = [arg for arg in overrides if not arg.startswith("--config.")]
     if bad:
@@ -56,7 +56,7 @@ def _load_config(config_file: str | None, overrides: list[str]):
             config_flags.DEFINE_config_file("config", config_file, flag_values=flag_values,
                                             sys_argv=argv)
         else:
-            config_flags.DEFINE_config_dict("config", default_config(), flag_values=flag_values,
+            config_flags.DEFINE_config_dict("config", default_run(), flag_values=flag_values,
                                             sys_argv=argv)
         flag_values(argv)
         return flag_values.config

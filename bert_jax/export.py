@@ -7,8 +7,7 @@ that export needs neither the dataset nor the corpus.
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
+from etils.epath import Path  # local paths and gs:// alike
 
 import jax
 import ml_collections
@@ -32,7 +31,7 @@ def keep_tokenizer(workdir, vocabulary_file) -> None:
     """Copies the vocabulary file of the training data into the workdir."""
     name = "vocab.txt" if str(vocabulary_file).endswith(".txt") else "tokenizer.model"
     Path(workdir).mkdir(parents=True, exist_ok=True)
-    shutil.copy(vocabulary_file, Path(workdir) / name)
+    (Path(workdir) / name).write_bytes(Path(vocabulary_file).read_bytes())
 
 
 def load_tokenizer_of(path, lowercase: bool = True) -> Tokenizer:
@@ -44,15 +43,24 @@ def load_tokenizer_of(path, lowercase: bool = True) -> Tokenizer:
                      f"workdir or export")
 
 
+def open_checkpoints(workdir) -> Checkpointer:
+    """The checkpoints of an existing workdir (nothing is created for a wrong path)."""
+    if not is_workdir(workdir):
+        raise ValueError(f"{workdir} has no checkpoint: expected a workdir of bert-jax pretrain")
+    checkpointer = Checkpointer(Path(workdir) / CHECKPOINTS)
+    if checkpointer.latest_step() is None:
+        checkpointer.close()
+        raise ValueError(f"{workdir} has no checkpoint: expected a workdir of bert-jax pretrain")
+    return checkpointer
+
+
 def load_workdir(workdir, step: int | None = None) -> tuple[Pretrained, ml_collections.ConfigDict]:
     """The parameters of a workdir's checkpoint (`step`, default the latest) on the host."""
     from bert_jax import sharding, train  # training machinery only when a workdir is read
     from bert_jax.optim import make_optimizer
 
-    checkpointer = Checkpointer(Path(workdir) / CHECKPOINTS)
+    checkpointer = open_checkpoints(workdir)
     try:
-        if checkpointer.latest_step() is None:
-            raise ValueError(f"{workdir} has no checkpoint: train first (bert-jax pretrain)")
         config = ml_collections.ConfigDict(checkpointer.restore_metadata(step)["config"])
         model_config = ModelConfig.from_dict(config.model)
         one_device = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
+from etils.epath import Path  # local paths and gs:// alike
 
 
 class MetricsWriter:
@@ -19,7 +19,7 @@ class MetricsWriter:
 
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+        self._jsonl = (workdir / "metrics.jsonl").open("a")
         self._tensorboard = SummaryWriter(str(workdir / "tensorboard"))
 
     def write(self, step: int, metrics: dict, split: str = "train") -> None:

@@ -14,7 +14,7 @@ import functools
 import json
 import signal
 import time
-from pathlib import Path
+from etils.epath import Path  # local paths and gs:// alike
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,7 @@ from bert_jax.checkpoint import Checkpointer
 from bert_jax.config import DataConfig, ModelConfig
 from bert_jax.data import pipeline
 from bert_jax.data.checks import check_batch_topology
-from bert_jax.export import keep_tokenizer
+from bert_jax.export import keep_tokenizer, open_checkpoints
 from bert_jax.metrics import MetricsWriter
 from bert_jax.model import BertForPreTraining
 from bert_jax.optim import learning_rate_schedule, make_optimizer
@@ -130,7 +130,7 @@ def train_step(state: dict, batch: dict, *, graphdef, tx, schedule, accum_steps:
         (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(accum_steps)))
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     metrics = losses.metrics_from_sums(sums)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = jnp.asarray(schedule(state["step"]), jnp.float32)
     new_state = {"step": state["step"] + 1,
                  "params": optax.apply_updates(state["params"], updates),
@@ -350,10 +350,8 @@ def evaluate(config, phase: Phase, state: dict, eval_fn, mesh, process_index=0,
 
 def evaluate_workdir(workdir, step: int | None = None) -> dict:
     """Validation metrics of a workdir's checkpoint, under the config it was trained with."""
-    checkpointer = Checkpointer(Path(workdir) / "checkpoints")
+    checkpointer = open_checkpoints(workdir)
     try:
-        if checkpointer.latest_step() is None:
-            raise ValueError(f"{workdir} has no checkpoint: train first (bert-jax pretrain)")
         config = ml_collections.ConfigDict(checkpointer.restore_metadata(step)["config"])
         model_config = ModelConfig.from_dict(config.model)
         mesh = sharding.make_mesh(config.mesh.to_dict())

@@ -95,9 +95,12 @@ def _loss_and_grads(model, dropout_key):
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize("changes", [dict(scan_layers=True), dict(remat_policy="full"),
-                                     dict(scan_layers=True, remat_policy="dots")])
-@pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("changes, dropout", [
+    (dict(scan_layers=True), False),
+    (dict(scan_layers=True), True),
+    (dict(remat_policy="full"), True),
+    (dict(scan_layers=True, remat_policy="dots_with_no_batch_dims"), True),
+])
 def test_scan_and_remat_match_the_unrolled_stack(changes, dropout):
     model = create(ModelConfig(**{**SMALL.to_dict(), "attention_dropout_rate": 0.1}), seed=5)
     key = jax.random.key(7) if dropout else None

@@ -103,10 +103,10 @@ def _overrides(data_dir, **extra):
     return [f"--config.{k}={v}" for k, v in values.items()]
 
 
-def _pretrain(workdir, overrides):
+def _pretrain(workdir, overrides, cwd=None):
     return subprocess.run([sys.executable, "-m", "bert_jax.cli", "pretrain",
                            f"--workdir={workdir}", *overrides], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -132,13 +132,14 @@ def _assert_same_run(a, b):
 @pytest.mark.slow
 def test_resume_after_stop_at_step_equals_the_straight_run(straight_run, tmp_path):
     reference, data_dir, _ = straight_run
-    first = _pretrain(tmp_path, _overrides(data_dir, **{"train.stop_at_step": 10}))
+    # A relative workdir, as users type it.
+    first = _pretrain("run", _overrides(data_dir, **{"train.stop_at_step": 10}), cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "stopped at step 10" in first.stdout
-    second = _pretrain(tmp_path, _overrides(data_dir))
+    second = _pretrain("run", _overrides(data_dir), cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     assert "resumed" in second.stdout + second.stderr
-    _assert_same_run(reference, tmp_path)
+    _assert_same_run(reference, tmp_path / "run")
 
 
 @pytest.mark.slow
@@ -193,3 +194,34 @@ def test_trained_model_exports_to_transformers_with_equal_logits(straight_run):
     line = json.loads(evaluated.stdout.strip().splitlines()[-1])
     assert line["step"] == 20
     assert line["mlm_accuracy"] == pytest.approx(validation[-1]["mlm_accuracy"], abs=1e-6)
+
+
+def test_phases_cover_the_steps_and_bad_phases_are_refused():
+    config = default_config()
+    config.train.num_steps = 100
+    config.train.phases = ((0, 128, 20, 32), (90, 512, 80, 8))
+    first, second = train.phases(config)
+    assert (first.start, first.end, first.max_seq_length) == (0, 90, 128)
+    assert (second.start, second.end, second.global_batch_size) == (90, 100, 8)
+    config.train.phases = ((10, 128, 20, 32),)
+    with pytest.raises(ValueError, match="train.phases"):
+        train.phases(config)
+    config.train.phases = ()
+    (only,) = train.phases(config)
+    assert (only.end, only.max_seq_length) == (100, config.data.max_seq_length)
+
+
+@pytest.mark.slow
+def test_two_phase_run_switches_length_and_batch_carrying_the_state(straight_run, tmp_path):
+    _, data_dir, _ = straight_run
+    overrides = _overrides(data_dir, **{"train.num_steps": 8, "train.phases":
+                                        "((0, 32, 5, 16), (5, 64, 10, 8))"})
+    result = _pretrain(tmp_path, overrides)
+    assert result.returncode == 0, result.stderr
+    records = [m for m in read_metrics(tmp_path) if "split" not in m]
+    assert [m["step"] for m in records] == list(range(1, 9))
+    # Tokens per step: 16 x 32 in phase one, 8 x 64 in phase two; learning continues.
+    assert all(m["tokens_per_s"] / m["seq_per_s"] == pytest.approx(32) for m in records[:5])
+    assert all(m["tokens_per_s"] / m["seq_per_s"] == pytest.approx(64) for m in records[5:])
+    assert records[5]["learning_rate"] > 0 and (tmp_path / "tensorboard").is_dir()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
