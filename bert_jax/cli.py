@@ -143,9 +143,18 @@ def _inspect_data(args, config) -> None:
 
     from bert_jax.data import pipeline
 
+    from bert_jax.train import phase_config, phases
+
+    # The phase of the first step decides lengths and batch size, as in training.
+    phase = next(p for p in phases(config) if p.start <= args.start_step < p.end)
+    if args.start_step + args.steps > phase.end:
+        raise UsageError(f"steps {args.start_step}..{args.start_step + args.steps - 1} cross the "
+                         f"phase boundary at step {phase.end}: inspect one phase at a time")
+    config = phase_config(config, phase)
     prepared = pipeline.prepare(config)
     loader = pipeline.loader(config, prepared, args.split)
-    batches = [batch for _, batch in loader.iterate(args.start_step, args.steps)]
+    first = args.start_step - phase.start
+    batches = [batch for _, batch in loader.iterate(first, args.steps)]
     for step, batch in zip(range(args.start_step, args.start_step + args.steps), batches):
         for row in range(min(args.rows, len(batch["input_ids"]))):
             print(f"step {step} row {row}: {pipeline.describe_row(batch, row, prepared.tokenizer)}")
@@ -165,11 +174,30 @@ def _benchmark_data(args, config) -> None:
     print(json.dumps(pipeline.measure_throughput(loader, args.steps)))
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+    return int(text)
+
+
+def _non_negative(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 0")
+    return int(text)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line (no usage dump), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bert-jax", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="bert-jax", description=DESCRIPTION,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
-    config_options = argparse.ArgumentParser(add_help=False)
+    config_options = _Parser(add_help=False)
     config_options.add_argument(
         "--config", metavar="FILE",
         help="Python config file with get_config() (default: built-in tiny); any field can be "
@@ -213,8 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = add("inspect-data", _inspect_data, "print masked batches as text",
                   "Prints the masked batches that training steps would see, decoded to text "
                   "([MASK] shown, labels in parentheses); --out saves them exactly.")
-    inspect.add_argument("--steps", type=int, default=1, help="number of steps (default 1)")
-    inspect.add_argument("--start-step", type=int, default=0, help="first step (default 0)")
+    inspect.add_argument("--steps", type=_positive, default=1, help="number of steps (default 1)")
+    inspect.add_argument("--start-step", type=_non_negative, default=0,
+                         help="first step (default 0)")
     inspect.add_argument("--rows", type=int, default=2, help="rows printed per step (default 2)")
     inspect.add_argument("--split", default="train", help="train or validation")
     inspect.add_argument("--out", metavar="FILE.npz",
@@ -222,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark = add("benchmark-data", _benchmark_data, "time masked batches from the dataset",
                     "Times reading and masking train batches in this process (no prefetch "
                     "thread), printing one JSON line with sequences per second.")
-    benchmark.add_argument("--steps", type=int, default=50, help="batches timed (default 50)")
+    benchmark.add_argument("--steps", type=_positive, default=50,
+                           help="batches timed (default 50)")
     return parser
 
 
@@ -234,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"unrecognized argument {overrides[0]!r}: {args.command} uses the "
                              f"config saved in the workdir")
         args.run(args, _load_config(args.config, overrides) if "config" in args else None)
-    except (UsageError, ValueError) as e:
+    except (UsageError, ValueError, OSError) as e:
         print(f"bert-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

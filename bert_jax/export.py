@@ -7,11 +7,12 @@ that export needs neither the dataset nor the corpus.
 
 from __future__ import annotations
 
-from etils.epath import Path  # local paths and gs:// alike
+import json
 
 import jax
 import ml_collections
 import numpy as np
+from etils.epath import Path  # local paths and gs:// alike
 
 from bert_jax import hf
 from bert_jax.checkpoint import Checkpointer
@@ -34,8 +35,13 @@ def keep_tokenizer(workdir, vocabulary_file) -> None:
     (Path(workdir) / name).write_bytes(Path(vocabulary_file).read_bytes())
 
 
-def load_tokenizer_of(path, lowercase: bool = True) -> Tokenizer:
-    """The tokenizer kept in a workdir or exported beside a Hugging Face model."""
+def load_tokenizer_of(path, lowercase: bool | None = None) -> Tokenizer:
+    """The tokenizer kept in a workdir or exported beside a Hugging Face model. `lowercase`
+    None reads `do_lower_case` from an export's tokenizer_config.json (default True)."""
+    if lowercase is None:
+        config_file = Path(path) / "tokenizer_config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        lowercase = config.get("do_lower_case", True)
     for name in TOKENIZER_FILES:
         if (Path(path) / name).is_file():
             return load_tokenizer(Path(path) / name, lowercase=lowercase)

@@ -152,6 +152,7 @@ def from_hf(tensors: dict[str, np.ndarray], config: ModelConfig,
     Raises ValueError naming the first missing, unexpected or misshapen tensor (with both
     shapes); nothing is returned unless every parameter was filled.
     """
+    tensors = _modern_names(tensors)
     entries = _entries(config.num_layers)
     expected = {e.hf for e in entries}
     extra = sorted(set(tensors) - expected - set(_TIED) - {_POSITION_IDS})
@@ -178,6 +179,19 @@ def from_hf(tensors: dict[str, np.ndarray], config: ModelConfig,
             raise ValueError(f"tensor {tied!r} differs from {source!r}: bert-jax ties them, "
                              f"so an untied checkpoint cannot be represented")
     return flat
+
+
+def _modern_names(tensors: dict) -> dict:
+    """Released BERT checkpoints (e.g. bert-base-uncased) name LayerNorm parameters
+    `gamma`/`beta`; `transformers` renames them to `weight`/`bias` on load, and so do we."""
+    renames = {".LayerNorm.gamma": ".LayerNorm.weight", ".LayerNorm.beta": ".LayerNorm.bias"}
+    def modern(name):
+        for old, new in renames.items():
+            if name.endswith(old):
+                return name[:-len(old)] + new
+        return name
+
+    return {modern(name): value for name, value in tensors.items()}
 
 
 def _describe(config: ModelConfig) -> str:

@@ -37,12 +37,16 @@ from bert_jax.optim import learning_rate_schedule, make_optimizer
 
 # --- state ---------------------------------------------------------------------------------
 
+_DROPOUT_STREAM = 0x64726F70  # "drop"
+
 def _init_state(model_config: ModelConfig, tx: optax.GradientTransformation, seed: int,
                 rng_impl: str):
     model = BertForPreTraining(model_config, rngs=nnx.Rngs(params=seed))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    # Dropout draws from its own stream: nnx derives initialization keys from key(seed) too.
+    dropout_key = jax.random.fold_in(jax.random.key(seed, impl=rng_impl), _DROPOUT_STREAM)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "rng": jax.random.key(seed, impl=rng_impl)}
+            "rng": dropout_key}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,15 +198,37 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+# What a resumed run must keep: the architecture, the data and its order, the schedule.
+# Numerics, execution, logging and where files live may change.
+_FIXED_ON_RESUME = {
+    "model": None,  # every field but those below
+    "data": None,
+    "train": ("seed", "num_steps", "global_batch_size", "phases", "optimizer", "learning_rate",
+              "end_learning_rate", "warmup_steps", "decay_power", "rng_impl"),
+}
+_CHANGEABLE_ON_RESUME = {"dtype", "attention_impl", "scan_layers", "remat_policy",
+                         "hidden_dropout_rate", "attention_dropout_rate", "data_dir",
+                         "tfds_data_dir", "workers"}
+
+
 def _check_resumable(saved: dict, config: ml_collections.ConfigDict) -> None:
-    for section in ("model",):
-        for key, value in saved[section].items():
-            if key in ("dtype", "attention_impl", "scan_layers", "remat_policy"):
-                continue  # numerics and execution choices may change on resume
-            if config[section].get(key) != value:
+    """A resumed run must be the saved run continued: a clear error otherwise, rather than a
+    shape mismatch or a silently different data order or schedule."""
+    for section, keys in _FIXED_ON_RESUME.items():
+        for key in keys or saved[section]:
+            if key in _CHANGEABLE_ON_RESUME:
+                continue
+            value, now = saved[section].get(key), config[section].get(key)
+            if isinstance(now, (tuple, list)) or isinstance(value, (tuple, list)):
+                value, now = _as_tuples(value), _as_tuples(now)
+            if now != value:
                 raise ValueError(f"the workdir's checkpoint has {section}.{key}={value!r} but "
-                                 f"the config has {config[section].get(key)!r}: use another "
-                                 f"workdir or the same config")
+                                 f"the config has {now!r}: use another workdir or the same "
+                                 f"config")
+
+
+def _as_tuples(value):
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (tuple, list)) else value
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) -> dict:
@@ -266,7 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) ->
             last_eval = evaluate(config, train_phases[-1], state, eval_fn, mesh, process_index,
                                  process_count)
             writer.write(step, last_eval, split="validation")
-        checkpointer.save(step, state, _checkpoint_metadata(config, step), force=True)
+        checkpointer.save(step, state, _checkpoint_metadata(config), force=True)
         checkpointer.wait()
     finally:
         preemption.restore()
@@ -277,8 +303,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) ->
             "workdir": str(workdir)}
 
 
-def _checkpoint_metadata(config, step: int) -> dict:
-    return {"config": config.to_dict(), "loader_step": step}
+def _checkpoint_metadata(config) -> dict:
+    # The loader's state is the step, which the state holds.
+    return {"config": config.to_dict()}
 
 
 def _train_phase(config, phase: Phase, start: int, stop: int, state: dict, step_fn,
@@ -308,7 +335,7 @@ def _train_phase(config, phase: Phase, start: int, stop: int, state: dict, step_
         if done % log_every == 0 or done == stop:
             pending = (done, metrics)
         if checkpointer.should_save(done) and done != stop:
-            checkpointer.save(done, state, _checkpoint_metadata(config, done))
+            checkpointer.save(done, state, _checkpoint_metadata(config))
         if preemption.requested:
             stop = done
             break

@@ -33,6 +33,11 @@ def test_help_explains_every_subcommand():
     (["export", "--workdir=/nowhere", "--out=/tmp/x", "--config.data.seed=1"],
      ["--config.data.seed=1", "saved in the workdir"]),
     (["fill-mask", "/nowhere", "a [MASK]"], ["/nowhere"]),
+    (["inspect-data", "--steps=0"], ["--steps", "'0'", "positive integer"]),
+    (["inspect-data", "--config.train.phases=((0, 64, 10, 8), (5, 128, 20, 8))",
+      "--config.train.num_steps=10", "--start-step=3", "--steps=4"],
+     ["cross the phase boundary at step 5"]),
+    (["frobnicate"], ["invalid choice", "frobnicate"]),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, words):
     result = _bert_jax(*args)

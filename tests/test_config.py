@@ -14,7 +14,9 @@ def test_presets_follow_google_research_bert_sizes():
 
 def test_default_config_model_round_trips_through_model_config():
     config = default_config("mini")
-    assert ModelConfig.from_dict(config.model) == preset("mini")
+    assert ModelConfig.from_dict(config.model) == preset("mini", vocab_size=8192)
+    config.data.vocab_size = 1000  # the model's vocabulary follows the data's by default
+    assert ModelConfig.from_dict(config.model).vocab_size == 1000
 
 
 @pytest.mark.parametrize("fields, words", [

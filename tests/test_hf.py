@@ -212,3 +212,15 @@ def test_export_writes_nothing_when_parameters_are_incomplete(tmp_path):
     with pytest.raises(KeyError):
         hf.save(tmp_path / "out", config, hf.flatten(params))
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_released_checkpoints_with_gamma_beta_layer_norms_load(tmp_path, tiny_checkpoint):
+    path, tensors = tiny_checkpoint
+    renamed = {name.replace("LayerNorm.weight", "LayerNorm.gamma")
+               .replace("LayerNorm.bias", "LayerNorm.beta"): value
+               for name, value in tensors.items()}
+    assert any(name.endswith("LayerNorm.gamma") for name in renamed)
+    old = _write(tmp_path / "old", renamed, (path / hf.CONFIG_FILE).read_text())
+    ids = np.ones((1, 6), int)
+    np.testing.assert_array_equal(bert_jax.load(old).logits(ids)[0],
+                                  bert_jax.load(path).logits(ids)[0])

@@ -225,3 +225,19 @@ def test_two_phase_run_switches_length_and_batch_carrying_the_state(straight_run
     assert all(m["tokens_per_s"] / m["seq_per_s"] == pytest.approx(64) for m in records[5:])
     assert records[5]["learning_rate"] > 0 and (tmp_path / "tensorboard").is_dir()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_resuming_another_run_is_refused_with_both_values():
+    config = default_config("tiny")
+    config.train.phases = ((0, 128, 20, 256),)
+    saved = config.to_dict()
+    saved["model"].update(dtype="bfloat16", hidden_dropout_rate=0.0)  # these may change
+    saved["data"]["data_dir"] = "/elsewhere"
+    saved["train"]["phases"] = [[0, 128, 20, 256]]  # as JSON gives it back
+    train._check_resumable(saved, config)
+    for section, key, value, shown in [("model", "num_layers", 4, "model.num_layers=4"),
+                                       ("train", "seed", 7, "train.seed=7"),
+                                       ("data", "max_seq_length", 512, "data.max_seq_length=512")]:
+        changed = {**saved, section: {**saved[section], key: value}}
+        with pytest.raises(ValueError, match=f"{shown} but the config has"):
+            train._check_resumable(changed, config)

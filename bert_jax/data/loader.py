@@ -19,6 +19,8 @@ import numpy as np
 from bert_jax.data.checks import check_batch_topology
 from bert_jax.data.masking import MaskingOptions, mask_batch
 
+ORDER_STREAM = 0  # the masks draw from stream 1 (masking.MASK_STREAM)
+
 
 class Loader:
     """Masked batches of one split, for one process, by step.
@@ -57,7 +59,7 @@ class Loader:
             if len(self._permutations) > 2:  # a batch spans at most two epochs
                 self._permutations.pop(min(self._permutations))
             self._permutations[epoch] = np.random.default_rng(
-                [self.seed, epoch]).permutation(len(self.source))
+                [self.seed, ORDER_STREAM, epoch]).permutation(len(self.source))
         return self._permutations[epoch]
 
     def global_indices(self, step: int) -> np.ndarray:

@@ -9,7 +9,7 @@ Two deliberate differences: `n` counts maskable tokens only (the reference count
 from ordinary tokens only (the reference may insert [CLS] or [PAD]).
 
 The random numbers of stream position p (row r of step k is position k * B + r) come from
-a generator keyed by (seed, p // BLOCK): the same for every process layout, and cheap,
+a generator keyed by (seed, MASK_STREAM, p // BLOCK): the same for every process layout, and cheap,
 since a generator is made per block of rows rather than per row.
 """
 
@@ -21,6 +21,7 @@ import functools
 import numpy as np
 
 BLOCK = 64  # stream positions per random generator
+MASK_STREAM = 1  # the epoch permutations draw from stream 0 (loader.ORDER_STREAM)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +57,9 @@ def stream_randoms(seed: int, first_position: int, rows: int, length: int, predi
     (token keys [rows, length], actions [rows, predictions], replacements [rows, predictions]).
     """
     first_block, last_block = first_position // BLOCK, (first_position + rows - 1) // BLOCK
-    blocks = [np.random.default_rng([seed, block]).random((BLOCK, length + 2 * predictions),
-                                                          dtype=np.float32)
+    width = length + 2 * predictions
+    blocks = [np.random.default_rng([seed, MASK_STREAM, block]).random((BLOCK, width),
+                                                                       dtype=np.float32)
               for block in range(first_block, last_block + 1)]
     start = first_position - first_block * BLOCK
     values = np.concatenate(blocks)[start:start + rows]
