@@ -289,11 +289,15 @@ def _dropout(dropout: nnx.Dropout, x, key) -> Array:
     return x if key is None else dropout(x, rngs=key)
 
 
+def abstract(config: ModelConfig) -> BertForPreTraining:
+    """The model with shapes and metadata but no values: its graph, parameter shapes and
+    logical axis names, at no compute cost."""
+    return nnx.eval_shape(lambda: BertForPreTraining(config, rngs=nnx.Rngs(params=0)))
+
+
 def create(config: ModelConfig, seed: int = 0) -> BertForPreTraining:
     """A freshly initialized model, initialized by one compiled computation (eager NNX
     initialization dispatches op by op and takes seconds even for a tiny model)."""
-    def build():
-        return BertForPreTraining(config, rngs=nnx.Rngs(params=seed))
-
-    graphdef, _ = nnx.split(nnx.eval_shape(build))
-    return nnx.merge(graphdef, jax.jit(lambda: nnx.state(build()))())
+    graphdef, _ = nnx.split(abstract(config))
+    return nnx.merge(graphdef, jax.jit(
+        lambda: nnx.state(BertForPreTraining(config, rngs=nnx.Rngs(params=seed))))())

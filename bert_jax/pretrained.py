@@ -9,12 +9,12 @@ from flax import nnx, traverse_util
 
 from bert_jax import hf
 from bert_jax.config import ModelConfig
-from bert_jax.model import BertForPreTraining, create
+from bert_jax.model import BertForPreTraining, abstract
 
 
 def param_shapes(config: ModelConfig) -> dict[str, tuple]:
     """Flat parameter paths and shapes of a model, computed without allocating it."""
-    state = nnx.state(nnx.eval_shape(lambda: create(config)), nnx.Param)
+    state = nnx.state(abstract(config), nnx.Param)
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(state), sep="/")
     return {k: tuple(v.shape) for k, v in flat.items()}
 
@@ -28,7 +28,7 @@ class Pretrained:
     def __init__(self, config: ModelConfig, params: dict):
         self.config = config
         self.params = params
-        graphdef, state = nnx.split(nnx.eval_shape(lambda: create(config)))
+        graphdef, state = nnx.split(abstract(config))
         nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
         self._graphdef, self._state = graphdef, state
         self._forward = jax.jit(

@@ -31,7 +31,7 @@ from bert_jax.data import pipeline
 from bert_jax.data.checks import check_batch_topology
 from bert_jax.export import keep_tokenizer, open_checkpoints
 from bert_jax.metrics import MetricsWriter
-from bert_jax.model import BertForPreTraining
+from bert_jax.model import BertForPreTraining, abstract
 from bert_jax.optim import learning_rate_schedule, make_optimizer
 
 
@@ -60,19 +60,17 @@ class StateSpec:
 
 def state_spec(model_config: ModelConfig, tx, seed: int, mesh,
                rng_impl: str = "threefry2x32") -> StateSpec:
-    abstract_model = nnx.eval_shape(lambda: BertForPreTraining(model_config,
-                                                               rngs=nnx.Rngs(params=seed)))
-    graphdef, abstract_params = nnx.split(abstract_model)
-    abstract = jax.eval_shape(lambda: _init_state(model_config, tx, seed, rng_impl))
-    params = sharding.param_shardings(abstract["params"], sharding.logical_names(abstract_params),
+    graphdef, abstract_params = nnx.split(abstract(model_config))
+    shapes = jax.eval_shape(lambda: _init_state(model_config, tx, seed, rng_impl))
+    params = sharding.param_shardings(shapes["params"], sharding.logical_names(abstract_params),
                                       mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     shardings = {"step": replicated, "params": params,
-                 "opt_state": sharding.like_params(abstract["opt_state"], params, mesh),
+                 "opt_state": sharding.like_params(shapes["opt_state"], params, mesh),
                  "rng": replicated}
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, shardings)
-    return StateSpec(graphdef, abstract, shardings)
+    shapes = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          shapes, shardings)
+    return StateSpec(graphdef, shapes, shardings)
 
 
 def init_state(model_config: ModelConfig, tx, seed: int, spec: StateSpec,
