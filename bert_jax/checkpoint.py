@@ -52,16 +52,14 @@ class Checkpointer:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"checkpoint.{name}={value!r}: expected a positive integer")
         self._name_format = ocp.step.standard_name_format()
-        policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             step_name_format=self._name_format,
             enable_async_checkpointing=async_save,
-            # Orbax's default also saves the first step of a run with no checkpoint; ours
-            # saves at multiples of `every_steps` only (and when JAX reports a preemption).
-            save_decision_policy=policies.AnySavePolicy([
-                policies.FixedIntervalPolicy(every_steps),
-                policies.PreemptionCheckpointingPolicy()]))
+            # Orbax's default also saves the first step of a run with no checkpoint, and at
+            # JAX's preemption sync point; ours saves at multiples of `every_steps` only (the
+            # training loop saves on preemption itself, asking JAX once per step).
+            save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(every_steps))
         directory = epath.Path(directory)
         if "://" not in str(directory):
             directory = directory.absolute()  # TensorStore wants absolute local paths
@@ -85,7 +83,7 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def should_save(self, step: int) -> bool:
-        """True at multiples of `every_steps` not saved yet (and at a JAX preemption point)."""
+        """True at multiples of `every_steps` not saved yet."""
         return self._manager.should_save(step)
 
     def save(self, step: int, state, metadata: dict, *, force: bool = False) -> bool:

@@ -7,9 +7,12 @@ any field can be overridden as `--config.train.seed=1` (ml_collections' config f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from etils.epath import Path  # local paths and gs:// alike
+
+from bert_jax.distributed import DEFAULT_HEARTBEAT_TIMEOUT_S
 
 DESCRIPTION = """\
 BERT pretraining in JAX/Flax NNX.
@@ -34,6 +37,21 @@ Run `bert-jax SUBCOMMAND --help` for a subcommand's options.
 class UsageError(Exception):
     """Bad command-line input: printed as one line, exit code 2 (as is any ValueError, which
     the library raises for bad input)."""
+
+
+def _start_distributed(args) -> None:
+    from bert_jax import distributed
+
+    options = distributed.Options.from_env(
+        coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+        process_id=args.process_id)
+    options = dataclasses.replace(options, heartbeat_timeout_s=args.heartbeat_timeout)
+    how = distributed.initialize(options)
+    if how:
+        import jax
+
+        print(f"process {jax.process_index()} of {jax.process_count()} ({how}), "
+              f"{jax.local_device_count()} of {jax.device_count()} devices", file=sys.stderr)
 
 
 def _load_config(config_file: str | None, overrides: list[str]):
@@ -89,11 +107,13 @@ def _pretrain(args, config) -> None:
         print(f"  validation  loss {validation['loss']:.3f}  "
               f"mlm_accuracy {validation['mlm_accuracy']:.3f}  "
               f"nsp_accuracy {validation['nsp_accuracy']:.3f}")
-    if summary["preempted"] or summary["step"] < config.train.num_steps:
+    pretrained = summary["pretrained"]
+    if pretrained is None:
         return
-    out = export.export(args.workdir, Path(args.workdir) / "export")
+    out = export.write_export(pretrained, args.workdir, Path(args.workdir) / "export",
+                              config.data.lowercase)
     print(f"  exported to {out} (transformers.BertForPreTraining.from_pretrained loads it)")
-    pretrained, tokenizer = export.load_with_tokenizer(out)
+    tokenizer = export.load_tokenizer_of(out)
     guesses = export.fill_mask(pretrained, tokenizer, FILL_MASK_EXAMPLE)[0]
     print(f"  fill-mask: {FILL_MASK_EXAMPLE!r} -> " +
           ", ".join(f"{token} ({p:.2f})" for token, p in guesses))
@@ -102,9 +122,13 @@ def _pretrain(args, config) -> None:
 def _eval(args, config) -> None:
     import json
 
+    import jax
+
     from bert_jax import train
 
-    print(json.dumps(train.evaluate_workdir(args.workdir, args.step)))
+    metrics = train.evaluate_workdir(args.workdir, args.step)
+    if jax.process_index() == 0:
+        print(json.dumps(metrics))
 
 
 def _export(args, config) -> None:
@@ -203,22 +227,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="Python config file with get_config() (default: built-in tiny); any field can be "
              "overridden as --config.FIELD=VALUE, e.g. --config.data.corpus='texts/*.txt'")
 
-    def add(name, run, help_text, description, takes_config=True):
-        sub = subparsers.add_parser(name, parents=[config_options] if takes_config else [],
-                                    help=help_text, description=description)
-        sub.set_defaults(run=run)
+    distributed_options = _Parser(add_help=False)
+    group = distributed_options.add_argument_group(
+        "multi-process runs",
+        "One process per host, all started with the same arguments. SLURM, Open MPI and Cloud "
+        "TPU are detected; elsewhere give all three (or set JAX_COORDINATOR_ADDRESS, "
+        "JAX_NUM_PROCESSES, JAX_PROCESS_ID, as launch/local_multihost.sh does).")
+    group.add_argument("--coordinator-address", "--coordinator_address", metavar="HOST:PORT",
+                       help="address of process 0, which runs the coordination service")
+    group.add_argument("--num-processes", "--num_processes", type=_positive, metavar="N",
+                       help="number of processes in the run (1: no distributed runtime)")
+    group.add_argument("--process-id", "--process_id", type=_non_negative, metavar="I",
+                       help="this process's index, 0 <= I < N")
+    group.add_argument("--heartbeat-timeout", type=_positive, metavar="SECONDS",
+                       default=DEFAULT_HEARTBEAT_TIMEOUT_S,
+                       help="when a process stops responding for this long, the others exit "
+                            f"with an error (default {DEFAULT_HEARTBEAT_TIMEOUT_S})")
+
+    def add(name, run, help_text, description, takes_config=True, distributed=False):
+        parents = ([config_options] if takes_config else []) + (
+            [distributed_options] if distributed else [])
+        sub = subparsers.add_parser(name, parents=parents, help=help_text,
+                                    description=description)
+        sub.set_defaults(run=run, distributed=distributed)
         return sub
 
     pretrain = add("pretrain", _pretrain, "pretrain BERT (MLM + NSP)",
                    "Pretrain BERT on config.data.corpus: prepares the data (once), trains with "
                    "checkpoints every config.checkpoint.every_steps, evaluates, and exports to "
-                   "WORKDIR/export. A workdir with a checkpoint is resumed. SIGTERM saves a "
-                   "checkpoint and exits 0. Stop early with --config.train.stop_at_step=N.")
+                   "WORKDIR/export. A workdir with a checkpoint is resumed, on any number of "
+                   "processes and any mesh with the same global batch. SIGTERM saves a "
+                   "checkpoint and exits 0. Stop early with --config.train.stop_at_step=N.",
+                   distributed=True)
     pretrain.add_argument("--workdir", default="runs/default",
                           help="checkpoints, metrics and export (default runs/default)")
     evaluate = add("eval", _eval, "evaluate a workdir's checkpoint on the validation split",
                    "Prints MLM/NSP loss and accuracy of a checkpoint on the validation split as "
-                   "one JSON line (the run's own config, from the checkpoint).", False)
+                   "one JSON line (the run's own config, from the checkpoint).", False,
+                   distributed=True)
     evaluate.add_argument("--workdir", required=True)
     evaluate.add_argument("--step", type=int, help="checkpoint step (default: latest)")
     export_parser = add("export", _export, "write a Hugging Face directory from a workdir",
@@ -263,7 +309,10 @@ def main(argv: list[str] | None = None) -> int:
         if "config" not in args and overrides:
             raise UsageError(f"unrecognized argument {overrides[0]!r}: {args.command} uses the "
                              f"config saved in the workdir")
-        args.run(args, _load_config(args.config, overrides) if "config" in args else None)
+        config = _load_config(args.config, overrides) if "config" in args else None
+        if args.distributed:
+            _start_distributed(args)
+        args.run(args, config)
     except (UsageError, ValueError, OSError) as e:
         print(f"bert-jax {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -83,7 +83,13 @@ def load_workdir(workdir, step: int | None = None) -> tuple[Pretrained, ml_colle
 def export(workdir, out_dir, step: int | None = None) -> Path:
     """Writes a Hugging Face directory: config.json, model.safetensors, tokenizer files."""
     pretrained, config = load_workdir(workdir, step)
-    tokenizer = load_tokenizer_of(workdir, config.data.lowercase)
+    return write_export(pretrained, workdir, out_dir, config.data.lowercase)
+
+
+def write_export(pretrained: Pretrained, workdir, out_dir, lowercase: bool) -> Path:
+    """`export` of weights already in memory (the end of training), with the workdir's
+    tokenizer."""
+    tokenizer = load_tokenizer_of(workdir, lowercase)
     out_dir = Path(out_dir)
     pretrained.save_hf(out_dir)
     tokenizer.save_hf(out_dir, model_max_length=pretrained.config.max_position_embeddings)

@@ -130,8 +130,27 @@ def data_parallel_size(mesh: Mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's rows -> global arrays sharded over the batch axes."""
+def process_rows(mesh: Mesh, global_batch_size: int) -> slice:
+    """The rows of a global batch that this process's devices hold: what its loader reads.
+
+    Taken from the batch sharding itself, not from the process index, so any device order
+    (and processes holding the same rows, when a non-batch axis spans them) is right.
+    """
+    indices = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
+    spans = sorted({(index[0].start or 0, index[0].stop or global_batch_size)
+                    for index in indices.values()})
+    for (_, stop), (start, _) in zip(spans, spans[1:]):
+        if start != stop:
+            raise ValueError(f"this process's devices hold batch rows {spans}, not one "
+                             f"contiguous range: order the mesh so that each process's "
+                             f"devices are adjacent along the batch axes {BATCH_AXES}")
+    return slice(spans[0][0], spans[-1][1])
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh,
+                 global_batch_size: int) -> dict[str, jax.Array]:
+    """This process's rows (`process_rows`) -> global arrays sharded over the batch axes."""
     sharding = batch_sharding(mesh)
-    return {name: jax.make_array_from_process_local_data(sharding, value)
+    return {name: jax.make_array_from_process_local_data(
+                sharding, value, (global_batch_size, *value.shape[1:]))
             for name, value in local_batch.items()}

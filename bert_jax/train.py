@@ -22,9 +22,10 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from bert_jax import flops, losses, sharding
+from bert_jax import distributed, flops, losses, sharding
 from bert_jax.checkpoint import Checkpointer
 from bert_jax.config import DataConfig, ModelConfig
 from bert_jax.data import pipeline
@@ -33,6 +34,7 @@ from bert_jax.export import keep_tokenizer, open_checkpoints
 from bert_jax.metrics import MetricsWriter
 from bert_jax.model import BertForPreTraining, abstract
 from bert_jax.optim import learning_rate_schedule, make_optimizer
+from bert_jax.pretrained import Pretrained
 
 
 # --- state ---------------------------------------------------------------------------------
@@ -183,17 +185,32 @@ def phase_config(config: ml_collections.ConfigDict, phase: Phase) -> ml_collecti
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks after each step."""
+    """SIGTERM (the preemption notice of Cloud TPU, GCE and SLURM) as a stop after a step that
+    every process agrees on, so all of them save the same checkpoint.
+
+    One process: a Python handler sets a flag. Several: JAX's preemption service, which
+    catches SIGTERM itself and tells all processes of a notice on any of them, names the sync
+    step (the first one every process can still reach); `reached` must then be called by
+    every process after every step.
+    """
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._shared = jax.process_count() > 1
+        if not self._shared:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
 
+    def reached(self, step: int) -> bool:
+        if self._shared and multihost_utils.reached_preemption_sync_point(step):
+            self.requested = True
+        return self.requested
+
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if not self._shared:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 # What a resumed run must keep: the architecture, the data and its order, the schedule.
@@ -231,18 +248,23 @@ def _as_tuples(value):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) -> dict:
     """Trains until `train.num_steps` (or `train.stop_at_step`), resuming from the workdir's
-    latest checkpoint, evaluating on the validation split, and returns a summary."""
+    latest checkpoint, evaluating on the validation split, and returns a summary.
+
+    Every process of a multi-process run calls this; only process 0 writes logs, metrics and
+    files other than checkpoints. The summary of a finished run carries the trained weights
+    (`pretrained`, gathered to the host on every process) for the export.
+    """
     workdir = Path(workdir)
     model_config = ModelConfig.from_dict(config.model)
     mesh = sharding.make_mesh(config.mesh.to_dict())
-    process_index, process_count = jax.process_index(), jax.process_count()
-    is_main = process_index == 0
+    is_main = jax.process_index() == 0
+    log = log if is_main else (lambda *args: None)
     tx = make_optimizer(config.train)
     schedule = learning_rate_schedule(config.train)
     spec = state_spec(model_config, tx, config.train.seed, mesh, config.train.rng_impl)
     train_phases = phases(config)
     for phase in train_phases:
-        check_batch_topology(phase.global_batch_size, process_count,
+        check_batch_topology(phase.global_batch_size,
                              sharding.data_parallel_size(mesh) * config.train.grad_accum_steps)
 
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
@@ -268,8 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) ->
     if is_main:
         (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     preemption = _Preemption()
-    last_eval: dict = {}
-    last_train: dict = {}
+    summary = {"train": {}, "validation": {}, "pretrained": None}
     started = time.perf_counter()
     try:
         step = start
@@ -277,28 +298,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) ->
             if step >= min(phase.end, stop):
                 continue
             run_config = phase_config(config, phase)
-            prepared = pipeline.prepare(run_config)
+            prepared = prepare_data(run_config, f"phase-{phase.start}")
             if is_main:
                 keep_tokenizer(workdir, prepared.path / prepared.metadata["tokenizer_file"])
-            loader = pipeline.loader(run_config, prepared, "train", process_index, process_count)
-            state, step, last_train = _train_phase(
+            loader = pipeline.loader(run_config, prepared, "train",
+                                     sharding.process_rows(mesh, phase.global_batch_size))
+            state, step, summary["train"] = _train_phase(
                 run_config, phase, step, min(phase.end, stop), state, step_fn, loader, mesh,
                 model_config, writer, checkpointer, preemption, is_main)
             if preemption.requested:
                 break
         if not preemption.requested and step == stop:
-            last_eval = evaluate(config, train_phases[-1], state, eval_fn, mesh, process_index,
-                                 process_count)
-            writer.write(step, last_eval, split="validation")
+            summary["validation"] = evaluate(config, train_phases[-1], state, eval_fn, mesh)
+            writer.write(step, summary["validation"], split="validation")
         checkpointer.save(step, state, _checkpoint_metadata(config), force=True)
         checkpointer.wait()
+        if step == config.train.num_steps:
+            params = multihost_utils.process_allgather(state["params"], tiled=True)
+            summary["pretrained"] = Pretrained(model_config, params)
     finally:
         preemption.restore()
         writer.close()
         checkpointer.close()
-    return {"step": step, "preempted": preemption.requested, "train": last_train,
-            "validation": last_eval, "seconds": time.perf_counter() - started,
-            "workdir": str(workdir)}
+    return {"step": step, "preempted": preemption.requested, **summary,
+            "seconds": time.perf_counter() - started, "workdir": str(workdir)}
+
+
+def prepare_data(config: ml_collections.ConfigDict, name: str):
+    """The dataset of `config`, built by process 0 while the others wait, then opened by all.
+
+    A process that cannot see process 0's copy (a data_dir on a host's own disk) builds its
+    own: the build is deterministic, so every copy holds the same examples.
+    """
+    if jax.process_index() == 0:
+        prepared = pipeline.prepare(config)
+    distributed.barrier(f"prepared-{name}")
+    return pipeline.prepare(config) if jax.process_index() else prepared
 
 
 def _checkpoint_metadata(config) -> dict:
@@ -323,7 +358,8 @@ def _train_phase(config, phase: Phase, start: int, stop: int, state: dict, step_
                     unit="step", disable=not is_main)
     for step, local in loader.iterate(start - phase.start, stop - start):
         step += phase.start
-        state, metrics = step_fn(state, sharding.global_batch(local, mesh))
+        batch = sharding.global_batch(local, mesh, phase.global_batch_size)
+        state, metrics = step_fn(state, batch)
         if pending is not None:
             last = _log_train(*pending, timer, writer, progress, phase, flops_per_sequence,
                               device)
@@ -334,7 +370,7 @@ def _train_phase(config, phase: Phase, start: int, stop: int, state: dict, step_
             pending = (done, metrics)
         if checkpointer.should_save(done) and done != stop:
             checkpointer.save(done, state, _checkpoint_metadata(config))
-        if preemption.requested:
+        if preemption.reached(done):
             stop = done
             break
     if pending is not None:
@@ -358,17 +394,18 @@ def _log_train(step, metrics, timer, writer, progress, phase: Phase, flops_per_s
     return values
 
 
-def evaluate(config, phase: Phase, state: dict, eval_fn, mesh, process_index=0,
-             process_count=1) -> dict:
+def evaluate(config, phase: Phase, state: dict, eval_fn, mesh) -> dict:
     """MLM/NSP loss and accuracy over the validation split (`train.eval_steps` batches; 0:
     the whole split, the last batch wrapping around)."""
     run_config = phase_config(config, phase)
-    prepared = pipeline.prepare(run_config)
-    loader = pipeline.loader(run_config, prepared, "validation", process_index, process_count)
+    prepared = prepare_data(run_config, f"validation-{phase.start}")
+    loader = pipeline.loader(run_config, prepared, "validation",
+                             sharding.process_rows(mesh, phase.global_batch_size))
     steps = config.train.eval_steps or max(1, int(np.ceil(loader.steps_per_epoch)))
     totals = None
     for _, local in loader.iterate(0, steps):
-        sums = eval_fn(state["params"], sharding.global_batch(local, mesh))
+        sums = eval_fn(state["params"], sharding.global_batch(local, mesh,
+                                                             phase.global_batch_size))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     return {k: float(v) for k, v in jax.device_get(losses.metrics_from_sums(totals)).items()}
 
@@ -387,6 +424,5 @@ def evaluate_workdir(workdir, step: int | None = None) -> dict:
         checkpointer.close()
     eval_fn = jax.jit(functools.partial(eval_step, graphdef=spec.graphdef),
                       in_shardings=(spec.shardings["params"], sharding.batch_sharding(mesh)))
-    metrics = evaluate(config, phases(config)[-1], state, eval_fn, mesh, jax.process_index(),
-                       jax.process_count())
+    metrics = evaluate(config, phases(config)[-1], state, eval_fn, mesh)
     return {"step": restored_step, "split": "validation", **metrics}

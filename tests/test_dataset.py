@@ -110,9 +110,9 @@ def test_batches_are_the_same_for_fresh_resumed_and_resharded_runs(topics):
     fresh = [b for _, b in pipeline.loader(config, prepared).iterate(0, 6)]
     resumed = [b for _, b in pipeline.loader(config, prepared).iterate(3, 3)]
     for process_count in (2, 4):
-        parts = [[b for _, b in pipeline.loader(config, prepared, process_index=p,
-                                                process_count=process_count).iterate(3, 3)]
-                 for p in range(process_count)]
+        rows = config.train.global_batch_size // process_count
+        parts = [[b for _, b in pipeline.loader(config, prepared, rows=slice(
+                     p * rows, (p + 1) * rows)).iterate(3, 3)] for p in range(process_count)]
         for step in range(3):
             for name, value in fresh[3 + step].items():
                 np.testing.assert_array_equal(resumed[step][name], value)

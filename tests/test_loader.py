@@ -41,7 +41,8 @@ def test_processes_together_read_exactly_the_global_batch(process_count):
     source = _source()
     whole = {step: _loader(source).batch(step) for step in (0, 5, 9)}
     for step, expected in whole.items():
-        parts = [_loader(source, process_index=p, process_count=process_count).batch(step)
+        rows = 8 // process_count
+        parts = [_loader(source, rows=slice(p * rows, (p + 1) * rows)).batch(step)
                  for p in range(process_count)]
         for name, value in expected.items():
             np.testing.assert_array_equal(np.concatenate([part[name] for part in parts]), value)
@@ -75,6 +76,7 @@ def test_unshuffled_reading_is_in_stored_order():
     np.testing.assert_array_equal(loader.global_indices(4), [32, 33, 34, 35, 36, 0, 1, 2])
 
 
-def test_batch_not_divisible_by_processes_is_refused():
-    with pytest.raises(ValueError, match="global_batch_size=8 is not divisible by the process count 3"):
-        _loader(_source(), process_index=0, process_count=3)
+@pytest.mark.parametrize("rows", [slice(4, 9), slice(3, 3), slice(0, 8, 2)])
+def test_rows_outside_the_global_batch_are_refused(rows):
+    with pytest.raises(ValueError, match=f"rows {rows.start}:{rows.stop}: expected a contiguous"):
+        _loader(_source(), rows=rows)

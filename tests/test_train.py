@@ -20,6 +20,7 @@ from bert_jax.config import default_config, preset
 from bert_jax.data.synthetic import synthetic_batch
 from bert_jax.metrics import read_metrics
 from bert_jax.optim import learning_rate_schedule, make_optimizer
+from pretrain_runs import PRETRAIN, assert_same_run, one_process_env, overrides, pretrain
 
 
 def _run_steps(config, mesh, batches, accum_steps=1, initial=None):
@@ -40,7 +41,7 @@ def _run_steps(config, mesh, batches, accum_steps=1, initial=None):
     first = jax.device_get(state)
     losses = []
     for batch in batches:
-        state, metrics = step(state, sharding.global_batch(batch, mesh))
+        state, metrics = step(state, sharding.global_batch(batch, mesh, len(batch["input_ids"])))
         losses.append(float(metrics["loss"]))
     return np.array(losses), jax.device_get(state["params"]), first
 
@@ -94,61 +95,26 @@ def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
                  accumulated, whole)
 
 
-def _overrides(data_dir, **extra):
-    values = {"data.data_dir": data_dir, "data.vocab_size": 2000, "data.max_seq_length": 64,
-              "data.max_predictions_per_seq": 10, "train.num_steps": 20,
-              "train.global_batch_size": 16, "train.warmup_steps": 5, "train.learning_rate": 1e-3,
-              "train.log_every": 1, "checkpoint.every_steps": 5,
-              "model.max_position_embeddings": 64, **extra}
-    return [f"--config.{k}={v}" for k, v in values.items()]
-
-
-def _pretrain(workdir, overrides, cwd=None):
-    return subprocess.run([sys.executable, "-m", "bert_jax.cli", "pretrain",
-                           f"--workdir={workdir}", *overrides], capture_output=True, text=True,
-                          timeout=600, cwd=cwd)
-
-
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
-    """20 uninterrupted steps on the built-in corpus: the reference for resumed runs."""
-    root = tmp_path_factory.mktemp("straight")
-    result = _pretrain(root / "run", _overrides(root / "data"))
-    assert result.returncode == 0, result.stderr
-    return root / "run", root / "data", result.stdout
-
-
-def _assert_same_run(a, b):
-    train_a = [m for m in read_metrics(a) if "split" not in m]
-    train_b = [m for m in read_metrics(b) if "split" not in m]
-    assert [m["step"] for m in train_a] == [m["step"] for m in train_b]
-    for x, y in zip(train_a, train_b):
-        for name in ("loss", "mlm_accuracy", "nsp_loss", "grad_norm", "learning_rate"):
-            assert x[name] == pytest.approx(y[name], rel=1e-6, abs=1e-7), (x["step"], name)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7),
-                 bert_jax.load(a).params, bert_jax.load(b).params)
-
-
 @pytest.mark.slow
 def test_resume_after_stop_at_step_equals_the_straight_run(straight_run, tmp_path):
     reference, data_dir, _ = straight_run
     # A relative workdir, as users type it.
-    first = _pretrain("run", _overrides(data_dir, **{"train.stop_at_step": 10}), cwd=tmp_path)
+    first = pretrain("run", overrides(data_dir, **{"train.stop_at_step": 10}), cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "stopped at step 10" in first.stdout
-    second = _pretrain("run", _overrides(data_dir), cwd=tmp_path)
+    second = pretrain("run", overrides(data_dir), cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     assert "resumed" in second.stdout + second.stderr
-    _assert_same_run(reference, tmp_path / "run")
+    assert_same_run(reference, tmp_path / "run")
 
 
 @pytest.mark.slow
 def test_sigterm_saves_exits_0_and_resumes_exactly(straight_run, tmp_path):
     reference, data_dir, _ = straight_run
-    overrides = _overrides(data_dir, **{"checkpoint.every_steps": 1000})
-    process = subprocess.Popen([sys.executable, "-m", "bert_jax.cli", "pretrain",
-                                f"--workdir={tmp_path}", *overrides],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = overrides(data_dir, **{"checkpoint.every_steps": 1000})
+    process = subprocess.Popen([*PRETRAIN, f"--workdir={tmp_path}", *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=one_process_env())
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
         if (tmp_path / "metrics.jsonl").is_file() and len(read_metrics(tmp_path)) >= 2:
@@ -160,10 +126,10 @@ def test_sigterm_saves_exits_0_and_resumes_exactly(straight_run, tmp_path):
     assert "preempted" in stdout
     saved = read_metrics(tmp_path)[-1]["step"]
     assert 2 <= saved < 20
-    resumed = _pretrain(tmp_path, overrides)
+    resumed = pretrain(tmp_path, args)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {tmp_path / 'checkpoints'} at step {saved}" in resumed.stdout
-    _assert_same_run(reference, tmp_path)
+    assert_same_run(reference, tmp_path)
 
 
 @pytest.mark.slow
@@ -214,9 +180,9 @@ def test_phases_cover_the_steps_and_bad_phases_are_refused():
 @pytest.mark.slow
 def test_two_phase_run_switches_length_and_batch_carrying_the_state(straight_run, tmp_path):
     _, data_dir, _ = straight_run
-    overrides = _overrides(data_dir, **{"train.num_steps": 8, "train.phases":
+    args = overrides(data_dir, **{"train.num_steps": 8, "train.phases":
                                         "((0, 32, 5, 16), (5, 64, 10, 8))"})
-    result = _pretrain(tmp_path, overrides)
+    result = pretrain(tmp_path, args)
     assert result.returncode == 0, result.stderr
     records = [m for m in read_metrics(tmp_path) if "split" not in m]
     assert [m["step"] for m in records] == list(range(1, 9))

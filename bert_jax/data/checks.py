@@ -21,9 +21,10 @@ def check_data_against_model(data: DataConfig, model: ModelConfig, tokenizer_voc
                          f"would be masked below data.masked_lm_prob={data.masked_lm_prob}")
 
 
-def check_batch_topology(global_batch_size: int, process_count: int, data_parallel: int):
-    """The global batch must split evenly over processes and over data-parallel shards."""
-    for count, what in ((process_count, "process count"), (data_parallel, "data-parallel size")):
-        if global_batch_size % count:
-            raise ValueError(f"train.global_batch_size={global_batch_size} is not divisible by "
-                             f"the {what} {count}: expected a multiple of {count}")
+def check_batch_topology(global_batch_size: int, data_parallel: int):
+    """The global batch must split evenly over the data-parallel shards (devices along the
+    batch axes, times gradient-accumulation micro-batches)."""
+    if global_batch_size % data_parallel:
+        raise ValueError(f"train.global_batch_size={global_batch_size} is not divisible by "
+                         f"the data-parallel size {data_parallel}: expected a multiple of "
+                         f"{data_parallel}")

@@ -1,10 +1,10 @@
 """Deterministic, host-sharded batches: the examples of global step k depend on (seed, k) only.
 
 Each epoch has a seeded permutation of the example indices; global step k takes positions
-[k*B, (k+1)*B) of the concatenated permutations. Process p of n reads only rows
-[p*B/n, (p+1)*B/n) of that global batch, by random access, and masks each row with a
-generator keyed by its position in the stream. So the loader's whole state is the step, and
-a run resumed on another number of processes sees the same global batches.
+[k*B, (k+1)*B) of the concatenated permutations. A process reads only the rows its devices
+hold (`sharding.process_rows`), by random access, and masks each row with a generator keyed
+by its position in the stream. So the loader's whole state is the step, and a run resumed on
+another number of processes sees the same global batches.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from bert_jax.data.checks import check_batch_topology
 from bert_jax.data.masking import MaskingOptions, mask_batch
 
 ORDER_STREAM = 0  # the masks draw from stream 1 (masking.MASK_STREAM)
@@ -29,13 +28,16 @@ class Loader:
       source: random access to stored instances (`len`, `__getitems__` or `__getitem__`).
       global_batch_size: rows per step across all processes.
       seed: keys the epoch permutations and the masks.
+      rows: the rows of each global batch this process reads (default: all).
       shuffle: False reads the split in stored order (evaluation).
     """
 
     def __init__(self, source, masking: MaskingOptions, *, global_batch_size: int, seed: int,
-                 max_seq_length: int, process_index: int = 0, process_count: int = 1,
-                 shuffle: bool = True):
-        check_batch_topology(global_batch_size, process_count, data_parallel=1)
+                 max_seq_length: int, rows: slice | None = None, shuffle: bool = True):
+        rows = rows or slice(0, global_batch_size)
+        if not 0 <= rows.start < rows.stop <= global_batch_size or rows.step not in (None, 1):
+            raise ValueError(f"rows {rows.start}:{rows.stop}: expected a contiguous range of "
+                             f"the {global_batch_size} rows of a global batch")
         if len(source) == 0:
             raise ValueError("the dataset split has no examples: expected a non-empty split")
         self.source = source
@@ -43,8 +45,7 @@ class Loader:
         self.global_batch_size = global_batch_size
         self.seed = seed
         self.max_seq_length = max_seq_length
-        rows = global_batch_size // process_count
-        self.rows = slice(process_index * rows, (process_index + 1) * rows)
+        self.rows = rows
         self.shuffle = shuffle
         self._permutations: dict[int, np.ndarray] = {}
 

@@ -24,7 +24,8 @@ def prepare(config: ml_collections.ConfigDict) -> dataset.Prepared:
 
 
 def loader(config: ml_collections.ConfigDict, prepared: dataset.Prepared, split: str = "train",
-           process_index: int = 0, process_count: int = 1) -> Loader:
+           rows: slice | None = None) -> Loader:
+    """Masked batches of `split`; `rows` of each global batch (default: all)."""
     data = DataConfig.from_dict(config.data)
     if split not in prepared.splits:
         raise ValueError(f"split {split!r} is not in dataset {prepared.path}: expected one of "
@@ -36,8 +37,7 @@ def loader(config: ml_collections.ConfigDict, prepared: dataset.Prepared, split:
         vocab_size=tokenizer.vocab_size, special_ids=frozenset(tokenizer.special_ids))
     return Loader(prepared.data_source(split), masking,
                   global_batch_size=config.train.global_batch_size, seed=config.train.seed,
-                  max_seq_length=data.max_seq_length, process_index=process_index,
-                  process_count=process_count, shuffle=split == "train")
+                  max_seq_length=data.max_seq_length, rows=rows, shuffle=split == "train")
 
 
 def describe_row(batch: dict[str, np.ndarray], row: int, tokenizer) -> str:
