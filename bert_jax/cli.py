@@ -25,6 +25,7 @@ subcommands:
   eval          evaluate a workdir's checkpoint on the validation split
   export        write a Hugging Face directory (weights + tokenizer) from a workdir
   fill-mask     predict the [MASK] tokens of a text with a workdir or export
+  compile       compile the train step for a TPU slice here (no TPU needed): memory per chip
 
 pretrain and the data subcommands take --config=FILE (a Python file with get_config();
 default: the built-in tiny config on the built-in corpus) and overrides such as
@@ -64,9 +65,10 @@ def _load_config(config_file: str | None, overrides: list[str]):
     bad = [arg for arg in overrides if not arg.startswith("--config.")]
     if bad:
         raise UsageError(f"unrecognized argument {bad[0]!r}: expected --config.FIELD=VALUE")
-    if config_file and not os.path.isfile(config_file):
-        raise UsageError(f"config file {config_file!r} does not exist: expected a Python file "
-                         f"with get_config(), e.g. configs/tiny.py")
+    # FILE:ARGUMENT passes ARGUMENT to get_config (e.g. configs/pods/base.py:v4-32).
+    if config_file and not os.path.isfile(config_file.split(":")[0]):
+        raise UsageError(f"config file {config_file.split(':')[0]!r} does not exist: expected a "
+                         f"Python file with get_config(), e.g. configs/tiny.py")
     argv = ["bert-jax", *overrides]
     flag_values = flags.FlagValues()
     try:
@@ -82,6 +84,11 @@ def _load_config(config_file: str | None, overrides: list[str]):
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if isinstance(e, (KeyError, AttributeError)):
             message = f"unknown field {message.strip(chr(34))}"
+        cause = e
+        while cause.__cause__ or cause.__context__:  # e.g. the config file's own error
+            cause = cause.__cause__ or cause.__context__
+        if cause is not e and str(cause).strip() and str(cause) not in message:
+            message = f"{message.rstrip(':')}: {str(cause).strip().splitlines()[0]}"
         raise UsageError(f"bad config ({config_file or 'built-in default'}): {message}") from e
 
 
@@ -136,6 +143,25 @@ def _export(args, config) -> None:
 
     out = export.export(args.workdir, args.out, args.step)
     print(f"exported {args.workdir} to {out}")
+
+
+def _compile(args, config) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None:
+        raise UsageError("compiling for a TPU slice needs the libtpu package: pip install "
+                         "'bert-jax[tpu]' (it runs on a CPU machine too)")
+    from bert_jax import aot
+    from bert_jax.train import phases
+
+    for index, phase in enumerate(phases(config)):
+        compiled = aot.compile_train_step(config, args.tpu, index)
+        memory = compiled.bytes_per_chip
+        print(f"phase {index} (length {phase.max_seq_length}, batch {phase.global_batch_size}, "
+              f"{phase.grad_accum_steps} micro-batches) on {args.tpu} ({compiled.topology}, "
+              f"{compiled.chips} chips): {memory['total'] / 2**30:.2f} GiB per chip "
+              f"(state {memory['arguments'] / 2**30:.2f}, temporaries "
+              f"{memory['temporaries'] / 2**30:.2f}); compiled in {compiled.seconds:.0f}s")
 
 
 def _fill_mask(args, config) -> None:
@@ -299,6 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "thread), printing one JSON line with sequences per second.")
     benchmark.add_argument("--steps", type=_positive, default=50,
                            help="batches timed (default 50)")
+    compile_parser = add("compile", _compile, "compile the train step for a TPU slice",
+                         "Compiles each phase's train step for a Cloud TPU slice on this "
+                         "machine (no TPU needed; needs the libtpu package, the 'tpu' extra) "
+                         "and prints XLA's memory per chip: whether a config fits before "
+                         "renting the slice.")
+    compile_parser.add_argument("--tpu", required=True, metavar="TYPE",
+                                help="accelerator type, e.g. v4-32, v5e-16, v5p-128")
     return parser
 
 

@@ -8,6 +8,7 @@ The run config is an `ml_collections.ConfigDict` (overridable on the command lin
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import ml_collections
 
@@ -190,7 +191,7 @@ def default_run() -> ml_collections.ConfigDict:
     return config
 
 
-def wikipedia_two_phase(size: str, num_steps: int, learning_rate: float, warmup_steps: int,
+def wikipedia_two_phase(size: str, *, num_steps: int, learning_rate: float, warmup_steps: int,
                         global_batch_size: int = 256) -> ml_collections.ConfigDict:
     """BERT's recipe on English Wikipedia from the TFDS catalog: a 30,522-piece vocabulary,
     90% of the steps at length 128 (20 predictions), the last 10% at length 512 (80)."""
@@ -201,4 +202,53 @@ def wikipedia_two_phase(size: str, num_steps: int, learning_rate: float, warmup_
                         warmup_steps=warmup_steps, global_batch_size=global_batch_size)
     config.train.phases = ((0, 128, 20, global_batch_size),
                            (num_steps * 9 // 10, 512, 80, global_batch_size))
+    return config
+
+
+# Where pod configs run: chips (or GPUs) and their memory in GiB.
+POD_TARGETS = {"v4-32": (16, 32), "v5e-16": (16, 16), "v5e-64": (64, 16),
+               "v5p-128": (64, 95), "8xgpu": (8, 80)}
+# The global batch of each target: rows of LAMB's table (bigger slices, bigger batches).
+_POD_BATCH = {"v4-32": 8192, "v5e-16": 4096, "v5e-64": 16384, "v5p-128": 32768, "8xgpu": 4096}
+# Rows of length 128 one chip holds per micro-batch, per 16 GiB (a quarter at length 512).
+_ROWS_PER_16GIB = {"base": 256, "large": 64}
+
+
+def lamb_schedule(global_batch_size: int) -> dict:
+    """LAMB's BERT recipe at a batch size (You et al. 2019, Table 4, square-root scaling):
+    15,625 steps at batch 32,768, as many more as the batch is smaller; peak learning rate
+    5e-3 / sqrt(32,768 / batch); warmup over 0.2 x batch / 32,768 of the steps."""
+    ratio = 32768 / global_batch_size
+    num_steps = round(15625 * ratio)
+    return dict(num_steps=num_steps, learning_rate=5e-3 / ratio ** 0.5,
+                warmup_steps=round(num_steps * 0.2 / ratio))
+
+
+def pod_config(size: str, target: str) -> ml_collections.ConfigDict:
+    """BERT-`size` with LAMB on English Wikipedia, phases 128 -> 512, sized for `target`
+    (a key of POD_TARGETS): the global batch of LAMB's table for the slice, gradient
+    accumulation so a micro-batch fits each chip's memory, parameters and optimizer state
+    sharded (FSDP) for large, and bfloat16 compute."""
+    if target not in POD_TARGETS or size not in _ROWS_PER_16GIB:
+        raise ValueError(f"pod config {size}:{target}: expected a size in "
+                         f"{list(_ROWS_PER_16GIB)} and a target in {list(POD_TARGETS)}")
+    chips, memory_gib = POD_TARGETS[target]
+    batch = _POD_BATCH[target]
+    schedule = lamb_schedule(batch)
+    config = wikipedia_two_phase(size, global_batch_size=batch, **schedule)
+    rows_128 = _ROWS_PER_16GIB[size] * memory_gib // 16
+
+    def accumulation(rows_per_chip):  # a power of two, so that it divides the batch
+        return max(1, batch // (chips * 2 ** math.floor(math.log2(rows_per_chip))))
+
+    num_steps = schedule["num_steps"]
+    config.train.phases = ((0, 128, 20, batch, accumulation(rows_128)),
+                           (num_steps * 9 // 10, 512, 80, batch, accumulation(rows_128 // 4)))
+    # LAMB's settings: beta2 0.999, epsilon 1e-6, weight decay 0.01 (google-research/bert's).
+    config.train.update(optimizer="lamb", log_every=100)
+    config.model.dtype = "bfloat16"
+    config.model.scan_layers = True
+    if size == "large":
+        config.mesh.update(data=1, fsdp=-1)
+    config.checkpoint.every_steps = 500
     return config

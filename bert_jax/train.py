@@ -158,22 +158,29 @@ class Phase:
     max_seq_length: int
     max_predictions_per_seq: int
     global_batch_size: int
+    grad_accum_steps: int
 
 
 def phases(config: ml_collections.ConfigDict) -> list[Phase]:
-    """`config.train.phases`: ((start_step, max_seq_length, max_predictions, batch), ...);
-    empty means one phase of `config.data` lengths and `train.global_batch_size`."""
+    """`config.train.phases`: ((start_step, max_seq_length, max_predictions, batch[,
+    grad_accum_steps]), ...); empty means one phase of `config.data` lengths and
+    `train.global_batch_size`. Accumulation defaults to `train.grad_accum_steps` (long
+    sequences often need more micro-batches than short ones)."""
     train = config.train
     rows = tuple(train.phases) or ((0, config.data.max_seq_length,
                                     config.data.max_predictions_per_seq,
                                     train.global_batch_size),)
     starts = [int(row[0]) for row in rows]
-    if starts[0] != 0 or starts != sorted(set(starts)) or starts[-1] >= train.num_steps:
-        raise ValueError(f"train.phases={tuple(train.phases)}: expected start steps rising "
-                         f"from 0 and below train.num_steps={train.num_steps}")
+    if (starts[0] != 0 or starts != sorted(set(starts)) or starts[-1] >= train.num_steps
+            or any(len(row) not in (4, 5) for row in rows)):
+        raise ValueError(f"train.phases={tuple(train.phases)}: expected rows (start, "
+                         f"max_seq_length, max_predictions, batch[, grad_accum_steps]) with "
+                         f"start steps rising from 0 and below train.num_steps="
+                         f"{train.num_steps}")
     ends = starts[1:] + [int(train.num_steps)]
-    return [Phase(s, e, int(length), int(predictions), int(batch))
-            for (s, length, predictions, batch), e in zip(rows, ends)]
+    return [Phase(int(row[0]), end, int(row[1]), int(row[2]), int(row[3]),
+                  int(row[4]) if len(row) == 5 else int(train.grad_accum_steps))
+            for row, end in zip(rows, ends)]
 
 
 def phase_config(config: ml_collections.ConfigDict, phase: Phase) -> ml_collections.ConfigDict:
@@ -265,7 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) ->
     train_phases = phases(config)
     for phase in train_phases:
         check_batch_topology(phase.global_batch_size,
-                             sharding.data_parallel_size(mesh) * config.train.grad_accum_steps)
+                             sharding.data_parallel_size(mesh) * phase.grad_accum_steps)
 
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
                                 every_steps=config.checkpoint.every_steps,
@@ -279,11 +286,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) ->
         start = 0
     stop = min(config.train.stop_at_step or config.train.num_steps, config.train.num_steps)
 
-    step_fn = jax.jit(functools.partial(train_step, graphdef=spec.graphdef, tx=tx,
-                                        schedule=schedule,
-                                        accum_steps=config.train.grad_accum_steps),
-                      in_shardings=(spec.shardings, sharding.batch_sharding(mesh)),
-                      out_shardings=(spec.shardings, None), donate_argnums=0)
+    step_fns = {accum: jax.jit(functools.partial(train_step, graphdef=spec.graphdef, tx=tx,
+                                                 schedule=schedule, accum_steps=accum),
+                               in_shardings=(spec.shardings, sharding.batch_sharding(mesh)),
+                               out_shardings=(spec.shardings, None), donate_argnums=0)
+                for accum in {phase.grad_accum_steps for phase in train_phases}}
     eval_fn = jax.jit(functools.partial(eval_step, graphdef=spec.graphdef),
                       in_shardings=(spec.shardings["params"], sharding.batch_sharding(mesh)))
     writer = MetricsWriter(workdir, enabled=is_main)
@@ -304,7 +311,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) ->
             loader = pipeline.loader(run_config, prepared, "train",
                                      sharding.process_rows(mesh, phase.global_batch_size))
             state, step, summary["train"] = _train_phase(
-                run_config, phase, step, min(phase.end, stop), state, step_fn, loader, mesh,
+                run_config, phase, step, min(phase.end, stop), state,
+                step_fns[phase.grad_accum_steps], loader, mesh,
                 model_config, writer, checkpointer, preemption, is_main)
             if preemption.requested:
                 break

@@ -1,7 +1,10 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+PODS = Path(__file__).parents[1] / "configs" / "pods"
 
 
 def _bert_jax(*args, timeout=300):
@@ -13,7 +16,7 @@ def test_help_explains_every_subcommand():
     result = _bert_jax("--help")
     assert result.returncode == 0
     subcommands = ["pretrain", "prepare-data", "inspect-data", "benchmark-data", "eval",
-                   "export", "fill-mask"]
+                   "export", "fill-mask", "compile"]
     for name in subcommands:
         assert name in result.stdout
         sub = _bert_jax(name, "--help")
@@ -25,6 +28,9 @@ def test_help_explains_every_subcommand():
     (["pretrain", "--config.model.bogus=1"], ["bogus"]),
     (["pretrain", "--config.model.num_layers=two"], ["num_layers", "two"]),
     (["pretrain", "--config=missing.py"], ["missing.py", "does not exist"]),
+    (["pretrain", f"--config={PODS}/base.py:v9-8"], ["v9-8", "v4-32"]),
+    (["pretrain", "--num-processes=2", "--config.train.num_steps=1"],
+     ["missing ['coordinator_address', 'process_id']", "--coordinator-address"]),
     (["pretrain", "--verbose"], ["--verbose"]),
     (["pretrain", "--config.train.optimizer=sgd"], ["train.optimizer='sgd'", "adamw"]),
     (["prepare-data", "--config.data.corpus=/nowhere/*.txt"], ["/nowhere/*.txt"]),

@@ -169,9 +169,13 @@ def test_phases_cover_the_steps_and_bad_phases_are_refused():
     first, second = train.phases(config)
     assert (first.start, first.end, first.max_seq_length) == (0, 90, 128)
     assert (second.start, second.end, second.global_batch_size) == (90, 100, 8)
-    config.train.phases = ((10, 128, 20, 32),)
-    with pytest.raises(ValueError, match="train.phases"):
-        train.phases(config)
+    config.train.grad_accum_steps = 2
+    config.train.phases = ((0, 128, 20, 32), (90, 512, 80, 8, 4))
+    assert [p.grad_accum_steps for p in train.phases(config)] == [2, 4]
+    for bad in [((10, 128, 20, 32),), ((0, 128, 20),), ((0, 128, 20, 32, 1, 1),)]:
+        config.train.phases = bad
+        with pytest.raises(ValueError, match="train.phases"):
+            train.phases(config)
     config.train.phases = ()
     (only,) = train.phases(config)
     assert (only.end, only.max_seq_length) == (100, config.data.max_seq_length)

@@ -1,0 +1,21 @@
+"""BERT-large with LAMB on English Wikipedia, phases 128 -> 512, sized for a TPU slice or an
+8-GPU host: pick the target after a colon (v4-32, v5e-16, v5e-64, v5p-128, 8xgpu; see
+`bert_jax.config.pod_config` for the batch, accumulation and mesh of each).
+
+Build the data once where every worker reads it (gs:// for TPUs), e.g.
+  bert-jax prepare-data --config=configs/pods/large.py:v4-32 --config.data.data_dir=gs://B/data
+Then, on a TPU v4-32 (spot capacity, restarted after preemptions):
+  launch/tpu_vm.sh --name bert-large --zone us-central2-b --type v4-32 --spot --keep-alive \
+      --workdir gs://B/runs/large -- --config=configs/pods/large.py:v4-32 \
+      --config.data.data_dir=gs://B/data
+on a v5e-64: --type v5litepod-64 --zone us-west4-a ... --config=configs/pods/large.py:v5e-64
+on a v5p-128: --type v5p-128 --zone us-east5-a ... --config=configs/pods/large.py:v5p-128
+on one host with 8 GPUs:
+  launch/gpu.sh --install -- --config=configs/pods/large.py:8xgpu --workdir=runs/large
+"""
+
+from bert_jax.config import pod_config
+
+
+def get_config(target="v4-32"):
+    return pod_config("large", target)

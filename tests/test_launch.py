@@ -1,0 +1,123 @@
+"""launch/ scripts: the commands their --dry-run prints, their usage text and argument errors,
+and shellcheck (when installed, as in CI)."""
+
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+LAUNCH = Path(__file__).parents[1] / "launch"
+SCRIPTS = ["local_multihost.sh", "gpu.sh", "slurm.sbatch", "tpu_vm.sh"]
+
+
+def _launch(script, *args):
+    return subprocess.run(["bash", str(LAUNCH / script), *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def _commands(result) -> list[list[str]]:
+    """The printed commands, each split as the shell would."""
+    assert result.returncode == 0, result.stderr
+    return [shlex.split(line) for line in result.stdout.splitlines() if not line.startswith("#")]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_has_usage_strict_mode_and_passes_shellcheck(script):
+    text = (LAUNCH / script).read_text()
+    assert "set -euo pipefail" in text
+    usage = _launch(script, "--help")
+    assert usage.returncode == 0 and "usage:" in usage.stdout and "--dry-run" in usage.stdout
+    bad = _launch(script, "--frobnicate")
+    assert bad.returncode == 2 and "--frobnicate" in bad.stderr
+    if shutil.which("shellcheck"):
+        checked = subprocess.run(["shellcheck", str(LAUNCH / script)], capture_output=True,
+                                 text=True)
+        assert checked.returncode == 0, checked.stdout
+
+
+def test_local_multihost_dry_run_gives_each_process_its_id_and_devices(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_dump_to=x")
+    commands = _commands(_launch("local_multihost.sh", "--dry-run", "--port", "4321",
+                                 "--devices", "6", "3", "--", "bert-jax", "pretrain",
+                                 "--workdir=runs/a b"))
+    assert len(commands) == 3
+    for process, command in enumerate(commands):
+        assert command[:5] == ["env", "JAX_COORDINATOR_ADDRESS=localhost:4321",
+                               "JAX_NUM_PROCESSES=3", f"JAX_PROCESS_ID={process}",
+                               "JAX_PLATFORMS=cpu"]
+        # The test's own device count gives way; its other flags stay.
+        assert command[5] == ("XLA_FLAGS=--xla_dump_to=x "
+                              "--xla_force_host_platform_device_count=2")
+        assert command[6:9] == ["bert-jax", "pretrain", "--workdir=runs/a b"]
+    assert commands[1][-3:] == [">", "LOG_DIR/process_1.log", "2>&1"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--devices", "5", "2", "--", "true"], "does not split evenly over 2 processes"),
+    (["0", "--", "true"], "N=0: expected a positive integer"),
+    (["2", "true"], "expected N -- COMMAND"),
+])
+def test_local_multihost_refuses_bad_arguments(args, words):
+    result = _launch("local_multihost.sh", *args)
+    assert result.returncode == 2 and words in result.stderr
+
+
+def test_gpu_dry_run_installs_then_runs_one_process_on_the_chosen_gpus(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS")
+    install, run = _commands(_launch("gpu.sh", "--dry-run", "--install", "--gpus", "0,1", "--",
+                                     "--config=configs/pods/base.py:8xgpu"))
+    assert install[:4] == ["python3", "-m", "pip", "install"]
+    assert install[4].endswith("[cuda]")
+    assert run[0] == "env" and "CUDA_VISIBLE_DEVICES=0,1" in run
+    assert "XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true" in run
+    assert run[-3:] == ["bert-jax", "pretrain", "--config=configs/pods/base.py:8xgpu"]
+    assert _launch("gpu.sh", "--gpus", "all").returncode == 2
+
+
+def test_slurm_dry_run_starts_one_task_per_gpu_through_srun():
+    text = (LAUNCH / "slurm.sbatch").read_text()
+    assert "#SBATCH --ntasks-per-node=8" in text and "#SBATCH --gpus-per-node=8" in text
+    (command,) = _commands(_launch("slurm.sbatch", "--dry-run", "--", "--workdir=/shared/run"))
+    assert command[:2] == ["srun", "--kill-on-bad-exit=1"]
+    assert command[-3:] == ["bert-jax", "pretrain", "--workdir=/shared/run"]
+    outside = _launch("slurm.sbatch", "--", "--workdir=/shared/run")
+    assert outside.returncode == 2 and "not inside a SLURM job" in outside.stderr
+
+
+def test_tpu_vm_dry_run_creates_installs_starts_on_all_workers_and_follows_worker_0():
+    commands = _commands(_launch(
+        "tpu_vm.sh", "--dry-run", "--name", "bert", "--zone", "us-central2-b", "--type",
+        "v4-32", "--spot", "--keep-alive", "--workdir", "gs://bucket/run", "--",
+        "--config=configs/pods/base.py:v4-32", "--config.data.corpus=it's *.txt"))
+    describe, create, archive, copy, install, start, follow = commands
+    assert describe[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "describe", "bert"]
+    assert create[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "bert"]
+    assert {"--node-id=bert", "--zone=us-central2-b", "--accelerator-type=v4-32",
+            "--runtime-version=tpu-ubuntu2204-base", "--spot"} <= set(create)
+    assert archive[:2] == ["git", "-C"] and "archive" in archive
+    assert copy[4] == "scp" and "--worker=all" in copy
+    assert install[4] == "ssh" and "--worker=all" in install and "[tpu]" in install[-1]
+    assert start[4] == "ssh" and "--worker=all" in start
+    # The run, as the worker's shell will see it: every argument intact.
+    remote = start[-1].removeprefix("--command=")
+    detached = shlex.split(remote.split("nohup bash -c ", 1)[1].split(" > bert-jax.log")[0])
+    assert shlex.split(detached[0])[3:10] == [
+        "python3", "-m", "bert_jax.cli", "pretrain", "--workdir=gs://bucket/run",
+        "--config=configs/pods/base.py:v4-32", "--config.data.corpus=it's *.txt"]
+    assert follow[4] == "ssh" and "--worker=0" in follow and "tail" in follow[-1]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--name", "b", "--zone", "z", "--type", "v4-32", "--workdir", "runs/a"],
+     "expected a gs:// URL"),
+    (["--name", "b", "--zone", "z", "--type", "v9-8", "--workdir", "gs://b/r"],
+     "--type v9-8"),
+    (["--zone", "z", "--type", "v4-32", "--workdir", "gs://b/r"], "--name is required"),
+    (["--name", "b", "--zone", "z", "--type", "v4-32", "--workdir", "gs://b/r", "--spot",
+      "--preemptible"], "exclude each other"),
+])
+def test_tpu_vm_refuses_bad_arguments(args, words):
+    result = _launch("tpu_vm.sh", "--dry-run", *args)
+    assert result.returncode == 2 and words in result.stderr
