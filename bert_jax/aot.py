@@ -9,8 +9,8 @@ how much room?" before any TPU is rented: the compiled program's memory per chip
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
+import time
 
 import jax
 import ml_collections
@@ -63,8 +63,6 @@ class Compiled:
 def compile_train_step(config: ml_collections.ConfigDict, accelerator_type: str,
                        phase_index: int = 0) -> Compiled:
     """Compiles the train step of one of `config`'s phases for `accelerator_type`."""
-    import time
-
     from jax.experimental import topologies
 
     devices = topologies.get_topology_desc(topology_name(accelerator_type), "tpu").devices
@@ -83,11 +81,8 @@ def compile_train_step(config: ml_collections.ConfigDict, accelerator_type: str,
     batch = {name: jax.ShapeDtypeStruct(shape, np.float32 if name == "masked_lm_weights"
                                         else np.int32, sharding=batch_sharding)
              for name, shape in shapes.items()}
-    step = jax.jit(functools.partial(train.train_step, graphdef=spec.graphdef, tx=tx,
-                                     schedule=learning_rate_schedule(config.train),
-                                     accum_steps=phase.grad_accum_steps),
-                   in_shardings=(spec.shardings, batch_sharding),
-                   out_shardings=(spec.shardings, None), donate_argnums=0)
+    step = train.jit_train_step(spec, tx, learning_rate_schedule(config.train), mesh,
+                                phase.grad_accum_steps)
     started = time.perf_counter()
     compiled = step.lower(spec.abstract, batch).compile()
     seconds = time.perf_counter() - started

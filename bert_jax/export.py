@@ -14,7 +14,6 @@ import ml_collections
 import numpy as np
 from etils.epath import Path  # local paths and gs:// alike
 
-from bert_jax import hf
 from bert_jax.checkpoint import Checkpointer
 from bert_jax.config import ModelConfig
 from bert_jax.pretrained import Pretrained

@@ -142,6 +142,15 @@ def train_step(state: dict, batch: dict, *, graphdef, tx, schedule, accum_steps:
     return new_state, metrics
 
 
+def jit_train_step(spec: StateSpec, tx, schedule, mesh, accum_steps: int):
+    """`train_step` jitted for `mesh`: state in its shardings (donated), batch rows split over
+    the batch axes."""
+    return jax.jit(functools.partial(train_step, graphdef=spec.graphdef, tx=tx,
+                                     schedule=schedule, accum_steps=accum_steps),
+                   in_shardings=(spec.shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(spec.shardings, None), donate_argnums=0)
+
+
 def eval_step(params: dict, batch: dict, *, graphdef) -> dict:
     """Summed MLM/NSP losses and hits of a batch (no dropout); add them over batches."""
     return _forward_sums(params, graphdef, batch, None)
@@ -286,10 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) ->
         start = 0
     stop = min(config.train.stop_at_step or config.train.num_steps, config.train.num_steps)
 
-    step_fns = {accum: jax.jit(functools.partial(train_step, graphdef=spec.graphdef, tx=tx,
-                                                 schedule=schedule, accum_steps=accum),
-                               in_shardings=(spec.shardings, sharding.batch_sharding(mesh)),
-                               out_shardings=(spec.shardings, None), donate_argnums=0)
+    step_fns = {accum: jit_train_step(spec, tx, schedule, mesh, accum)
                 for accum in {phase.grad_accum_steps for phase in train_phases}}
     eval_fn = jax.jit(functools.partial(eval_step, graphdef=spec.graphdef),
                       in_shardings=(spec.shardings["params"], sharding.batch_sharding(mesh)))

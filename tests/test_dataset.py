@@ -1,6 +1,5 @@
 """The prepared TFDS dataset, end to end: corpus -> tokenizer -> ArrayRecord -> masked batches."""
 
-import json
 import subprocess
 import sys
 

@@ -1,5 +1,6 @@
-"""Training: sharded equals single-device, accumulation equals one big step, resume equals
-straight, preemption saves and exits 0, exports load in transformers."""
+"""Training: sharded equals single-device, accumulation equals one big step, preemption saves,
+exits 0 and resumes exactly, exports load in transformers. (Resuming after stop_at_step, on
+other process counts and meshes: test_multihost.py.)"""
 
 import json
 import signal
@@ -54,9 +55,9 @@ class _Case:
 NO_DROPOUT = dict(vocab_size=512, hidden_dropout_rate=0.0)
 
 
-@pytest.mark.parametrize("model_size", ["tiny", "mini"])
-def test_sharded_meshes_give_the_single_device_losses(model_size):
-    case = _Case(model_size, vocab_size=512, max_position_embeddings=64, scan_layers=True)
+def test_sharded_meshes_give_the_single_device_losses():
+    # mini: its 4 heads split 4 ways, as tensor parallelism on real sizes does.
+    case = _Case("mini", vocab_size=512, max_position_embeddings=64, scan_layers=True)
     batches = [synthetic_batch(i, 16, 32, 512, 5) for i in range(3)]
     single, _, initial = _run_steps(case, sharding.make_mesh(
         {"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1]), batches)
@@ -64,7 +65,7 @@ def test_sharded_meshes_give_the_single_device_losses(model_size):
     for shape in [(8, 1, 1), (2, 2, 2), (1, 4, 2), (1, 2, 4)]:
         mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)))
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tiny's 2 heads on 4-way tensor: replicated
+            warnings.simplefilter("ignore")  # small dimensions replicated, with a warning
             # The same initial values (sharded init is tested by the resume tests).
             losses, _, _ = _run_steps(case, mesh, batches, initial=initial)
         np.testing.assert_allclose(losses, single, rtol=1e-5, err_msg=str(shape))
@@ -93,19 +94,6 @@ def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
     np.testing.assert_allclose(accumulated_losses, whole_losses, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  accumulated, whole)
-
-
-@pytest.mark.slow
-def test_resume_after_stop_at_step_equals_the_straight_run(straight_run, tmp_path):
-    reference, data_dir, _ = straight_run
-    # A relative workdir, as users type it.
-    first = pretrain("run", overrides(data_dir, **{"train.stop_at_step": 10}), cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
-    assert "stopped at step 10" in first.stdout
-    second = pretrain("run", overrides(data_dir), cwd=tmp_path)
-    assert second.returncode == 0, second.stderr
-    assert "resumed" in second.stdout + second.stderr
-    assert_same_run(reference, tmp_path / "run")
 
 
 @pytest.mark.slow
