@@ -16,12 +16,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from bert_jax import flops, sharding, train
+from bert_jax import sharding, train
 from bert_jax.config import ModelConfig
 from bert_jax.optim import learning_rate_schedule, make_optimizer
 
-# Cloud TPU accelerator types -> (JAX topology name prefix, chips per host bounds). The number
-# in a v4/v5p type counts TensorCores (2 per chip); in a v5e/v6e type it counts chips.
+# Cloud TPU accelerator types -> (JAX topology name prefix, TensorCores per chip). The number
+# in a v4/v5p type counts TensorCores (2 per chip, run as one "megacore" device); in a
+# v5e/v6e type it counts chips.
 _GENERATIONS = {"v4": ("v4", 2), "v5p": ("v5p", 2), "v5e": ("v5e", 1), "v5litepod": ("v5e", 1),
                 "v6e": ("v6e", 1)}
 _SHAPES = {  # chips -> topology shape
@@ -51,13 +52,14 @@ def topology_name(accelerator_type: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Compiled:
-    """What XLA reports for one train step compiled for a slice."""
+    """What XLA reports for one train step compiled for a slice. `out_of_memory` holds XLA's
+    message when the step does not fit a chip (then `bytes_per_chip` is empty)."""
 
     topology: str
     chips: int
     seconds: float
-    bytes_per_chip: dict  # arguments, outputs, temporaries, generated code, peak (a sum)
-    flops_per_step: float
+    bytes_per_chip: dict  # arguments, outputs, aliased, temporaries, code, total
+    out_of_memory: str | None = None
 
 
 def compile_train_step(config: ml_collections.ConfigDict, accelerator_type: str,
@@ -65,7 +67,10 @@ def compile_train_step(config: ml_collections.ConfigDict, accelerator_type: str,
     """Compiles the train step of one of `config`'s phases for `accelerator_type`."""
     from jax.experimental import topologies
 
-    devices = topologies.get_topology_desc(topology_name(accelerator_type), "tpu").devices
+    topology = topology_name(accelerator_type)
+    megacore = topology.startswith(("v4", "v5p"))
+    devices = topologies.get_topology_desc(
+        topology, "tpu", **({"chip_config_name": "megacore"} if megacore else {})).devices
     mesh = sharding.make_mesh(config.mesh.to_dict(), devices=devices)
     phase = train.phases(config)[phase_index]
     model_config = ModelConfig.from_dict(config.model)
@@ -84,7 +89,13 @@ def compile_train_step(config: ml_collections.ConfigDict, accelerator_type: str,
     step = train.jit_train_step(spec, tx, learning_rate_schedule(config.train), mesh,
                                 phase.grad_accum_steps)
     started = time.perf_counter()
-    compiled = step.lower(spec.abstract, batch).compile()
+    try:
+        compiled = step.lower(spec.abstract, batch).compile()
+    except jax.errors.JaxRuntimeError as error:
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        message = str(error).split("RESOURCE_EXHAUSTED: ", 1)[-1].splitlines()[0]
+        return Compiled(topology, len(devices), time.perf_counter() - started, {}, message)
     seconds = time.perf_counter() - started
     memory = compiled.memory_analysis()
     sizes = {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
@@ -93,5 +104,4 @@ def compile_train_step(config: ml_collections.ConfigDict, accelerator_type: str,
     # Donated state is aliased: its outputs reuse the arguments' memory.
     sizes["total"] = (sizes["arguments"] + sizes["outputs"] - sizes["aliased"]
                       + sizes["temporaries"] + sizes["code"])
-    per_step = rows * flops.train_flops_per_sequence(model_config, length, predictions)
-    return Compiled(topology_name(accelerator_type), len(devices), seconds, sizes, per_step)
+    return Compiled(topology, len(devices), seconds, sizes)

@@ -154,14 +154,23 @@ def _compile(args, config) -> None:
     from bert_jax import aot
     from bert_jax.train import phases
 
+    too_big = []
     for index, phase in enumerate(phases(config)):
         compiled = aot.compile_train_step(config, args.tpu, index)
-        memory = compiled.bytes_per_chip
-        print(f"phase {index} (length {phase.max_seq_length}, batch {phase.global_batch_size}, "
-              f"{phase.grad_accum_steps} micro-batches) on {args.tpu} ({compiled.topology}, "
-              f"{compiled.chips} chips): {memory['total'] / 2**30:.2f} GiB per chip "
-              f"(state {memory['arguments'] / 2**30:.2f}, temporaries "
-              f"{memory['temporaries'] / 2**30:.2f}); compiled in {compiled.seconds:.0f}s")
+        what = (f"phase {index} (length {phase.max_seq_length}, batch "
+                f"{phase.global_batch_size}, {phase.grad_accum_steps} micro-batches) on "
+                f"{args.tpu} ({compiled.topology}, {compiled.chips} chips)")
+        if compiled.out_of_memory:
+            too_big.append(index)
+            print(f"{what}: does not fit: {compiled.out_of_memory}")
+            continue
+        memory = {k: v / 2**30 for k, v in compiled.bytes_per_chip.items()}
+        print(f"{what}: {memory['total']:.2f} GiB per chip (state {memory['arguments']:.2f}, "
+              f"temporaries {memory['temporaries']:.2f}); compiled in {compiled.seconds:.0f}s")
+    if too_big:
+        raise ValueError(f"phases {too_big} do not fit {args.tpu}: raise their gradient "
+                         f"accumulation (the 5th value of a train.phases row) or set "
+                         f"--config.model.remat_policy=full")
 
 
 def _fill_mask(args, config) -> None:

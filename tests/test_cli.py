@@ -44,6 +44,7 @@ def test_help_explains_every_subcommand():
       "--config.train.num_steps=10", "--start-step=3", "--steps=4"],
      ["cross the phase boundary at step 5"]),
     (["frobnicate"], ["invalid choice", "frobnicate"]),
+    (["compile", "--tpu=v4-32"], ["libtpu", "pip install 'bert-jax[tpu]'"]),  # not in [test]
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, words):
     result = _bert_jax(*args)
