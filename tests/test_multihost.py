@@ -31,7 +31,7 @@ def test_two_processes_resume_as_one_process_and_as_four_with_the_same_losses(st
     # 1 process x 4 devices, given a relative workdir as users type it.
     as_one = pretrain("a", overrides(data_dir), cwd=tmp_path)
     assert as_one.returncode == 0, as_one.stderr
-    assert f"resumed from {tmp_path / 'a' / 'checkpoints'} at step 10" in as_one.stdout
+    assert "resumed from a/checkpoints at step 10" in as_one.stdout
     # 4 processes x 1 device, on another mesh: 2-way data x 2-way FSDP.
     as_four = _run(multihost_command(4, tmp_path / "b", overrides(
         data_dir, **{"mesh.data": 2, "mesh.fsdp": 2})))
