@@ -12,6 +12,7 @@ import os
 import sys
 from etils.epath import Path  # local paths and gs:// alike
 
+from bert_jax.config import ATTENTION_IMPLEMENTATIONS, DTYPES, PRESETS, REMAT_POLICIES
 from bert_jax.distributed import DEFAULT_HEARTBEAT_TIMEOUT_S
 
 DESCRIPTION = """\
@@ -26,6 +27,7 @@ subcommands:
   export        write a Hugging Face directory (weights + tokenizer) from a workdir
   fill-mask     predict the [MASK] tokens of a text with a workdir or export
   compile       compile the train step for a TPU slice here (no TPU needed): memory per chip
+  benchmark     time full train steps on synthetic batches (one JSON line)
 
 pretrain and the data subcommands take --config=FILE (a Python file with get_config();
 default: the built-in tiny config on the built-in corpus) and overrides such as
@@ -171,6 +173,16 @@ def _compile(args, config) -> None:
         raise ValueError(f"phases {too_big} do not fit {args.tpu}: raise their gradient "
                          f"accumulation (the 5th value of a train.phases row) or set "
                          f"--config.model.remat_policy=full")
+
+
+def _benchmark(args, config) -> None:
+    import json
+
+    from bert_jax import benchmark
+
+    run_config = benchmark.benchmark_config(args.model, args.batch, args.seq, args.dtype,
+                                            args.attention, args.scan, args.remat)
+    print(json.dumps(benchmark.run(run_config, args.steps)))
 
 
 def _fill_mask(args, config) -> None:
@@ -334,6 +346,24 @@ def build_parser() -> argparse.ArgumentParser:
                     "thread), printing one JSON line with sequences per second.")
     benchmark.add_argument("--steps", type=_positive, default=50,
                            help="batches timed (default 50)")
+    bench = add("benchmark", _benchmark, "time train steps on synthetic batches",
+                "Times full train steps (forward, backward, AdamW) of BERT-SIZE with BERT's "
+                "vocabulary and dropout on synthetic batches with 15% of the tokens masked, on "
+                "all local devices, and prints one JSON line: median step_ms, seq_per_s, "
+                "tokens_per_s, mfu (null where the peak is unknown, e.g. CPU), compile_s, "
+                "peak_memory_bytes, the device and the settings. Needs no dataset.", False)
+    bench.add_argument("--model", default="small", choices=list(PRESETS),
+                       help="model size (default small)")
+    bench.add_argument("--batch", type=_positive, default=16, help="global batch (default 16)")
+    bench.add_argument("--seq", type=_positive, default=128, help="sequence length (default 128)")
+    bench.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                       help="compute dtype (parameters stay float32)")
+    bench.add_argument("--steps", type=_positive, default=10, help="timed steps (default 10)")
+    bench.add_argument("--attention", default="auto", choices=list(ATTENTION_IMPLEMENTATIONS),
+                       help="jax.nn.dot_product_attention implementation (default auto)")
+    bench.add_argument("--scan", action="store_true", help="run the layers with lax.scan")
+    bench.add_argument("--remat", default="none", choices=list(REMAT_POLICIES),
+                       help="rematerialization policy (default none)")
     compile_parser = add("compile", _compile, "compile the train step for a TPU slice",
                          "Compiles each phase's train step for a Cloud TPU slice on this "
                          "machine (no TPU needed; needs the libtpu package, the 'tpu' extra) "

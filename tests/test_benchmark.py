@@ -1,0 +1,64 @@
+"""The FLOPs formula against hand counts and against XLA's own count, and `bert-jax
+benchmark` end to end (no timing assertions: speed is measured side by side with the peers,
+docs/performance.md)."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from bert_jax import flops
+from bert_jax.config import preset
+from bert_jax.data.synthetic import synthetic_batch
+from bert_jax.model import create
+
+
+@pytest.mark.parametrize("size, seq, predictions, hand_count", [
+    # BERT-base, 128 tokens, 20 predictions. Per layer and token: QKV 3*768^2, output 768^2,
+    # MLP 2*768*3072 multiply-adds = 7,077,888; attention 2*128*768 = 196,608. x12 layers
+    # x128 tokens = 11,173,625,856 MACs; MLM: 20*(768^2 + 768*30522) = 480,614,400; pooler and
+    # NSP 768^2 + 2*768 = 591,360. Total 11,654,831,616 MACs; x2 FLOPs x3 (fwd + bwd).
+    ("base", 128, 20, 6 * 11_654_831_616),
+    # BERT-large, 512 tokens, 80 predictions: per layer and token 12*1024^2 = 12,582,912 +
+    # 2*512*1024 = 1,048,576; x24 x512 = 167,503,724,544; MLM 80*(1024^2 + 1024*30522) =
+    # 2,584,248,320; pooler and NSP 1,050,624. Total 170,089,023,488 MACs.
+    ("large", 512, 80, 6 * 170_089_023_488),
+])
+def test_flops_formula_matches_a_hand_count(size, seq, predictions, hand_count):
+    config = preset(size, vocab_size=30522)
+    assert flops.train_flops_per_sequence(config, seq, predictions) == hand_count
+
+
+def test_forward_flops_are_within_5_percent_of_xlas_count():
+    """XLA's cost analysis of the compiled forward pass is an outside count: the formula's
+    forward third (matmuls only) must be close to it (XLA adds the elementwise work)."""
+    config = preset("mini", vocab_size=30522)
+    model = create(config, seed=0)
+    batch = synthetic_batch(0, 4, 128, 30522, 20)
+    forward = jax.jit(lambda ids, types, mask, positions: model(ids, types, mask, positions))
+    args = (batch["input_ids"], batch["segment_ids"], batch["input_mask"],
+            batch["masked_lm_positions"])
+    analysis = forward.lower(*map(jnp.asarray, args)).compile().cost_analysis()
+    xla_flops = (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
+    ours = 4 * flops.train_flops_per_sequence(config, 128, 20) / 3
+    assert ours == pytest.approx(xla_flops, rel=0.05)
+
+
+def test_benchmark_prints_one_json_line_with_every_figure():
+    # As on a GPU image without TensorFlow: the benchmark must never import it.
+    program = ("import sys; from bert_jax import cli; code = cli.main(sys.argv[1:]); "
+               "assert 'tensorflow' not in sys.modules, 'imported tensorflow'; sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", program, "benchmark", "--model=tiny",
+                             "--batch=8", "--seq=32", "--steps=2", "--scan"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    for name in ("step_ms", "seq_per_s", "tokens_per_s", "compile_s", "peak_memory_bytes"):
+        assert figures[name] > 0, name
+    assert figures["tokens_per_s"] == pytest.approx(figures["seq_per_s"] * 32, rel=0.01)
+    assert figures["mfu"] is None and figures["device"] == "cpu"  # no known CPU peak
+    assert (figures["batch"], figures["seq"], figures["predictions"], figures["scan"]) == (
+        8, 32, 5, True)
