@@ -170,9 +170,15 @@ class Encoder(nnx.Module):
 
             x_bsd, _ = jax.lax.scan(body, x_bsd, (stacked, layer_keys))
             return x_bsd
-        for i in range(self.config.num_layers):
+        # One split, not a slice per layer: the gradient of a split is one concatenate, while
+        # per-layer slices transpose to padded copies of the whole stack, summed (O(L^2) work).
+        n = self.config.num_layers
+        per_param = jax.tree.map(lambda p: jax.lax.split(p, [1] * n), stacked)
+        for i in range(n):
             layer_key = None if layer_keys is None else layer_keys[i]
-            x_bsd = apply_layer(x_bsd, jax.tree.map(lambda p: p[i], stacked), layer_key)
+            layer_state = jax.tree.map(lambda parts: parts[i][0], per_param,
+                                       is_leaf=lambda x: isinstance(x, (list, tuple)))
+            x_bsd = apply_layer(x_bsd, layer_state, layer_key)
         return x_bsd
 
 
