@@ -143,6 +143,13 @@ class Checkpointer:
             step, collective=False)
         return metadata
 
+    def delete_after(self, step: int) -> None:
+        """Deletes the checkpoints of steps after `step` (a rollback rewrites them)."""
+        self.wait()
+        for later in self.all_steps():
+            if later > step:
+                self._manager.delete(later)
+
     def wait(self) -> None:
         """Blocks until pending saves are committed (and old steps beyond `keep` deleted)."""
         self._manager.wait_until_finished()

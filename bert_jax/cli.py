@@ -102,7 +102,10 @@ def _pretrain(args, config) -> None:
 
     from bert_jax import export, train
 
-    summary = train.train_and_evaluate(config, args.workdir)
+    try:
+        summary = train.train_and_evaluate(config, args.workdir)
+    except train.NonFiniteError as e:  # not bad input: exit code 1, still one line
+        raise SystemExit(f"bert-jax pretrain: error: {e}") from None
     if jax.process_index() != 0:
         return
     train_metrics, validation = summary["train"], summary["validation"]
@@ -112,6 +115,9 @@ def _pretrain(args, config) -> None:
         print(f"  train       loss {train_metrics['loss']:.3f}  "
               f"mlm_accuracy {train_metrics['mlm_accuracy']:.3f}  "
               f"{train_metrics['seq_per_s']:.0f} seq/s")
+        if train_metrics["nonfinite_total"] or summary["rollbacks"]:
+            print(f"  non-finite  {train_metrics['nonfinite_total']:.0f} steps skipped, "
+                  f"{summary['rollbacks']} rollbacks")
     if validation:
         print(f"  validation  loss {validation['loss']:.3f}  "
               f"mlm_accuracy {validation['mlm_accuracy']:.3f}  "

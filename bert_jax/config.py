@@ -139,6 +139,19 @@ def _check_choice(section, name, value, choices):
         raise ValueError(f"{section}.{name}={value!r}: expected one of {list(choices)}")
 
 
+NONFINITE_POLICIES = ("rollback", "stop")
+
+
+def check_train(train: ml_collections.ConfigDict) -> None:
+    """The `train` fields a run reads only after hours (the non-finite policy), checked up
+    front."""
+    _check_choice("train", "on_nonfinite", train.on_nonfinite, NONFINITE_POLICIES)
+    for name, least in (("nonfinite_patience", 1), ("max_rollbacks", 0)):
+        value = train[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"train.{name}={value!r}: expected an integer >= {least}")
+
+
 def preset(name: str, **overrides) -> ModelConfig:
     """The model config of a named size (`tiny` ... `large`), with optional overrides."""
     if name not in PRESETS:
@@ -163,6 +176,11 @@ def default_config(size: str = "tiny") -> ml_collections.ConfigDict:
         decay_power=1.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-6, weight_decay=0.01,
         grad_clip_norm=1.0,
         log_every=100, eval_steps=0,
+        # A step with a non-finite loss or gradient norm skips its update. After
+        # `nonfinite_patience` such steps in a row, "rollback" restores the last checkpoint and
+        # moves the data past the offending batches (at most `max_rollbacks` times); "stop"
+        # ends the run with an error naming the step.
+        on_nonfinite="rollback", nonfinite_patience=10, max_rollbacks=3,
         # Dropout PRNG: threefry2x32 is the same under every sharding; rbg is faster.
         rng_impl="threefry2x32",
         # ((start_step, max_seq_length, max_predictions_per_seq, global_batch_size), ...);

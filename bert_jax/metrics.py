@@ -9,18 +9,38 @@ from etils.epath import Path  # local paths and gs:// alike
 
 class MetricsWriter:
     """Appends one JSON object per call to metrics.jsonl and the same scalars to TensorBoard
-    (under `train/` or `validation/`). Disabled writers (processes other than 0) do nothing."""
+    (under `train/` or `validation/`). Disabled writers (processes other than 0) do nothing.
 
-    def __init__(self, workdir, enabled: bool = True):
+    `start_step` is the step a run starts or resumes at: records of later steps (written
+    after the checkpoint a resumed run restarts from, and a line cut short by a kill) are
+    dropped, so metrics.jsonl holds each step once, as an uninterrupted run would.
+    """
+
+    def __init__(self, workdir, enabled: bool = True, start_step: int = 0):
         self.enabled = enabled
         if not enabled:
             return
         from tensorboardX import SummaryWriter  # imported here: only process 0 writes
 
-        workdir = Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = (workdir / "metrics.jsonl").open("a")
-        self._tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+        self._path = Path(workdir) / "metrics.jsonl"
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._jsonl = None
+        self.rewind(start_step)
+        self._tensorboard = SummaryWriter(str(self._path.parent / "tensorboard"))
+
+    def rewind(self, step: int) -> None:
+        """Drops the records after `step` (the run goes back there: resume, rollback)."""
+        if not self.enabled:
+            return
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._path.exists():
+            kept = [line for line in self._path.read_text().splitlines()
+                    if _step_of(line) is not None and _step_of(line) <= step]
+            partial = self._path.with_name(self._path.name + ".rewind")
+            partial.write_text("".join(line + "\n" for line in kept))
+            partial.replace(self._path)  # atomic: a kill now leaves the old or the new file
+        self._jsonl = self._path.open("a")
 
     def write(self, step: int, metrics: dict, split: str = "train") -> None:
         if not self.enabled:
@@ -38,6 +58,14 @@ class MetricsWriter:
         if self.enabled:
             self._jsonl.close()
             self._tensorboard.close()
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a line cut short."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _plain(value):

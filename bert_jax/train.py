@@ -1,7 +1,8 @@
 """Pretraining: sharded train state, jitted MLM/NSP steps, the loop, evaluation, checkpoints.
 
 The train state is a dict of arrays: `step`, `params` (the model's parameters as a nested
-dict), `opt_state` and `rng` (the base key; each step's dropout key is `fold_in(rng, step)`).
+dict), `opt_state`, `rng` (the base key; each step's dropout key is `fold_in(rng, step)`) and
+`nonfinite` (counts of skipped steps: in a row, and in all).
 It is created already sharded by a jitted init, and the same abstract state is the Orbax
 restore target, so unsharded state never exists. Steps are pure module-level functions,
 jitted once per batch shape with explicit shardings and the state donated.
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from bert_jax import distributed, flops, losses, sharding
 from bert_jax.checkpoint import Checkpointer
-from bert_jax.config import DataConfig, ModelConfig
+from bert_jax.config import DataConfig, ModelConfig, check_train
 from bert_jax.data import pipeline
 from bert_jax.data.checks import check_batch_topology
 from bert_jax.export import keep_tokenizer, open_checkpoints
@@ -48,7 +49,9 @@ def _init_state(model_config: ModelConfig, tx: optax.GradientTransformation, see
     # Dropout draws from its own stream: nnx derives initialization keys from key(seed) too.
     dropout_key = jax.random.fold_in(jax.random.key(seed, impl=rng_impl), _DROPOUT_STREAM)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "rng": dropout_key}
+            "rng": dropout_key,
+            "nonfinite": {"consecutive": jnp.zeros((), jnp.int32),
+                          "total": jnp.zeros((), jnp.int32)}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +72,7 @@ def state_spec(model_config: ModelConfig, tx, seed: int, mesh,
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     shardings = {"step": replicated, "params": params,
                  "opt_state": sharding.like_params(shapes["opt_state"], params, mesh),
-                 "rng": replicated}
+                 "rng": replicated, "nonfinite": {"consecutive": replicated, "total": replicated}}
     shapes = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           shapes, shardings)
     return StateSpec(graphdef, shapes, shardings)
@@ -108,6 +111,8 @@ def train_step(state: dict, batch: dict, *, graphdef, tx, schedule, accum_steps:
 
     The loss is (sum of MLM losses) / (MLM weight of the whole batch) + (sum of NSP losses) /
     (rows of the whole batch), so the micro-batches' gradients add up to the whole batch's.
+    A non-finite loss or gradient norm skips the update (parameters and optimizer state are
+    kept; the step and the data move on) and is counted in `state["nonfinite"]`.
     Returns the new state and the step's metrics (float32 scalars).
     """
     mlm_total = jnp.sum(batch["masked_lm_weights"].astype(jnp.float32))
@@ -136,9 +141,20 @@ def train_step(state: dict, batch: dict, *, graphdef, tx, schedule, accum_steps:
     metrics = losses.metrics_from_sums(sums)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = jnp.asarray(schedule(state["step"]), jnp.float32)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+
+    def if_finite(new, old):  # elementwise, so it fuses into the update itself
+        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    counts = state["nonfinite"]
+    nonfinite = {"consecutive": jnp.where(finite, 0, counts["consecutive"] + 1),
+                 "total": counts["total"] + jnp.where(finite, 0, 1)}
+    metrics.update({f"nonfinite_{k}": v.astype(jnp.float32) for k, v in nonfinite.items()})
     new_state = {"step": state["step"] + 1,
-                 "params": optax.apply_updates(state["params"], updates),
-                 "opt_state": opt_state, "rng": state["rng"]}
+                 "params": if_finite(optax.apply_updates(state["params"], updates),
+                                     state["params"]),
+                 "opt_state": if_finite(opt_state, state["opt_state"]), "rng": state["rng"],
+                 "nonfinite": nonfinite}
     return new_state, metrics
 
 
@@ -242,6 +258,54 @@ _CHANGEABLE_ON_RESUME = {"dtype", "attention_impl", "scan_layers", "remat_policy
                          "tfds_data_dir", "workers"}
 
 
+class NonFiniteError(RuntimeError):
+    """Training stopped on non-finite losses or gradients (`train.on_nonfinite`)."""
+
+
+class _Diverged(Exception):
+    """Inside the loop: step `step` (counted from 1, as in the metrics) was the
+    `train.nonfinite_patience`-th non-finite step in a row."""
+
+    def __init__(self, step: int, phase_start: int):
+        super().__init__(step, phase_start)
+        self.step, self.phase_start = step, phase_start
+
+
+def _check_finite(step: int, metrics: dict, patience: int, phase: Phase) -> None:
+    if int(metrics["nonfinite_consecutive"]) >= patience:
+        raise _Diverged(step, phase.start)
+
+
+def _roll_back(diverged: _Diverged, train_config, checkpointer: Checkpointer, spec: StateSpec,
+               skipped: dict, rollbacks: int, log) -> tuple[dict, int]:
+    """The state of the newest checkpoint before the run of non-finite steps, with the data of
+    its phase moved past the batches that gave them (`skipped` is updated); or
+    `NonFiniteError` where the config says stop, the rollbacks are spent, or no checkpoint
+    comes before those steps."""
+    patience = train_config.nonfinite_patience
+    what = (f"non-finite loss or gradients in {patience} steps in a row (steps "
+            f"{diverged.step - patience + 1}-{diverged.step}; their updates were skipped)")
+    advice = ("lower train.learning_rate, raise train.warmup_steps or check the data; the "
+              "workdir resumes from its last checkpoint")
+    if train_config.on_nonfinite == "stop":
+        raise NonFiniteError(f"{what}: stopped as train.on_nonfinite='stop' asks; {advice}")
+    if rollbacks >= train_config.max_rollbacks:
+        raise NonFiniteError(f"{what} after {rollbacks} rollbacks (train.max_rollbacks): "
+                             f"{advice}")
+    first_bad = diverged.step - patience + 1
+    before = [step for step in checkpointer.all_steps() if step < first_bad]
+    if not before:
+        raise NonFiniteError(f"{what} and no checkpoint before step {first_bad} to roll back "
+                             f"to: {advice}")
+    checkpointer.delete_after(before[-1])  # saved during the run of bad steps: rewritten
+    state, _, restored = checkpointer.restore(spec.abstract, before[-1])
+    key = str(diverged.phase_start)
+    skipped[key] = skipped.get(key, 0) + diverged.step - max(restored, diverged.phase_start)
+    log(f"{what}: rolled back to step {restored}; the data of the phase starting at step "
+        f"{diverged.phase_start} now skips {skipped[key]} batches")
+    return state, restored
+
+
 def _check_resumable(saved: dict, config: ml_collections.ConfigDict) -> None:
     """A resumed run must be the saved run continued: a clear error otherwise, rather than a
     shape mismatch or a silently different data order or schedule."""
@@ -272,6 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) ->
     """
     workdir = Path(workdir)
     model_config = ModelConfig.from_dict(config.model)
+    check_train(config.train)
     mesh = sharding.make_mesh(config.mesh.to_dict())
     is_main = jax.process_index() == 0
     log = log if is_main else (lambda *args: None)
@@ -288,25 +353,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) ->
                                 async_save=config.checkpoint.async_save)
     if checkpointer.latest_step() is not None:
         _check_resumable(checkpointer.restore_metadata()["config"], config)
-        state, _, start = checkpointer.restore(spec.abstract)
+        state, metadata, start = checkpointer.restore(spec.abstract)
+        skipped = metadata.get("skipped_batches", {})
         log(f"resumed from {workdir / 'checkpoints'} at step {start}")
     else:
         state = init_state(model_config, tx, config.train.seed, spec, config.train.rng_impl)
-        start = 0
+        start, skipped = 0, {}
     stop = min(config.train.stop_at_step or config.train.num_steps, config.train.num_steps)
 
     step_fns = {accum: jit_train_step(spec, tx, schedule, mesh, accum)
                 for accum in {phase.grad_accum_steps for phase in train_phases}}
     eval_fn = jax.jit(functools.partial(eval_step, graphdef=spec.graphdef),
                       in_shardings=(spec.shardings["params"], sharding.batch_sharding(mesh)))
-    writer = MetricsWriter(workdir, enabled=is_main)
+    writer = MetricsWriter(workdir, enabled=is_main, start_step=start)
     if is_main:
         (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     preemption = _Preemption()
-    summary = {"train": {}, "validation": {}, "pretrained": None}
+    summary = {"train": {}, "validation": {}, "pretrained": None, "rollbacks": 0}
     started = time.perf_counter()
-    try:
-        step = start
+
+    def run_phases(state, step):
         for phase in train_phases:
             if step >= min(phase.end, stop):
                 continue
@@ -318,14 +384,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) ->
                                      sharding.process_rows(mesh, phase.global_batch_size))
             state, step, summary["train"] = _train_phase(
                 run_config, phase, step, min(phase.end, stop), state,
-                step_fns[phase.grad_accum_steps], loader, mesh,
+                step_fns[phase.grad_accum_steps], loader, skipped, mesh,
                 model_config, writer, checkpointer, preemption, is_main)
             if preemption.requested:
                 break
+        return state, step
+
+    try:
+        step = start
+        while True:
+            try:
+                state, step = run_phases(state, step)
+                break
+            except _Diverged as e:
+                diverged = _Diverged(e.step, e.phase_start)  # no traceback holding old states
+            state = None  # released before the checkpoint is read
+            state, step = _roll_back(diverged, config.train, checkpointer, spec, skipped,
+                                     summary["rollbacks"], log)
+            summary["rollbacks"] += 1
+            writer.rewind(step)
+            writer.write(step, {"rollbacks": summary["rollbacks"]}, split="events")
         if not preemption.requested and step == stop:
             summary["validation"] = evaluate(config, train_phases[-1], state, eval_fn, mesh)
             writer.write(step, summary["validation"], split="validation")
-        checkpointer.save(step, state, _checkpoint_metadata(config), force=True)
+        checkpointer.save(step, state, _checkpoint_metadata(config, skipped), force=True)
         checkpointer.wait()
         if step == config.train.num_steps:
             params = multihost_utils.process_allgather(state["params"], tiled=True)
@@ -350,43 +432,53 @@ def prepare_data(config: ml_collections.ConfigDict, name: str):
     return pipeline.prepare(config) if jax.process_index() else prepared
 
 
-def _checkpoint_metadata(config) -> dict:
-    # The loader's state is the step, which the state holds.
-    return {"config": config.to_dict()}
+def _checkpoint_metadata(config, skipped: dict) -> dict:
+    # The loader's state is the step, which the state holds, plus the batches skipped by
+    # rollbacks in each phase (keyed by the phase's first step).
+    return {"config": config.to_dict(), "skipped_batches": dict(skipped)}
 
 
 def _train_phase(config, phase: Phase, start: int, stop: int, state: dict, step_fn,
-                 loader, mesh, model_config: ModelConfig, writer: MetricsWriter,
+                 loader, skipped: dict, mesh, model_config: ModelConfig, writer: MetricsWriter,
                  checkpointer: Checkpointer, preemption: _Preemption, is_main: bool):
-    """Steps [start, stop) of one phase. Metrics of a logged step are fetched after the next
-    step is dispatched, so the device never waits for the host."""
+    """Steps [start, stop) of one phase, on the phase's batches from `start` on plus those
+    skipped by rollbacks. A step's metrics are read after the next step is dispatched, so the
+    device never waits for the host; that is also when too many non-finite steps in a row
+    raise `_Diverged`."""
     data = DataConfig.from_dict(config.data)
     flops_per_sequence = flops.train_flops_per_sequence(model_config, data.max_seq_length,
                                                         data.max_predictions_per_seq)
     device = jax.devices()[0]
     log_every = config.train.log_every
-    pending = None
+    pending = watched = None
     last = {}
     timer = (start, time.perf_counter())
     progress = tqdm(total=stop - start, initial=0, desc=f"train (length {phase.max_seq_length})",
                     unit="step", disable=not is_main)
-    for step, local in loader.iterate(start - phase.start, stop - start):
-        step += phase.start
+    offset = skipped.get(str(phase.start), 0)
+    patience = config.train.nonfinite_patience
+    for index, local in loader.iterate(start - phase.start + offset, stop - start):
+        step = index - offset + phase.start
         batch = sharding.global_batch(local, mesh, phase.global_batch_size)
         state, metrics = step_fn(state, batch)
+        if watched is not None:
+            _check_finite(*watched, patience, phase)
         if pending is not None:
             last = _log_train(*pending, timer, writer, progress, phase, flops_per_sequence,
                               device)
             timer, pending = (pending[0], time.perf_counter()), None
         done = step + 1
+        watched = (done, metrics)
         progress.update(1)
         if done % log_every == 0 or done == stop:
             pending = (done, metrics)
         if checkpointer.should_save(done) and done != stop:
-            checkpointer.save(done, state, _checkpoint_metadata(config))
+            checkpointer.save(done, state, _checkpoint_metadata(config, skipped))
         if preemption.reached(done):
             stop = done
             break
+    if watched is not None:
+        _check_finite(*watched, patience, phase)
     if pending is not None:
         last = _log_train(*pending, timer, writer, progress, phase, flops_per_sequence, device)
     progress.close()

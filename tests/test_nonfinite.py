@@ -1,0 +1,124 @@
+"""Non-finite losses and gradients: the step skips its update and counts it; after
+`train.nonfinite_patience` such steps in a row the run rolls back past the offending batches
+or stops naming the steps. The faults are real overflows: batches whose MLM weights are near
+float32's maximum, so the weighted loss sum becomes inf and the loss inf / inf = NaN."""
+
+import jax
+import numpy as np
+import pytest
+
+from bert_jax import sharding, train
+from bert_jax.config import default_run, preset
+from bert_jax.data import pipeline
+from bert_jax.data.synthetic import synthetic_batch
+from bert_jax.metrics import read_metrics
+from bert_jax.optim import learning_rate_schedule, make_optimizer
+
+FLOAT32_NEAR_MAX = 3e38
+
+
+def _overflowing(batch: dict) -> dict:
+    batch = dict(batch)
+    batch["masked_lm_weights"] = np.where(batch["masked_lm_weights"] > 0, FLOAT32_NEAR_MAX,
+                                          0.0).astype(np.float32)
+    return batch
+
+
+def test_a_non_finite_step_keeps_the_parameters_and_optimizer_state_and_is_counted():
+    model_config = preset("tiny", vocab_size=256, max_position_embeddings=32)
+    train_config = default_run().train
+    train_config.update(num_steps=10, warmup_steps=1, learning_rate=1e-3)
+    tx = make_optimizer(train_config)
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    spec = train.state_spec(model_config, tx, 0, mesh)
+    step = train.jit_train_step(spec, tx, learning_rate_schedule(train_config), mesh, 1)
+    good = sharding.global_batch(synthetic_batch(0, 8, 32, 256, 5), mesh, 8)
+    bad = sharding.global_batch(_overflowing(synthetic_batch(1, 8, 32, 256, 5)), mesh, 8)
+
+    state = train.init_state(model_config, tx, 0, spec)
+    state, _ = step(state, good)
+    before = jax.device_get(state)
+    state, metrics = step(state, bad)
+    state, again = step(state, bad)
+    after = jax.device_get(state)
+    assert not np.isfinite(float(metrics["loss"]))
+    jax.tree.map(np.testing.assert_array_equal, after["params"], before["params"])
+    jax.tree.map(np.testing.assert_array_equal, after["opt_state"], before["opt_state"])
+    assert int(after["step"]) == 3
+    assert (float(again["nonfinite_consecutive"]), float(again["nonfinite_total"])) == (2, 2)
+
+    state, recovered = step(state, good)
+    assert np.isfinite(float(recovered["loss"]))
+    assert (float(recovered["nonfinite_consecutive"]), float(recovered["nonfinite_total"])) == (0, 2)
+    changed = jax.device_get(state["params"])["encoder"]["layers"]["attention"]["qkv"]["kernel"]
+    assert not np.array_equal(changed,
+                              after["params"]["encoder"]["layers"]["attention"]["qkv"]["kernel"])
+
+
+BAD_BATCHES = {6, 7}  # loader indexes: steps 7 and 8, counted from 1
+
+
+def _run(workdir, data_dir, monkeypatch, **train_overrides):
+    """12 tiny steps in this process (8 CPU devices) on the built-in corpus, loader batches
+    `BAD_BATCHES` overflowing, checkpoints every 4 steps. Returns (summary, iterate starts)."""
+    starts = []
+    make_loader = pipeline.loader
+
+    def loader_with_faults(config, prepared, split, rows=None):
+        loader = make_loader(config, prepared, split, rows)
+        if split == "train":
+            batch, iterate = loader.batch, loader.iterate
+            loader.batch = lambda i: _overflowing(batch(i)) if i in BAD_BATCHES else batch(i)
+            loader.iterate = lambda start, steps, **kw: (starts.append((start, steps)),
+                                                         iterate(start, steps, **kw))[1]
+        return loader
+
+    monkeypatch.setattr(pipeline, "loader", loader_with_faults)
+    config = default_run()
+    config.data.update(data_dir=str(data_dir), vocab_size=2000, max_seq_length=64,
+                       max_predictions_per_seq=10)
+    config.model.max_position_embeddings = 64
+    config.train.update(num_steps=12, global_batch_size=16, warmup_steps=2, learning_rate=1e-3,
+                        log_every=1, eval_steps=1, nonfinite_patience=2, **train_overrides)
+    config.checkpoint.update(every_steps=4, async_save=False)
+    return train.train_and_evaluate(config, workdir, log=lambda *a: None), starts
+
+
+@pytest.mark.slow
+def test_two_non_finite_steps_in_a_row_roll_back_past_the_bad_batches(straight_run, tmp_path,
+                                                                      monkeypatch):
+    _, data_dir, _ = straight_run
+    summary, starts = _run(tmp_path, data_dir, monkeypatch, stop_at_step=10)
+
+    assert summary["step"] == 10 and summary["rollbacks"] == 1
+    # Steps 7 and 8 were the bad ones; step 8's checkpoint (saved among them) was dropped and
+    # the run went back to step 4's, going on with batch 8: batches 4-7 are skipped.
+    assert starts == [(0, 10), (8, 6)]
+    records = read_metrics(tmp_path)
+    assert {"step": 4, "split": "events", "rollbacks": 1} in records
+    train_records = [r for r in records if "split" not in r]
+    assert [r["step"] for r in train_records] == list(range(1, 11))
+    assert all(np.isfinite(r["loss"]) for r in train_records)
+    assert train_records[-1]["nonfinite_total"] == 0
+    # The skip is part of the checkpoint: the resumed run reads batches 14 and 15 for steps
+    # 11 and 12.
+    summary, starts = _run(tmp_path, data_dir, monkeypatch)
+    assert summary["step"] == 12 and starts == [(14, 2)]
+
+
+@pytest.mark.slow
+def test_stop_policy_names_the_steps(straight_run, tmp_path, monkeypatch):
+    _, data_dir, _ = straight_run
+    with pytest.raises(train.NonFiniteError, match=r"2 steps in a row \(steps 7-8;.*"
+                                                   r"train.on_nonfinite='stop'"):
+        _run(tmp_path, data_dir, monkeypatch, on_nonfinite="stop")
+    # What was trained before the bad steps is kept.
+    assert 4 in train.Checkpointer(tmp_path / "checkpoints").all_steps()
+
+
+def test_bad_nonfinite_settings_are_refused_up_front():
+    config = default_run()
+    config.train.on_nonfinite = "ignore"
+    with pytest.raises(ValueError, match=r"train.on_nonfinite='ignore': expected one of "
+                                         r"\['rollback', 'stop'\]"):
+        train.train_and_evaluate(config, "/nonexistent/never-created")
