@@ -105,6 +105,8 @@ def _pretrain(args, config) -> None:
     try:
         summary = train.train_and_evaluate(config, args.workdir)
     except train.NonFiniteError as e:  # not bad input: exit code 1, still one line
+        if args.debug:
+            raise
         raise SystemExit(f"bert-jax pretrain: error: {e}") from None
     if jax.process_index() != 0:
         return
@@ -297,8 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="when a process stops responding for this long, the others exit "
                             f"with an error (default {DEFAULT_HEARTBEAT_TIMEOUT_S})")
 
+    common_options = _Parser(add_help=False)
+    common_options.add_argument("--debug", action="store_true",
+                                help="on an error, show the full traceback, not one line")
+
     def add(name, run, help_text, description, takes_config=True, distributed=False):
-        parents = ([config_options] if takes_config else []) + (
+        parents = [common_options] + ([config_options] if takes_config else []) + (
             [distributed_options] if distributed else [])
         sub = subparsers.add_parser(name, parents=parents, help=help_text,
                                     description=description)
@@ -392,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
             _start_distributed(args)
         args.run(args, config)
     except (UsageError, ValueError, OSError) as e:
+        if args.debug:
+            raise
         print(f"bert-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -8,6 +8,7 @@ that export needs neither the dataset nor the corpus.
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import ml_collections
@@ -90,10 +91,27 @@ def write_export(pretrained: Pretrained, workdir, out_dir, lowercase: bool) -> P
     tokenizer."""
     tokenizer = load_tokenizer_of(workdir, lowercase)
     out_dir = Path(out_dir)
-    pretrained.save_hf(out_dir)
-    tokenizer.save_hf(out_dir, model_max_length=pretrained.config.max_position_embeddings)
-    keep_tokenizer(out_dir, next(Path(workdir) / n for n in TOKENIZER_FILES
-                                 if (Path(workdir) / n).is_file()))
+    # Written under a temporary name, then renamed: an interrupted export leaves no directory
+    # that looks complete (a previous export stays whole until the new one replaces it).
+    partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    if partial.exists():
+        partial.rmtree()
+    try:
+        pretrained.save_hf(partial)
+        tokenizer.save_hf(partial, model_max_length=pretrained.config.max_position_embeddings)
+        keep_tokenizer(partial, next(Path(workdir) / n for n in TOKENIZER_FILES
+                                     if (Path(workdir) / n).is_file()))
+    except BaseException:
+        if partial.exists():
+            partial.rmtree()
+        raise
+    if out_dir.exists():
+        previous = out_dir.parent / f".{out_dir.name}.previous-{os.getpid()}"
+        out_dir.rename(previous)
+        partial.rename(out_dir)
+        previous.rmtree()
+    else:
+        partial.rename(out_dir)
     return out_dir
 
 

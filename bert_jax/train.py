@@ -26,11 +26,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from bert_jax import distributed, flops, losses, sharding
+from bert_jax import distributed, flops, losses, preflight, sharding
 from bert_jax.checkpoint import Checkpointer
-from bert_jax.config import DataConfig, ModelConfig, check_train
+from bert_jax.config import DataConfig, ModelConfig
 from bert_jax.data import pipeline
-from bert_jax.data.checks import check_batch_topology
 from bert_jax.export import keep_tokenizer, open_checkpoints
 from bert_jax.metrics import MetricsWriter
 from bert_jax.model import BertForPreTraining, abstract
@@ -213,6 +212,7 @@ def phase_config(config: ml_collections.ConfigDict, phase: Phase) -> ml_collecti
     config.data.max_seq_length = phase.max_seq_length
     config.data.max_predictions_per_seq = phase.max_predictions_per_seq
     config.train.global_batch_size = phase.global_batch_size
+    config.train.grad_accum_steps = phase.grad_accum_steps
     return config
 
 
@@ -336,7 +336,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) ->
     """
     workdir = Path(workdir)
     model_config = ModelConfig.from_dict(config.model)
-    check_train(config.train)
     mesh = sharding.make_mesh(config.mesh.to_dict())
     is_main = jax.process_index() == 0
     log = log if is_main else (lambda *args: None)
@@ -344,9 +343,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) ->
     schedule = learning_rate_schedule(config.train)
     spec = state_spec(model_config, tx, config.train.seed, mesh, config.train.rng_impl)
     train_phases = phases(config)
-    for phase in train_phases:
-        check_batch_topology(phase.global_batch_size,
-                             sharding.data_parallel_size(mesh) * phase.grad_accum_steps)
+    preflight.check_run(config, workdir, spec.abstract,
+                        [phase_config(config, p) for p in train_phases],
+                        sharding.data_parallel_size(mesh))
 
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
                                 every_steps=config.checkpoint.every_steps,

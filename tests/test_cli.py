@@ -44,6 +44,14 @@ def test_help_explains_every_subcommand():
       "--config.train.num_steps=10", "--start-step=3", "--steps=4"],
      ["cross the phase boundary at step 5"]),
     (["frobnicate"], ["invalid choice", "frobnicate"]),
+    (["pretrain", f"--workdir={__file__}/run"], ["is not writable", "Not a directory",
+                                                 "--workdir"]),
+    (["pretrain", "--workdir=/tmp/bert-jax-never-created", "--config.checkpoint.keep=1000000000"],
+     ["/tmp/bert-jax-never-created", "GiB free", "checkpoint.keep=1000000000"]),
+    (["pretrain", "--workdir=/tmp/bert-jax-never-created", "--config.train.global_batch_size=12"],
+     ["train.global_batch_size=12", "data-parallel size 8"]),  # 8 CPU devices (conftest)
+    (["pretrain", "--workdir=/tmp/bert-jax-never-created", "--config.train.on_nonfinite=ignore"],
+     ["train.on_nonfinite='ignore'", "'rollback', 'stop'"]),
     (["compile", "--tpu=v4-32"], ["libtpu", "pip install 'bert-jax[tpu]'"]),  # not in [test]
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, words):
@@ -53,3 +61,23 @@ def test_bad_input_is_one_line_and_exit_code_2(args, words):
     assert len(lines) == 1, result.stderr
     for word in words:
         assert word in lines[0]
+
+
+def test_preflight_refuses_a_model_vocabulary_unlike_the_tokenizer_before_writing(tmp_path):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+                                *"abcdefghijklmnopqrstuvwxyz"]) + "\n")
+    result = _bert_jax("pretrain", f"--workdir={tmp_path / 'run'}",
+                       f"--config.data.vocab_file={vocab}",
+                       f"--config.data.data_dir={tmp_path / 'data'}")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "bert-jax pretrain: error: the tokenizer has 31 tokens but model.vocab_size=4096: set "
+        "--config.data.vocab_size=31"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vocab.txt"]  # nothing written
+
+
+def test_debug_shows_the_traceback():
+    result = _bert_jax("pretrain", "--debug", "--config.train.optimizer=sgd")
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "train.optimizer='sgd'" in result.stderr

@@ -1,0 +1,70 @@
+"""Preflight: what can be wrong with a run, found before anything is compiled or written.
+
+A bad value found after hours of data preparation or compilation costs the hours; found
+here, it costs a second and a one-line error naming the value and the fix.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+
+from bert_jax.config import DataConfig, ModelConfig, check_train
+from bert_jax.data.checks import check_batch_topology, check_data_against_model
+from bert_jax.tokenizer import load_tokenizer
+
+
+def check_run(config: ml_collections.ConfigDict, workdir, abstract_state, phase_configs,
+              data_parallel: int) -> None:
+    """Raises ValueError for the first problem: the train settings, the model against the
+    tokenizer and each phase's lengths, each phase's batch against the devices, and the
+    workdir (writable, room for the checkpoints kept)."""
+    check_train(config.train)
+    model = ModelConfig.from_dict(config.model)
+    tokens = _tokenizer_size(DataConfig.from_dict(config.data))
+    for phase_config in phase_configs:
+        check_data_against_model(DataConfig.from_dict(phase_config.data), model, tokens)
+        check_batch_topology(phase_config.train.global_batch_size,
+                             data_parallel * phase_config.train.grad_accum_steps)
+    each = sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize
+               for leaf in jax.tree.leaves(abstract_state))
+    check_workdir(workdir, each, config.checkpoint.keep)
+
+
+def _tokenizer_size(data: DataConfig) -> int:
+    """The vocabulary the data will have: the given file's, or the size a trained one gets."""
+    if not data.vocab_file:
+        return data.vocab_size
+    if not Path(data.vocab_file).expanduser().is_file():
+        raise ValueError(f"data.vocab_file={data.vocab_file!r} does not exist: expected a "
+                         f"WordPiece vocab.txt or a SentencePiece .model")
+    return load_tokenizer(Path(data.vocab_file).expanduser(), lowercase=data.lowercase).vocab_size
+
+
+def check_workdir(workdir, checkpoint_bytes: int, keep: int) -> None:
+    """A local workdir must be writable with room for `keep` checkpoints plus the one being
+    written. (Object stores, `gs://...`, have no disk to fill; their first write checks them.)"""
+    if "://" in str(workdir):
+        return
+    path = Path(workdir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    needed = checkpoint_bytes * (keep + 1)
+    try:
+        free = shutil.disk_usage(existing).free
+        if existing.is_dir() and free < needed:
+            raise ValueError(
+                f"workdir {workdir} has {free / 2**30:.2f} GiB free but its checkpoints need "
+                f"about {needed / 2**30:.2f} GiB (checkpoint.keep={keep} + 1 being written, "
+                f"{checkpoint_bytes / 2**30:.2f} GiB each): free space, lower checkpoint.keep "
+                f"or choose another --workdir")
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".bert-jax-write-test-{jax.process_index()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"workdir {workdir} is not writable ({e.strerror or e}): choose "
+                         f"another --workdir or fix its permissions") from None
