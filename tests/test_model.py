@@ -169,3 +169,22 @@ def test_model_import_does_not_need_tensorflow():
     code = ("import sys, bert_jax, bert_jax.model, bert_jax.train, bert_jax.pretrained; "
             "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("rate, shape", [(0.1, (64, 128, 512)), (0.3, (32, 33, 127))])
+def test_dropout_drops_at_the_rate_and_keeps_the_expectation(rate, shape):
+    from bert_jax.model import _dropout
+
+    ones = jnp.ones(shape, jnp.float32)
+    out = np.asarray(_dropout(rate, ones, jax.random.key(0)))
+    dropped = float(np.mean(out == 0))
+    assert dropped == pytest.approx(rate, abs=4 / np.sqrt(out.size))
+    assert float(out.mean()) == pytest.approx(1.0, abs=4 * np.sqrt(rate / out.size) / (1 - rate))
+    assert set(np.unique(out)) == {0.0, np.float32(65536 / (65536 - round(rate * 65536)))}
+    again = np.asarray(_dropout(rate, ones, jax.random.key(0)))
+    other = np.asarray(_dropout(rate, ones, jax.random.key(1)))
+    np.testing.assert_array_equal(out, again)
+    assert not np.array_equal(out, other)
+    # Neighbouring elements (the two halves of one random word) are independent.
+    first, second = out[..., 0:-1:2] == 0, out[..., 1::2] == 0
+    assert float(np.mean(first & second)) == pytest.approx(rate ** 2, abs=4 / np.sqrt(first.size))
