@@ -8,3 +8,10 @@ def load(path):
     from bert_jax.pretrained import load as _load  # keeps `import bert_jax` light
 
     return _load(path)
+
+
+def load_classifier(path):
+    """Loads a fine-tuned classifier; see `bert_jax.pretrained.load_classifier`."""
+    from bert_jax.pretrained import load_classifier as _load_classifier
+
+    return _load_classifier(path)

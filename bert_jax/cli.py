@@ -26,12 +26,16 @@ subcommands:
   eval          evaluate a workdir's checkpoint on the validation split
   export        write a Hugging Face directory (weights + tokenizer) from a workdir
   fill-mask     predict the [MASK] tokens of a text with a workdir or export
+  finetune      fine-tune a pretrained model on a classification or regression task
+  finetune-eval  fine-tune each checkpoint of a pretraining run briefly: task score vs step
   compile       compile the train step for a TPU slice here (no TPU needed): memory per chip
   benchmark     time full train steps on synthetic batches (one JSON line)
 
 pretrain and the data subcommands take --config=FILE (a Python file with get_config();
 default: the built-in tiny config on the built-in corpus) and overrides such as
---config.data.corpus=GLOB; eval, export and fill-mask use the config saved in the workdir.
+--config.data.corpus=GLOB; finetune and finetune-eval take the same, over the fine-tuning
+defaults (e.g. --config.train.learning_rate=5e-5); eval, export and fill-mask use the config
+saved in the workdir.
 
 Run `bert-jax SUBCOMMAND --help` for a subcommand's options.
 """
@@ -57,8 +61,9 @@ def _start_distributed(args) -> None:
               f"{jax.local_device_count()} of {jax.device_count()} devices", file=sys.stderr)
 
 
-def _load_config(config_file: str | None, overrides: list[str]):
-    """The run config from `config_file` (default: the built-in tiny config) plus overrides."""
+def _load_config(config_file: str | None, overrides: list[str], default=None):
+    """The run config from `config_file` (default: `default()`, else the built-in tiny
+    config) plus overrides."""
     from absl import flags
     from ml_collections import config_flags
 
@@ -78,8 +83,8 @@ def _load_config(config_file: str | None, overrides: list[str]):
             config_flags.DEFINE_config_file("config", config_file, flag_values=flag_values,
                                             sys_argv=argv)
         else:
-            config_flags.DEFINE_config_dict("config", default_run(), flag_values=flag_values,
-                                            sys_argv=argv)
+            config_flags.DEFINE_config_dict("config", (default or default_run)(),
+                                            flag_values=flag_values, sys_argv=argv)
         flag_values(argv)
         return flag_values.config
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
@@ -146,6 +151,59 @@ def _eval(args, config) -> None:
     metrics = train.evaluate_workdir(args.workdir, args.step)
     if jax.process_index() == 0:
         print(json.dumps(metrics))
+
+
+def _task_options(args, config) -> None:
+    """The task flags of finetune and finetune-eval, over the config (flags win)."""
+    for flag, field in (("task", "name"), ("train_file", "train_file"),
+                        ("validation_file", "validation_file"), ("labels", "labels")):
+        if getattr(args, flag) is not None:
+            config.task[field] = getattr(args, flag)
+
+
+def _finetune(args, config) -> None:
+    import jax
+
+    from bert_jax import finetune, train
+
+    _task_options(args, config)
+    if args.init is not None:
+        config.init.path = args.init
+    if args.random_init:
+        config.init.random = True
+    try:
+        summary = finetune.finetune(config, args.workdir)
+    except train.NonFiniteError as e:
+        if args.debug:
+            raise
+        raise SystemExit(f"bert-jax finetune: error: {e}") from None
+    if jax.process_index() != 0:
+        return
+    examples = ", ".join(f"{n:,} {split}" for split, n in summary["examples"].items())
+    print(f"\n{summary['task']}: stopped at step {summary['step']} of {summary['num_steps']} "
+          f"after {summary['seconds']:.0f}s ({examples} examples)"
+          f"{' (preempted: checkpoint saved, run again to resume)' if summary['preempted'] else ''}")
+    for name in ("train", "validation", "best"):
+        values = summary[name]
+        if values:
+            at = f"  (step {values['step']})" if "step" in values else ""
+            print(f"  {name:<10}  " + "  ".join(
+                f"{k} {v:.4f}" for k, v in values.items()
+                if k in ("loss", "accuracy", "f1", "matthews", "pearson", "spearman")) + at)
+    if summary["export"]:
+        print(f"  exported to {summary['export']} "
+              f"(transformers.BertForSequenceClassification.from_pretrained loads it)")
+
+
+def _finetune_eval(args, config) -> None:
+    from bert_jax import finetune_eval
+
+    _task_options(args, config)
+    records = finetune_eval.evaluate_checkpoints(config, args.workdir, every=args.every,
+                                                 follow=args.follow,
+                                                 poll_seconds=args.poll_seconds)
+    out = finetune_eval.output_dir(args.workdir, config.task.name)
+    print(f"scored {len(records)} new checkpoints; all scores: {out / 'metrics.jsonl'}")
 
 
 def _export(args, config) -> None:
@@ -303,9 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     common_options.add_argument("--debug", action="store_true",
                                 help="on an error, show the full traceback, not one line")
 
-    def add(name, run, help_text, description, takes_config=True, distributed=False):
+    def add(name, run, help_text, description, takes_config=True, distributed=False,
+            more_options=()):
         parents = [common_options] + ([config_options] if takes_config else []) + (
-            [distributed_options] if distributed else [])
+            [distributed_options] if distributed else []) + list(more_options)
         sub = subparsers.add_parser(name, parents=parents, help=help_text,
                                     description=description)
         sub.set_defaults(run=run, distributed=distributed)
@@ -376,6 +435,48 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--scan", action="store_true", help="run the layers with lax.scan")
     bench.add_argument("--remat", default="none", choices=list(REMAT_POLICIES),
                        help="rematerialization policy (default none)")
+    task_options = _Parser(add_help=False)
+    group = task_options.add_argument_group(
+        "task", "builtin (made from the built-in corpus), glue/NAME (TFDS, prepared in "
+                "--config.task.tfds_data_dir), or classification, pair-classification, "
+                "regression, pair-regression on local CSV/TSV/JSON Lines files with columns "
+                "text, [text_pair,] label")
+    group.add_argument("--task", help="task name (default builtin)")
+    group.add_argument("--train-file", help="training examples of a local-file task")
+    group.add_argument("--validation-file", help="validation examples of a local-file task")
+    group.add_argument("--labels", metavar="A,B,...",
+                       help="the classes of a local-file classification task (default: the "
+                            "training file's labels, sorted); a label outside them is an error")
+
+    tune = add(
+        "finetune", _finetune, "fine-tune a pretrained model on a classification task",
+        "Fine-tunes a pretrained BERT (a pretraining workdir or a Hugging Face directory) with "
+        "a classification (or regression) head on the pooled [CLS] output: AdamW with warmup "
+        "and linear decay, sharded like pretraining; evaluates every epoch (accuracy, F1, "
+        "Matthews, Pearson/Spearman as the task asks), checkpoints, resumes a workdir, and "
+        "exports WORKDIR/export for transformers.BertForSequenceClassification.",
+        distributed=True, more_options=[task_options])
+    tune.add_argument("--init", metavar="PATH",
+                      help="pretraining workdir (latest checkpoint; --config.init.step=N for "
+                           "another) or Hugging Face BERT directory, with its tokenizer")
+    tune.add_argument("--random-init", action="store_true",
+                      help="random weights of --init's architecture (a baseline)")
+    tune.add_argument("--workdir", default="runs/finetune",
+                      help="checkpoints, metrics and export (default runs/finetune)")
+    tune_eval = add(
+        "finetune-eval", _finetune_eval, "score each pretraining checkpoint on a task",
+        "Fine-tunes each checkpoint of a pretraining workdir briefly on a task (the finetune "
+        "settings, in a scratch directory) and logs the validation scores against the "
+        "pretraining step to WORKDIR/finetune-eval/TASK (metrics.jsonl, TensorBoard). "
+        "Checkpoints already scored are skipped; --follow waits for new ones until the run's "
+        "last step.", more_options=[task_options])
+    tune_eval.add_argument("--workdir", required=True, help="the pretraining workdir")
+    tune_eval.add_argument("--every", type=_positive, default=1, metavar="STEPS",
+                           help="score checkpoints at multiples of this step (and the last)")
+    tune_eval.add_argument("--follow", action="store_true",
+                           help="keep waiting for new checkpoints until the last step")
+    tune_eval.add_argument("--poll-seconds", type=_positive, default=60,
+                           help="how often --follow looks for new checkpoints (default 60)")
     compile_parser = add("compile", _compile, "compile the train step for a TPU slice",
                          "Compiles each phase's train step for a Cloud TPU slice on this "
                          "machine (no TPU needed; needs the libtpu package, the 'tpu' extra) "
@@ -386,6 +487,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def finetune_default():
+    from bert_jax.finetune import default_config
+
+    return default_config()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
@@ -393,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
         if "config" not in args and overrides:
             raise UsageError(f"unrecognized argument {overrides[0]!r}: {args.command} uses the "
                              f"config saved in the workdir")
-        config = _load_config(args.config, overrides) if "config" in args else None
+        default = finetune_default if args.command.startswith("finetune") else None
+        config = _load_config(args.config, overrides, default) if "config" in args else None
         if args.distributed:
             _start_distributed(args)
         args.run(args, config)

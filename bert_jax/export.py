@@ -17,7 +17,7 @@ from etils.epath import Path  # local paths and gs:// alike
 
 from bert_jax.checkpoint import Checkpointer
 from bert_jax.config import ModelConfig
-from bert_jax.pretrained import Pretrained
+from bert_jax.pretrained import Classifier, Pretrained
 from bert_jax.tokenizer import Tokenizer, load_tokenizer
 
 CHECKPOINTS = "checkpoints"
@@ -35,18 +35,27 @@ def keep_tokenizer(workdir, vocabulary_file) -> None:
     (Path(workdir) / name).write_bytes(Path(vocabulary_file).read_bytes())
 
 
-def load_tokenizer_of(path, lowercase: bool | None = None) -> Tokenizer:
-    """The tokenizer kept in a workdir or exported beside a Hugging Face model. `lowercase`
-    None reads `do_lower_case` from an export's tokenizer_config.json (default True)."""
-    if lowercase is None:
-        config_file = Path(path) / "tokenizer_config.json"
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        lowercase = config.get("do_lower_case", True)
+def lowercase_of(path) -> bool:
+    """`do_lower_case` of an export's tokenizer_config.json (default True)."""
+    config_file = Path(path) / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    return bool(config.get("do_lower_case", True))
+
+
+def tokenizer_file_of(path) -> Path:
+    """The vocabulary file kept in a workdir or export (`TOKENIZER_FILES`)."""
     for name in TOKENIZER_FILES:
         if (Path(path) / name).is_file():
-            return load_tokenizer(Path(path) / name, lowercase=lowercase)
+            return Path(path) / name
     raise ValueError(f"{path} holds no {' or '.join(TOKENIZER_FILES)}: expected a bert-jax "
                      f"workdir or export")
+
+
+def load_tokenizer_of(path, lowercase: bool | None = None) -> Tokenizer:
+    """The tokenizer kept in a workdir or exported beside a Hugging Face model. `lowercase`
+    None reads it from an export (`lowercase_of`)."""
+    lowercase = lowercase_of(path) if lowercase is None else lowercase
+    return load_tokenizer(tokenizer_file_of(path), lowercase=lowercase)
 
 
 def open_checkpoints(workdir) -> Checkpointer:
@@ -68,6 +77,9 @@ def load_workdir(workdir, step: int | None = None) -> tuple[Pretrained, ml_colle
     checkpointer = open_checkpoints(workdir)
     try:
         config = ml_collections.ConfigDict(checkpointer.restore_metadata(step)["config"])
+        if "task" in config:
+            raise ValueError(f"{workdir} is a fine-tuning workdir: expected a pretraining "
+                             f"one (a fine-tuned model is in {Path(workdir) / 'export'})")
         model_config = ModelConfig.from_dict(config.model)
         one_device = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
                                         devices=jax.devices()[:1])
@@ -86,9 +98,9 @@ def export(workdir, out_dir, step: int | None = None) -> Path:
     return write_export(pretrained, workdir, out_dir, config.data.lowercase)
 
 
-def write_export(pretrained: Pretrained, workdir, out_dir, lowercase: bool) -> Path:
-    """`export` of weights already in memory (the end of training), with the workdir's
-    tokenizer."""
+def write_export(weights: Pretrained | Classifier, workdir, out_dir, lowercase: bool) -> Path:
+    """`export` of weights already in memory (the end of pretraining or fine-tuning), with
+    the workdir's tokenizer."""
     tokenizer = load_tokenizer_of(workdir, lowercase)
     out_dir = Path(out_dir)
     # Written under a temporary name, then renamed: an interrupted export leaves no directory
@@ -97,10 +109,9 @@ def write_export(pretrained: Pretrained, workdir, out_dir, lowercase: bool) -> P
     if partial.exists():
         partial.rmtree()
     try:
-        pretrained.save_hf(partial)
-        tokenizer.save_hf(partial, model_max_length=pretrained.config.max_position_embeddings)
-        keep_tokenizer(partial, next(Path(workdir) / n for n in TOKENIZER_FILES
-                                     if (Path(workdir) / n).is_file()))
+        weights.save_hf(partial)
+        tokenizer.save_hf(partial, model_max_length=weights.config.max_position_embeddings)
+        keep_tokenizer(partial, tokenizer_file_of(workdir))
     except BaseException:
         if partial.exists():
             partial.rmtree()

@@ -1,4 +1,5 @@
-"""Hugging Face interop: our parameters <-> `transformers.BertForPreTraining` state dicts.
+"""Hugging Face interop: our parameters <-> `transformers.BertForPreTraining` (and
+`BertForSequenceClassification`) state dicts.
 
 Parameters travel as flat dicts `{"encoder/layers/mlp/up/kernel": array}` of numpy arrays (see
 `flatten` / `unflatten`); Hugging Face tensors as `{"bert.encoder.layer.0....": array}`.
@@ -98,7 +99,8 @@ def _norm(ours, hf, index=()):
             _Entry(f"{ours}/bias", index, f"{hf}.bias", _SAME)]
 
 
-def _entries(num_layers: int) -> list[_Entry]:
+def _entries(num_layers: int, head: str | None = "pretraining") -> list[_Entry]:
+    """The encoder's entries, then those of `head` (None: the encoder alone)."""
     def table(ours, hf):
         return _Entry(f"embeddings/{ours}/embedding", (), f"bert.embeddings.{hf}.weight", _SAME)
 
@@ -120,12 +122,15 @@ def _entries(num_layers: int) -> list[_Entry]:
             *_dense(f"{layers}/mlp/up", f"{hf}.intermediate.dense", (i,)),
             *_dense(f"{layers}/mlp/down", f"{hf}.output.dense", (i,)),
             *_norm(f"{layers}/mlp/norm", f"{hf}.output.LayerNorm", (i,))]
-    entries += [
-        *_dense("pooler", "bert.pooler.dense"),
-        *_dense("mlm/transform", "cls.predictions.transform.dense"),
-        *_norm("mlm/norm", "cls.predictions.transform.LayerNorm"),
-        _Entry("mlm/bias", (), "cls.predictions.bias", _SAME),
-        *_dense("nsp", "cls.seq_relationship")]
+    entries += _dense("pooler", "bert.pooler.dense")
+    if head == "pretraining":
+        entries += [
+            *_dense("mlm/transform", "cls.predictions.transform.dense"),
+            *_norm("mlm/norm", "cls.predictions.transform.LayerNorm"),
+            _Entry("mlm/bias", (), "cls.predictions.bias", _SAME),
+            *_dense("nsp", "cls.seq_relationship")]
+    elif head == "classification":
+        entries += _dense("classifier", "classifier")
     return entries
 
 
@@ -138,22 +143,25 @@ def unflatten(flat: dict[str, np.ndarray]) -> dict:
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def to_hf(flat_params: dict[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:
-    """Our flat parameters -> the tensors of `BertForPreTraining.save_pretrained` (float32)."""
+def to_hf(flat_params: dict[str, np.ndarray], config: ModelConfig,
+          head: str = "pretraining") -> dict[str, np.ndarray]:
+    """Our flat parameters -> the tensors of `BertForPreTraining.save_pretrained` (with
+    `head="classification"`, of `BertForSequenceClassification`), float32."""
     return {e.hf: np.ascontiguousarray(e.layout.to_hf(np.asarray(flat_params[e.ours])[e.index]),
                                        dtype=np.float32)
-            for e in _entries(config.num_layers)}
+            for e in _entries(config.num_layers, head)}
 
 
 def from_hf(tensors: dict[str, np.ndarray], config: ModelConfig,
-            shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
-    """Hugging Face tensors -> our flat parameters, whose shapes `shapes` gives.
+            shapes: dict[str, tuple], head: str | None = "pretraining") -> dict[str, np.ndarray]:
+    """Hugging Face tensors -> our flat parameters, whose shapes `shapes` gives (`head`: as
+    in `to_hf`; None reads the encoder alone, from tensors `encoder_tensors` kept).
 
     Raises ValueError naming the first missing, unexpected or misshapen tensor (with both
     shapes); nothing is returned unless every parameter was filled.
     """
     tensors = _modern_names(tensors)
-    entries = _entries(config.num_layers)
+    entries = _entries(config.num_layers, head)
     expected = {e.hf for e in entries}
     extra = sorted(set(tensors) - expected - set(_TIED) - {_POSITION_IDS})
     if extra:
@@ -181,6 +189,16 @@ def from_hf(tensors: dict[str, np.ndarray], config: ModelConfig,
     return flat
 
 
+def encoder_tensors(tensors: dict) -> dict:
+    """The encoder's tensors of any BERT checkpoint: heads (`cls.*`, `classifier.*`) dropped,
+    and a bare `BertModel`'s names (`embeddings.*`, `encoder.*`, `pooler.*`) given the `bert.`
+    prefix the other models have."""
+    bare = ("embeddings.", "encoder.", "pooler.")
+    return {(f"bert.{name}" if name.startswith(bare) else name): value
+            for name, value in tensors.items()
+            if not name.startswith(("cls.", "classifier."))}
+
+
 def _modern_names(tensors: dict) -> dict:
     """Released BERT checkpoints (e.g. bert-base-uncased) name LayerNorm parameters
     `gamma`/`beta`; `transformers` renames them to `weight`/`bias` on load, and so do we."""
@@ -199,12 +217,21 @@ def _describe(config: ModelConfig) -> str:
             f"I={config.intermediate_size} V={config.vocab_size}")
 
 
-def config_to_hf(config: ModelConfig) -> dict:
-    """ModelConfig -> the `config.json` of `transformers.BertConfig`."""
-    return {"architectures": ["BertForPreTraining"], "model_type": "bert",
-            "hidden_act": "gelu", "position_embedding_type": "absolute",
-            "tie_word_embeddings": True, "pad_token_id": 0,
-            **{hf: getattr(config, ours) for ours, hf in _CONFIG_KEYS.items()}}
+def config_to_hf(config: ModelConfig, head: str = "pretraining",
+                 labels: tuple[str, ...] = ()) -> dict:
+    """ModelConfig -> the `config.json` of `transformers.BertConfig`. A classification head
+    names its classes `labels` (none: regression, one output)."""
+    values = {"architectures": ["BertForPreTraining"], "model_type": "bert",
+              "hidden_act": "gelu", "position_embedding_type": "absolute",
+              "tie_word_embeddings": True, "pad_token_id": 0,
+              **{hf: getattr(config, ours) for ours, hf in _CONFIG_KEYS.items()}}
+    if head == "classification":
+        names = list(labels) or ["score"]
+        values.update(architectures=["BertForSequenceClassification"],
+                      id2label={str(i): name for i, name in enumerate(names)},
+                      label2id={name: i for i, name in enumerate(names)},
+                      problem_type=("single_label_classification" if labels else "regression"))
+    return values
 
 
 def config_from_hf(values: dict, **overrides) -> ModelConfig:
@@ -221,14 +248,18 @@ def config_from_hf(values: dict, **overrides) -> ModelConfig:
     return ModelConfig(**{ours: values[hf] for ours, hf in _CONFIG_KEYS.items()}, **overrides)
 
 
-def save(out_dir, config: ModelConfig, flat_params: dict[str, np.ndarray]) -> None:
-    """Writes config.json and model.safetensors; each file appears whole or not at all."""
+def save(out_dir, config: ModelConfig, flat_params: dict[str, np.ndarray],
+         head: str = "pretraining", labels: tuple[str, ...] = ()) -> None:
+    """Writes config.json and model.safetensors (`head`, `labels`: as in `to_hf` and
+    `config_to_hf`); each file appears whole or not at all."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = to_hf(flat_params, config, head)
     _atomic_write(out_dir / WEIGHTS_FILE,
-                  lambda p: save_file(to_hf(flat_params, config), p, metadata={"format": "pt"}))
+                  lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    hf_config = config_to_hf(config, head, labels)
     _atomic_write(out_dir / CONFIG_FILE,
-                  lambda p: Path(p).write_text(json.dumps(config_to_hf(config), indent=2) + "\n"))
+                  lambda p: Path(p).write_text(json.dumps(hf_config, indent=2) + "\n"))
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -247,6 +278,16 @@ def read_config(path) -> ModelConfig:
     if not config_path.is_file():
         raise ValueError(f"{config_path} does not exist: expected a Hugging Face model directory")
     return config_from_hf(json.loads(config_path.read_text()))
+
+
+def read_labels(path) -> tuple[str, ...]:
+    """The class names of a sequence classification directory's config.json (in id order);
+    none for a regression model."""
+    values = json.loads((Path(path) / CONFIG_FILE).read_text())
+    id2label = values.get("id2label") or {}
+    if values.get("problem_type") == "regression" or len(id2label) == 1:  # as transformers
+        return ()
+    return tuple(id2label[key] for key in sorted(id2label, key=int))
 
 
 def read_tensors(path) -> dict[str, np.ndarray]:

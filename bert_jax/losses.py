@@ -1,11 +1,16 @@
-"""Pretraining losses and accuracies: pure functions, float32 reductions.
+"""Training objectives (pretraining MLM + NSP, classification, regression): losses and
+metrics as pure functions with float32 reductions.
 
-Everything derives from sums (`pretraining_sums`): a mean over a batch is a sum divided by a
-count, so micro-batches (gradient accumulation) and evaluation batches combine exactly by
-adding their sums.
+Everything derives from sums: a mean over a batch is a sum divided by a count, so
+micro-batches (gradient accumulation) and evaluation batches combine exactly by adding their
+sums. An objective tells the train step three things: the sums of a (micro-)batch from the
+model, the whole batch's denominators of the summed losses (the loss is the sum of
+`sums[k] / denominators[k]`), and the metrics of summed sums.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -52,3 +57,68 @@ def metrics_from_sums(sums: dict[str, Array]) -> dict[str, Array]:
 def pretraining_metrics(mlm_logits_bpv, nsp_logits_b2, batch) -> dict[str, Array]:
     """Loss, MLM/NSP losses and accuracies of one batch."""
     return metrics_from_sums(pretraining_sums(mlm_logits_bpv, nsp_logits_b2, batch))
+
+
+class PretrainingObjective:
+    """MLM + NSP on batches of `bert_jax.data` (a `BertForPreTraining` model)."""
+
+    metric_names = METRICS
+
+    @staticmethod
+    def sums(model, batch, dropout_key) -> dict[str, Array]:
+        mlm_logits, nsp_logits = model(batch["input_ids"], batch["segment_ids"],
+                                       batch["input_mask"], batch["masked_lm_positions"],
+                                       dropout_key=dropout_key)
+        return pretraining_sums(mlm_logits, nsp_logits, batch)
+
+    @staticmethod
+    def denominators(batch) -> dict[str, Array]:
+        # Per predicted token for MLM, per row for NSP, as google-research/bert averages them.
+        return {"mlm_loss": jnp.maximum(jnp.sum(batch["masked_lm_weights"].astype(jnp.float32)),
+                                        1.0),
+                "nsp_loss": jnp.asarray(batch["next_sentence_labels"].shape[0], jnp.float32)}
+
+    metrics = staticmethod(metrics_from_sums)
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceObjective:
+    """Classification (cross-entropy, accuracy) or, with `regression`, mean squared error on
+    one output, for a `BertForSequenceClassification` model; batches hold `labels` and a
+    `weights` row mask (0 for the padding rows that fill an evaluation's last batch)."""
+
+    regression: bool = False
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return ("loss",) if self.regression else ("loss", "accuracy")
+
+    @staticmethod
+    def logits(model, batch, dropout_key=None) -> Array:
+        return model(batch["input_ids"], batch["segment_ids"], batch["input_mask"],
+                     dropout_key=dropout_key)
+
+    def sums(self, model, batch, dropout_key) -> dict[str, Array]:
+        return self.sums_of_logits(self.logits(model, batch, dropout_key), batch)
+
+    def sums_of_logits(self, logits_bl, batch) -> dict[str, Array]:
+        weights = batch["weights"].astype(jnp.float32)
+        labels = batch["labels"]
+        if self.regression:
+            errors = (logits_bl[:, 0] - labels.astype(jnp.float32)) ** 2
+            return {"loss": jnp.sum(errors * weights), "count": jnp.sum(weights)}
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits_bl, labels)
+        return {"loss": jnp.sum(losses * weights),
+                "hits": jnp.sum((jnp.argmax(logits_bl, -1) == labels) * weights),
+                "count": jnp.sum(weights)}
+
+    @staticmethod
+    def denominators(batch) -> dict[str, Array]:
+        return {"loss": jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)}
+
+    def metrics(self, sums) -> dict[str, Array]:
+        count = jnp.maximum(sums["count"], 1e-12)
+        metrics = {"loss": sums["loss"] / count}
+        if not self.regression:
+            metrics["accuracy"] = sums["hits"] / count
+        return metrics

@@ -13,10 +13,11 @@ class MetricsWriter:
 
     `start_step` is the step a run starts or resumes at: records of later steps (written
     after the checkpoint a resumed run restarts from, and a line cut short by a kill) are
-    dropped, so metrics.jsonl holds each step once, as an uninterrupted run would.
+    dropped, so metrics.jsonl holds each step once, as an uninterrupted run would. None
+    keeps every record (a log that is not a run's, e.g. continuous evaluation).
     """
 
-    def __init__(self, workdir, enabled: bool = True, start_step: int = 0):
+    def __init__(self, workdir, enabled: bool = True, start_step: int | None = 0):
         self.enabled = enabled
         if not enabled:
             return
@@ -25,7 +26,10 @@ class MetricsWriter:
         self._path = Path(workdir) / "metrics.jsonl"
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._jsonl = None
-        self.rewind(start_step)
+        if start_step is None:
+            self._jsonl = self._path.open("a")
+        else:
+            self.rewind(start_step)
         self._tensorboard = SummaryWriter(str(self._path.parent / "tensorboard"))
 
     def rewind(self, step: int) -> None:

@@ -196,12 +196,10 @@ class MaskedLMHead(nnx.Module):
         return logits_bpv + self.bias[...]
 
 
-class BertForPreTraining(nnx.Module):
-    """BERT encoder, pooler, masked-LM head and next-sentence head.
-
-    Training calls the model with `masked_lm_positions`, so the vocabulary projection runs
-    only at the P predicted positions of each row ([B, P, V] logits, never [B, S, V]).
-    """
+class _Bert(nnx.Module):
+    """The encoder every BERT model shares: embeddings, layers and the pooler, with the input
+    checks. Heads subclass it, so the shared parameters have the same paths in every model
+    and a pretrained encoder moves into a fine-tuning model as it is."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -209,6 +207,49 @@ class BertForPreTraining(nnx.Module):
         self.encoder = Encoder(config, rngs=rngs)
         self.pooler = _linear(config, config.hidden_size, config.hidden_size,
                               ["embed"], [None], rngs)
+
+    def encode(self, input_ids, token_type_ids=None, attention_mask=None, *, dropout_key=None):
+        """Runs the encoder. Returns (sequence output [B, S, D], pooled [CLS] output [B, D])."""
+        return self._encode(*self._check_inputs(input_ids, token_type_ids, attention_mask),
+                            dropout_key)
+
+    def _encode(self, input_ids, token_type_ids, attention_mask, dropout_key):
+        embed_key, encoder_key = _split(dropout_key, 2)
+        x_bsd = self.embeddings(input_ids, token_type_ids, embed_key)
+        mask_b11s = attention_mask.astype(bool)[:, None, None, :]
+        x_bsd = self.encoder(x_bsd, mask_b11s, encoder_key)
+        pooled_bd = jnp.tanh(self.pooler(x_bsd[:, 0]))
+        return x_bsd, pooled_bd
+
+    def _check_inputs(self, input_ids, token_type_ids, attention_mask):
+        """Validates shapes and dtypes (at trace time) and fills the defaults."""
+        input_ids = jnp.asarray(input_ids)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids has shape {input_ids.shape}: expected [batch, length]")
+        _check_integer("input_ids", input_ids)
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(
+                f"input_ids has length {input_ids.shape[1]}: expected at most "
+                f"max_position_embeddings={self.config.max_position_embeddings}")
+        token_type_ids = _like_ids("token_type_ids", token_type_ids, input_ids, 0)
+        _check_integer("token_type_ids", token_type_ids)
+        attention_mask = _like_ids("attention_mask", attention_mask, input_ids, 1)
+        return input_ids, token_type_ids, attention_mask
+
+
+# The parameter subtrees of `_Bert`: what fine-tuning takes from a pretrained model.
+ENCODER_PARAMS = ("embeddings", "encoder", "pooler")
+
+
+class BertForPreTraining(_Bert):
+    """BERT encoder, pooler, masked-LM head and next-sentence head.
+
+    Training calls the model with `masked_lm_positions`, so the vocabulary projection runs
+    only at the P predicted positions of each row ([B, P, V] logits, never [B, S, V]).
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        super().__init__(config, rngs=rngs)
         self.mlm = MaskedLMHead(config, rngs=rngs)
         self.nsp = _linear(config, config.hidden_size, 2, ["embed"], [None], rngs)
 
@@ -231,41 +272,32 @@ class BertForPreTraining(nnx.Module):
         x_bpd = jnp.take_along_axis(x_bsd, positions[:, :, None], axis=1)
         return self.mlm(x_bpd, self.embeddings.word), self._nsp_logits(pooled_bd)
 
-    def encode(self, input_ids, token_type_ids=None, attention_mask=None, *, dropout_key=None):
-        """Runs the encoder. Returns (sequence output [B, S, D], pooled [CLS] output [B, D])."""
-        return self._encode(*self._check_inputs(input_ids, token_type_ids, attention_mask),
-                            dropout_key)
-
     def full_logits(self, input_ids, token_type_ids=None, attention_mask=None):
         """Inference forward. Returns (MLM logits at every position [B, S, V], NSP logits [B, 2])."""
         x_bsd, pooled_bd = self.encode(input_ids, token_type_ids, attention_mask)
         return self.mlm(x_bsd, self.embeddings.word), self._nsp_logits(pooled_bd)
 
-    def _encode(self, input_ids, token_type_ids, attention_mask, dropout_key):
-        embed_key, encoder_key = _split(dropout_key, 2)
-        x_bsd = self.embeddings(input_ids, token_type_ids, embed_key)
-        mask_b11s = attention_mask.astype(bool)[:, None, None, :]
-        x_bsd = self.encoder(x_bsd, mask_b11s, encoder_key)
-        pooled_bd = jnp.tanh(self.pooler(x_bsd[:, 0]))
-        return x_bsd, pooled_bd
-
     def _nsp_logits(self, pooled_bd) -> Array:
         return self.nsp(pooled_bd).astype(jnp.float32)
 
-    def _check_inputs(self, input_ids, token_type_ids, attention_mask):
-        """Validates shapes and dtypes (at trace time) and fills the defaults."""
-        input_ids = jnp.asarray(input_ids)
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids has shape {input_ids.shape}: expected [batch, length]")
-        _check_integer("input_ids", input_ids)
-        if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(
-                f"input_ids has length {input_ids.shape[1]}: expected at most "
-                f"max_position_embeddings={self.config.max_position_embeddings}")
-        token_type_ids = _like_ids("token_type_ids", token_type_ids, input_ids, 0)
-        _check_integer("token_type_ids", token_type_ids)
-        attention_mask = _like_ids("attention_mask", attention_mask, input_ids, 1)
-        return input_ids, token_type_ids, attention_mask
+
+class BertForSequenceClassification(_Bert):
+    """BERT encoder and pooler, dropout, and a linear layer to `num_labels` outputs (one output:
+    regression), as `transformers.BertForSequenceClassification` has them."""
+
+    def __init__(self, config: ModelConfig, num_labels: int, *, rngs: nnx.Rngs):
+        super().__init__(config, rngs=rngs)
+        self.classifier = _linear(config, config.hidden_size, num_labels, ["embed"], [None],
+                                  rngs)
+
+    def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *,
+                 dropout_key=None) -> Array:
+        """Returns float32 logits [B, num_labels] (`dropout_key=None`: deterministic)."""
+        encoder_key, head_key = _split(dropout_key, 2)
+        _, pooled_bd = self.encode(input_ids, token_type_ids, attention_mask,
+                                   dropout_key=encoder_key)
+        pooled_bd = _dropout(self.config.hidden_dropout_rate, pooled_bd, head_key)
+        return self.classifier(pooled_bd).astype(jnp.float32)
 
 
 def _like_ids(name, value, input_ids, default) -> Array:
@@ -305,15 +337,25 @@ def _dropout(rate: float, x, key) -> Array:
     return jnp.where(halves >= threshold, x * (65536 / (65536 - threshold)), 0).astype(x.dtype)
 
 
-def abstract(config: ModelConfig) -> BertForPreTraining:
-    """The model with shapes and metadata but no values: its graph, parameter shapes and
-    logical axis names, at no compute cost."""
-    return nnx.eval_shape(lambda: BertForPreTraining(config, rngs=nnx.Rngs(params=0)))
+def new_model(config: ModelConfig, seed: int = 0, num_labels: int | None = None) -> _Bert:
+    """A pretraining model, or with `num_labels` a sequence classifier, initialized from
+    `seed` (eagerly: call it under `jax.jit`, as `create` does)."""
+    rngs = nnx.Rngs(params=seed)
+    if num_labels is None:
+        return BertForPreTraining(config, rngs=rngs)
+    return BertForSequenceClassification(config, num_labels, rngs=rngs)
 
 
-def create(config: ModelConfig, seed: int = 0) -> BertForPreTraining:
-    """A freshly initialized model, initialized by one compiled computation (eager NNX
-    initialization dispatches op by op and takes seconds even for a tiny model)."""
-    graphdef, _ = nnx.split(abstract(config))
+def abstract(config: ModelConfig, num_labels: int | None = None) -> _Bert:
+    """The model (pretraining; with `num_labels`, sequence classification) with shapes and
+    metadata but no values: its graph, parameter shapes and logical axis names, at no
+    compute cost."""
+    return nnx.eval_shape(lambda: new_model(config, 0, num_labels))
+
+
+def create(config: ModelConfig, seed: int = 0, num_labels: int | None = None) -> _Bert:
+    """A freshly initialized model (as `abstract`), initialized by one compiled computation
+    (eager NNX initialization dispatches op by op and takes seconds even for a tiny model)."""
+    graphdef, _ = nnx.split(abstract(config, num_labels))
     return nnx.merge(graphdef, jax.jit(
-        lambda: nnx.state(BertForPreTraining(config, rngs=nnx.Rngs(params=seed))))())
+        lambda: nnx.state(new_model(config, seed, num_labels)))())

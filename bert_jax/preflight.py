@@ -30,9 +30,13 @@ def check_run(config: ml_collections.ConfigDict, workdir, abstract_state, phase_
         check_data_against_model(DataConfig.from_dict(phase_config.data), model, tokens)
         check_batch_topology(phase_config.train.global_batch_size,
                              data_parallel * phase_config.train.grad_accum_steps)
-    each = sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize
+    check_workdir(workdir, state_bytes(abstract_state), config.checkpoint.keep)
+
+
+def state_bytes(abstract_state) -> int:
+    """The bytes of a (train) state: what one checkpoint of it holds."""
+    return sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize
                for leaf in jax.tree.leaves(abstract_state))
-    check_workdir(workdir, each, config.checkpoint.keep)
 
 
 def _tokenizer_size(data: DataConfig) -> int:

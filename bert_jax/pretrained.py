@@ -1,4 +1,6 @@
-"""`bert_jax.load(path)`: trained weights as an object with `.config`, `.params` and `.logits`."""
+"""Trained weights in memory: `bert_jax.load(path)` gives a `Pretrained` (config, params,
+MLM/NSP logits); fine-tuning gives a `Classifier` (sequence classification logits). Both
+write Hugging Face directories."""
 
 from __future__ import annotations
 
@@ -9,39 +11,44 @@ from flax import nnx, traverse_util
 
 from bert_jax import hf
 from bert_jax.config import ModelConfig
-from bert_jax.model import BertForPreTraining, abstract
+from bert_jax.model import ENCODER_PARAMS, BertForPreTraining, abstract
 
 
-def param_shapes(config: ModelConfig) -> dict[str, tuple]:
+def param_shapes(config: ModelConfig, num_labels: int | None = None) -> dict[str, tuple]:
     """Flat parameter paths and shapes of a model, computed without allocating it."""
-    state = nnx.state(abstract(config), nnx.Param)
+    state = nnx.state(abstract(config, num_labels), nnx.Param)
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(state), sep="/")
     return {k: tuple(v.shape) for k, v in flat.items()}
 
 
-class Pretrained:
-    """A BERT's config and float32 parameters, with a jitted inference forward.
+class _Weights:
+    """A model's config and float32 parameters (the nested dict of numpy arrays that
+    `nnx.to_pure_dict` gives), with the model's inference forward jitted."""
 
-    `params` is the nested dict of numpy arrays that `nnx.to_pure_dict` gives.
-    """
-
-    def __init__(self, config: ModelConfig, params: dict):
+    def __init__(self, config: ModelConfig, params: dict, num_labels: int | None, forward):
         self.config = config
         self.params = params
-        graphdef, state = nnx.split(abstract(config))
+        graphdef, state = nnx.split(abstract(config, num_labels))
         nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
         self._graphdef, self._state = graphdef, state
-        self._forward = jax.jit(
-            lambda state, *inputs: nnx.merge(graphdef, state).full_logits(*inputs))
+        self._forward = jax.jit(lambda state, *inputs: forward(nnx.merge(graphdef, state),
+                                                               *inputs))
+
+    def model(self):
+        """A live NNX model holding these parameters."""
+        return nnx.merge(self._graphdef, self._state)
+
+
+class Pretrained(_Weights):
+    """A pretrained BERT (MLM and NSP heads)."""
+
+    def __init__(self, config: ModelConfig, params: dict):
+        super().__init__(config, params, None, BertForPreTraining.full_logits)
 
     @classmethod
     def from_model(cls, model: BertForPreTraining) -> Pretrained:
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return cls(model.config, jax.tree.map(np.asarray, params))
-
-    def model(self) -> BertForPreTraining:
-        """A live NNX model holding these parameters."""
-        return nnx.merge(self._graphdef, self._state)
 
     def logits(self, input_ids, token_type_ids=None, attention_mask=None):
         """Returns (MLM logits [B, S, V], NSP logits [B, 2]) as float32 numpy arrays."""
@@ -54,6 +61,25 @@ class Pretrained:
         hf.save(out_dir, self.config, hf.flatten(self.params))
 
 
+class Classifier(_Weights):
+    """A fine-tuned BERT sequence classifier whose classes are `labels` (none: a regression
+    model with one output)."""
+
+    def __init__(self, config: ModelConfig, params: dict, labels: tuple[str, ...]):
+        super().__init__(config, params, len(labels) or 1,
+                         lambda model, *inputs: model(*inputs))
+        self.labels = tuple(labels)
+
+    def logits(self, input_ids, token_type_ids=None, attention_mask=None) -> np.ndarray:
+        """Returns float32 logits [B, num_labels] as a numpy array."""
+        return np.asarray(self._forward(self._state, input_ids, token_type_ids, attention_mask))
+
+    def save_hf(self, out_dir) -> None:
+        """Writes a directory `transformers.BertForSequenceClassification` loads."""
+        hf.save(out_dir, self.config, hf.flatten(self.params), head="classification",
+                labels=self.labels)
+
+
 def load(path) -> Pretrained:
     """Loads a training workdir (its latest checkpoint) or a Hugging Face BERT directory
     (config.json + model.safetensors or .bin)."""
@@ -64,3 +90,23 @@ def load(path) -> Pretrained:
     config = hf.read_config(path)
     flat = hf.from_hf(hf.read_tensors(path), config, param_shapes(config))
     return Pretrained(config, hf.unflatten(flat))
+
+
+def load_encoder(path) -> tuple[ModelConfig, dict]:
+    """The config and encoder parameters (`ENCODER_PARAMS` subtrees) of any Hugging Face BERT
+    directory: pretraining, sequence classification, or a bare `BertModel`; heads are
+    ignored."""
+    config = hf.read_config(path)
+    shapes = {name: shape for name, shape in param_shapes(config).items()
+              if name.split("/")[0] in ENCODER_PARAMS}
+    flat = hf.from_hf(hf.encoder_tensors(hf.read_tensors(path)), config, shapes, head=None)
+    return config, hf.unflatten(flat)
+
+
+def load_classifier(path) -> Classifier:
+    """A fine-tuned model from a Hugging Face `BertForSequenceClassification` directory (as
+    `bert-jax finetune` exports)."""
+    config, labels = hf.read_config(path), hf.read_labels(path)
+    shapes = param_shapes(config, len(labels) or 1)
+    flat = hf.from_hf(hf.read_tensors(path), config, shapes, head="classification")
+    return Classifier(config, hf.unflatten(flat), labels)

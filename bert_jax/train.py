@@ -32,7 +32,7 @@ from bert_jax.config import DataConfig, ModelConfig
 from bert_jax.data import pipeline
 from bert_jax.export import keep_tokenizer, open_checkpoints
 from bert_jax.metrics import MetricsWriter
-from bert_jax.model import BertForPreTraining, abstract
+from bert_jax.model import abstract, new_model
 from bert_jax.optim import learning_rate_schedule, make_optimizer
 from bert_jax.pretrained import Pretrained
 
@@ -42,9 +42,11 @@ from bert_jax.pretrained import Pretrained
 _DROPOUT_STREAM = 0x64726F70  # "drop"
 
 def _init_state(model_config: ModelConfig, tx: optax.GradientTransformation, seed: int,
-                rng_impl: str):
-    model = BertForPreTraining(model_config, rngs=nnx.Rngs(params=seed))
+                rng_impl: str, num_labels: int | None = None, encoder_params: dict | None = None):
+    model = new_model(model_config, seed, num_labels)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if encoder_params is not None:  # fine-tuning: the pretrained encoder, a fresh head
+        params = {**params, **encoder_params}
     # Dropout draws from its own stream: nnx derives initialization keys from key(seed) too.
     dropout_key = jax.random.fold_in(jax.random.key(seed, impl=rng_impl), _DROPOUT_STREAM)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
@@ -63,9 +65,10 @@ class StateSpec:
 
 
 def state_spec(model_config: ModelConfig, tx, seed: int, mesh,
-               rng_impl: str = "threefry2x32") -> StateSpec:
-    graphdef, abstract_params = nnx.split(abstract(model_config))
-    shapes = jax.eval_shape(lambda: _init_state(model_config, tx, seed, rng_impl))
+               rng_impl: str = "threefry2x32", num_labels: int | None = None) -> StateSpec:
+    """The state of a pretraining model, or with `num_labels` of a sequence classifier."""
+    graphdef, abstract_params = nnx.split(abstract(model_config, num_labels))
+    shapes = jax.eval_shape(lambda: _init_state(model_config, tx, seed, rng_impl, num_labels))
     params = sharding.param_shardings(shapes["params"], sharding.logical_names(abstract_params),
                                       mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -78,24 +81,23 @@ def state_spec(model_config: ModelConfig, tx, seed: int, mesh,
 
 
 def init_state(model_config: ModelConfig, tx, seed: int, spec: StateSpec,
-               rng_impl: str = "threefry2x32") -> dict:
+               rng_impl: str = "threefry2x32", num_labels: int | None = None,
+               encoder_params: dict | None = None) -> dict:
     """A fresh train state, each array created directly in its shards.
 
     `rng_impl` is the dropout keys' PRNG: threefry2x32 (default) gives the same dropout masks
     under every sharding; rbg is much faster on CPU but its bits may depend on the sharding.
+    `encoder_params` (host arrays of `ENCODER_PARAMS` subtrees) replace the fresh ones: a
+    fine-tuning state starts from a pretrained encoder.
     """
-    return jax.jit(lambda: _init_state(model_config, tx, seed, rng_impl),
-                   out_shardings=spec.shardings)()
+    return jax.jit(lambda encoder: _init_state(model_config, tx, seed, rng_impl, num_labels,
+                                               encoder),
+                   out_shardings=spec.shardings)(encoder_params)
 
 
 # --- steps ---------------------------------------------------------------------------------
 
-def _forward_sums(params, graphdef, batch, dropout_key):
-    model = nnx.merge(graphdef, params)
-    mlm_logits, nsp_logits = model(batch["input_ids"], batch["segment_ids"],
-                                   batch["input_mask"], batch["masked_lm_positions"],
-                                   dropout_key=dropout_key)
-    return losses.pretraining_sums(mlm_logits, nsp_logits, batch)
+PRETRAINING = losses.PretrainingObjective()
 
 
 def _micro_batches(batch: dict, count: int) -> dict:
@@ -105,22 +107,23 @@ def _micro_batches(batch: dict, count: int) -> dict:
                         .swapaxes(0, 1), batch)
 
 
-def train_step(state: dict, batch: dict, *, graphdef, tx, schedule, accum_steps: int = 1):
+def train_step(state: dict, batch: dict, *, graphdef, tx, schedule, accum_steps: int = 1,
+               objective=PRETRAINING):
     """One optimizer step on `batch`, accumulating gradients over `accum_steps` micro-batches.
 
-    The loss is (sum of MLM losses) / (MLM weight of the whole batch) + (sum of NSP losses) /
-    (rows of the whole batch), so the micro-batches' gradients add up to the whole batch's.
+    The loss is the objective's summed losses over the whole batch's denominators (for
+    pretraining: the sum of MLM losses / the MLM weight of the batch + the sum of NSP losses
+    / its rows), so the micro-batches' gradients add up to the whole batch's.
     A non-finite loss or gradient norm skips the update (parameters and optimizer state are
     kept; the step and the data move on) and is counted in `state["nonfinite"]`.
     Returns the new state and the step's metrics (float32 scalars).
     """
-    mlm_total = jnp.sum(batch["masked_lm_weights"].astype(jnp.float32))
-    nsp_total = jnp.asarray(batch["next_sentence_labels"].shape[0], jnp.float32)
+    denominators = objective.denominators(batch)
     step_key = jax.random.fold_in(state["rng"], state["step"])
 
     def loss(params, micro, key):
-        sums = _forward_sums(params, graphdef, micro, key)
-        return sums["mlm_loss"] / jnp.maximum(mlm_total, 1.0) + sums["nsp_loss"] / nsp_total, sums
+        sums = objective.sums(nnx.merge(graphdef, params), micro, key)
+        return sum(sums[name] / total for name, total in denominators.items()), sums
 
     grad_fn = jax.grad(loss, has_aux=True)
     if accum_steps == 1:
@@ -137,7 +140,7 @@ def train_step(state: dict, batch: dict, *, graphdef, tx, schedule, accum_steps:
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(accum_steps)))
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    metrics = losses.metrics_from_sums(sums)
+    metrics = objective.metrics(sums)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = jnp.asarray(schedule(state["step"]), jnp.float32)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
@@ -157,18 +160,20 @@ def train_step(state: dict, batch: dict, *, graphdef, tx, schedule, accum_steps:
     return new_state, metrics
 
 
-def jit_train_step(spec: StateSpec, tx, schedule, mesh, accum_steps: int):
+def jit_train_step(spec: StateSpec, tx, schedule, mesh, accum_steps: int,
+                   objective=PRETRAINING):
     """`train_step` jitted for `mesh`: state in its shardings (donated), batch rows split over
     the batch axes."""
     return jax.jit(functools.partial(train_step, graphdef=spec.graphdef, tx=tx,
-                                     schedule=schedule, accum_steps=accum_steps),
+                                     schedule=schedule, accum_steps=accum_steps,
+                                     objective=objective),
                    in_shardings=(spec.shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(spec.shardings, None), donate_argnums=0)
 
 
 def eval_step(params: dict, batch: dict, *, graphdef) -> dict:
     """Summed MLM/NSP losses and hits of a batch (no dropout); add them over batches."""
-    return _forward_sums(params, graphdef, batch, None)
+    return PRETRAINING.sums(nnx.merge(graphdef, params), batch, None)
 
 
 # --- the loop ------------------------------------------------------------------------------
@@ -216,7 +221,7 @@ def phase_config(config: ml_collections.ConfigDict, phase: Phase) -> ml_collecti
     return config
 
 
-class _Preemption:
+class Preemption:
     """SIGTERM (the preemption notice of Cloud TPU, GCE and SLURM) as a stop after a step that
     every process agrees on, so all of them save the same checkpoint.
 
@@ -306,12 +311,14 @@ def _roll_back(diverged: _Diverged, train_config, checkpointer: Checkpointer, sp
     return state, restored
 
 
-def _check_resumable(saved: dict, config: ml_collections.ConfigDict) -> None:
+def check_resumable(saved: dict, config: ml_collections.ConfigDict, fixed=_FIXED_ON_RESUME,
+                    changeable=_CHANGEABLE_ON_RESUME) -> None:
     """A resumed run must be the saved run continued: a clear error otherwise, rather than a
-    shape mismatch or a silently different data order or schedule."""
-    for section, keys in _FIXED_ON_RESUME.items():
+    shape mismatch or a silently different data order or schedule. `fixed` names the fields
+    that must not change by section (None: all of the section's but those in `changeable`)."""
+    for section, keys in fixed.items():
         for key in keys or saved[section]:
-            if key in _CHANGEABLE_ON_RESUME:
+            if key in changeable:
                 continue
             value, now = saved[section].get(key), config[section].get(key)
             if isinstance(now, (tuple, list)) or isinstance(value, (tuple, list)):
@@ -351,7 +358,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) ->
                                 every_steps=config.checkpoint.every_steps,
                                 async_save=config.checkpoint.async_save)
     if checkpointer.latest_step() is not None:
-        _check_resumable(checkpointer.restore_metadata()["config"], config)
+        check_resumable(checkpointer.restore_metadata()["config"], config)
         state, metadata, start = checkpointer.restore(spec.abstract)
         skipped = metadata.get("skipped_batches", {})
         log(f"resumed from {workdir / 'checkpoints'} at step {start}")
@@ -367,7 +374,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) ->
     writer = MetricsWriter(workdir, enabled=is_main, start_step=start)
     if is_main:
         (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    preemption = _Preemption()
+    preemption = Preemption()
     summary = {"train": {}, "validation": {}, "pretrained": None, "rollbacks": 0}
     started = time.perf_counter()
 
@@ -439,7 +446,7 @@ def _checkpoint_metadata(config, skipped: dict) -> dict:
 
 def _train_phase(config, phase: Phase, start: int, stop: int, state: dict, step_fn,
                  loader, skipped: dict, mesh, model_config: ModelConfig, writer: MetricsWriter,
-                 checkpointer: Checkpointer, preemption: _Preemption, is_main: bool):
+                 checkpointer: Checkpointer, preemption: Preemption, is_main: bool):
     """Steps [start, stop) of one phase, on the phase's batches from `start` on plus those
     skipped by rollbacks. A step's metrics are read after the next step is dispatched, so the
     device never waits for the host; that is also when too many non-finite steps in a row

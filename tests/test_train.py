@@ -192,10 +192,10 @@ def test_resuming_another_run_is_refused_with_both_values():
     saved["model"].update(dtype="bfloat16", hidden_dropout_rate=0.0)  # these may change
     saved["data"]["data_dir"] = "/elsewhere"
     saved["train"]["phases"] = [[0, 128, 20, 256]]  # as JSON gives it back
-    train._check_resumable(saved, config)
+    train.check_resumable(saved, config)
     for section, key, value, shown in [("model", "num_layers", 4, "model.num_layers=4"),
                                        ("train", "seed", 7, "train.seed=7"),
                                        ("data", "max_seq_length", 512, "data.max_seq_length=512")]:
         changed = {**saved, section: {**saved[section], key: value}}
         with pytest.raises(ValueError, match=f"{shown} but the config has"):
-            train._check_resumable(changed, config)
+            train.check_resumable(changed, config)

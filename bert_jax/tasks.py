@@ -1,0 +1,286 @@
+"""Fine-tuning tasks: what is predicted (one of several classes, or a score) from one text or a
+pair of texts, and the labelled examples of the train and validation splits.
+
+A task (`config.task.name`) is one of:
+- `builtin`: the built-in task, made from the built-in corpus (`bert_jax.builtin_task`);
+- `glue/NAME`: a GLUE task from TFDS, already prepared in the TFDS data directory (nothing is
+  ever downloaded);
+- `classification`, `pair-classification`, `regression`, `pair-regression`: local CSV, TSV
+  or JSON Lines files (`task.train_file`, `task.validation_file`) with columns `text`,
+  `text_pair` (pair tasks only) and `label`. Classes are `task.labels` when declared (comma
+  separated), else the training file's labels, sorted.
+
+Examples are read whole into memory: fine-tuning sets are small (GLUE's largest, QQP, is
+364k pairs), and the batches of any step are then a permutation away (`bert_jax.finetune`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+BUILTIN = "builtin"
+GLUE_PREFIX = "glue/"
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What a task predicts and how it is scored.
+
+    `labels` names the classes (class i is `labels[i]`); empty for regression, which
+    predicts one score. `metrics` are reported on validation; the first is the headline.
+    """
+
+    name: str
+    pair: bool
+    labels: tuple[str, ...]
+    metrics: tuple[str, ...]
+
+    @property
+    def regression(self) -> bool:
+        return not self.labels
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels) or 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+    """Texts (and second texts of pairs) with labels: int32 class ids or float32 scores."""
+
+    texts: list[str]
+    pairs: list[str] | None
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+CLASSIFICATION_METRICS = ("accuracy", "f1")
+REGRESSION_METRICS = ("pearson", "spearman")
+
+# Tasks of local files: name -> (pair, regression).
+FILE_TASKS = {"classification": (False, False), "pair-classification": (True, False),
+              "regression": (False, True), "pair-regression": (True, True)}
+
+# GLUE in TFDS: config -> (text features, validation split, metrics). The metrics are GLUE's
+# own (Matthews correlation for CoLA, F1 and accuracy for MRPC and QQP, ...).
+GLUE = {
+    "cola": (("sentence",), "validation", ("matthews", "accuracy")),
+    "sst2": (("sentence",), "validation", ("accuracy",)),
+    "mrpc": (("sentence1", "sentence2"), "validation", ("f1", "accuracy")),
+    "qqp": (("question1", "question2"), "validation", ("f1", "accuracy")),
+    "stsb": (("sentence1", "sentence2"), "validation", REGRESSION_METRICS),
+    "mnli": (("premise", "hypothesis"), "validation_matched", ("accuracy",)),
+    "qnli": (("question", "sentence"), "validation", ("accuracy",)),
+    "rte": (("sentence1", "sentence2"), "validation", ("accuracy",)),
+    "wnli": (("sentence1", "sentence2"), "validation", ("accuracy",)),
+}
+
+TASK_NAMES = (BUILTIN, *(GLUE_PREFIX + name for name in GLUE), *FILE_TASKS)
+
+
+def load(task_config) -> tuple[Task, dict[str, Examples]]:
+    """The task of `config.task` and its examples by split ("train", "validation").
+
+    Raises ValueError naming the bad value (an unknown task, a missing file or column, a
+    label outside the classes, single texts for a pair task) before anything is trained.
+    """
+    name = task_config.name
+    if name == BUILTIN:
+        from bert_jax import builtin_task
+
+        return builtin_task.load()
+    if name.startswith(GLUE_PREFIX) and name[len(GLUE_PREFIX):] in GLUE:
+        return _load_glue(name[len(GLUE_PREFIX):], task_config.tfds_data_dir or None)
+    if name in FILE_TASKS:
+        return _load_files(name, task_config)
+    raise ValueError(f"unknown task {name!r}: expected one of {list(TASK_NAMES)}")
+
+
+# --- GLUE from TFDS ------------------------------------------------------------------------
+
+def _load_glue(config_name: str, data_dir: str | None) -> tuple[Task, dict[str, Examples]]:
+    import tensorflow_datasets as tfds
+
+    fields, validation_split, metrics = GLUE[config_name]
+    name = GLUE_PREFIX + config_name
+    builder = tfds.builder(name, data_dir=data_dir)
+    label = builder.info.features["label"]
+    labels = tuple(label.names) if hasattr(label, "names") else ()
+    task = Task(name, len(fields) == 2, labels, metrics)
+    splits = {}
+    for split, tfds_split in (("train", "train"), ("validation", validation_split)):
+        try:
+            dataset = tfds.load(name, split=tfds_split, data_dir=data_dir, download=False)
+        except (AssertionError, FileNotFoundError) as e:  # TFDS asserts the data is there
+            raise ValueError(f"task {name} is not prepared in the TFDS data directory "
+                             f"{data_dir or tfds.core.constants.DATA_DIR}: expected it built "
+                             f"there (`tfds build {name}`; bert-jax never downloads), or set "
+                             f"--config.task.tfds_data_dir") from e
+        rows = list(tfds.as_numpy(dataset))
+        texts = [[row[field].decode("utf-8") for row in rows] for field in fields]
+        values = np.array([row["label"] for row in rows])
+        splits[split] = Examples(texts[0], texts[1] if task.pair else None,
+                                 values.astype(np.float32 if task.regression else np.int32))
+    return task, splits
+
+
+# --- local files ---------------------------------------------------------------------------
+
+def _load_files(name: str, task_config) -> tuple[Task, dict[str, Examples]]:
+    pair, regression = FILE_TASKS[name]
+    files = {"train": task_config.train_file, "validation": task_config.validation_file}
+    for split, path in files.items():
+        if not path:
+            raise ValueError(f"task {name} reads local files: expected --{split}-file=PATH "
+                             f"(CSV, TSV or JSON Lines with text{', text_pair' * pair}, label)")
+    rows = {split: _read_rows(path, pair) for split, path in files.items()}
+    declared = tuple(label.strip() for label in str(task_config.labels or "").split(",")
+                     if label.strip())
+    if regression:
+        if declared:
+            raise ValueError(f"task.labels={task_config.labels!r} declares classes but task "
+                             f"{name} predicts a score: expected no labels")
+        labels = ()
+    else:
+        labels = declared or _sorted_labels({label for _, _, label, _ in rows["train"]})
+    task = Task(name, pair, labels,
+                REGRESSION_METRICS if regression else CLASSIFICATION_METRICS)
+    splits = {split: _examples(task, rows[split], files[split], bool(declared))
+              for split in files}
+    return task, splits
+
+
+def _read_rows(path: str, pair: bool) -> list[tuple[str, str | None, str, int]]:
+    """(text, text_pair, label as text, line number) of each row of a CSV/TSV/JSONL file."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"{path} does not exist: expected a CSV, TSV or JSON Lines file")
+    wanted = ["text", "label"] + (["text_pair"] if pair else [])
+    if file.suffix in (".jsonl", ".json"):
+        records = []
+        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not JSON ({e.msg}): expected one object "
+                                 f"per line") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object with "
+                                 f"{', '.join(wanted)}")
+            records.append((number, record))
+    else:
+        with file.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter="\t" if file.suffix == ".tsv" else ",")
+            records = [(number, row) for number, row in enumerate(reader, 2)]
+            columns = reader.fieldnames or []
+        _check_columns(path, columns, wanted, pair)
+    if not records:
+        raise ValueError(f"{path} has no examples: expected a header and rows with "
+                         f"{', '.join(wanted)}")
+    rows = []
+    for number, record in records:
+        _check_columns(f"{path}:{number}", list(record), wanted, pair)
+        text_pair = record["text_pair"] if pair else None
+        rows.append((str(record["text"]), None if text_pair is None else str(text_pair),
+                     _label_text(record["label"]), number))
+    return rows
+
+
+def _check_columns(where: str, columns: list[str], wanted: list[str], pair: bool) -> None:
+    missing = [column for column in wanted if column not in columns]
+    if missing == ["text_pair"]:
+        raise ValueError(f"{where} has single texts (columns {columns}): a pair task expects a "
+                         f"text_pair column too, or use a single-text task")
+    if missing:
+        raise ValueError(f"{where} has no {missing[0]!r} column (columns {columns}): expected "
+                         f"{', '.join(wanted)}")
+    if not pair and "text_pair" in columns:
+        raise ValueError(f"{where} has a text_pair column but the task takes single texts: use "
+                         f"pair-classification or pair-regression")
+
+
+def _label_text(value) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()
+
+
+def _sorted_labels(values: set[str]) -> tuple[str, ...]:
+    """Numerically when all labels are integers (so 10 comes after 9), else as text."""
+    if all(_is_int(v) for v in values):
+        return tuple(sorted(values, key=int))
+    return tuple(sorted(values))
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _examples(task: Task, rows, path: str, declared: bool) -> Examples:
+    if task.regression:
+        labels = []
+        for _, _, label, number in rows:
+            try:
+                labels.append(float(label))
+            except ValueError:
+                raise ValueError(f"{path}:{number}: label {label!r} is not a number: task "
+                                 f"{task.name} expects a score") from None
+        values = np.array(labels, np.float32)
+    else:
+        index = {label: i for i, label in enumerate(task.labels)}
+        for _, _, label, number in rows:
+            if label not in index:
+                source = "the declared classes" if declared else "the training file's classes"
+                raise ValueError(f"{path}:{number}: label {label!r} is not one of {source} "
+                                 f"{list(task.labels)}" + ("" if declared else
+                                                           ": declare all with --labels"))
+        values = np.array([index[label] for _, _, label, _ in rows], np.int32)
+    return Examples([text for text, _, _, _ in rows],
+                    [text_pair for _, text_pair, _, _ in rows] if task.pair else None, values)
+
+
+# --- encoding ------------------------------------------------------------------------------
+
+def encode(tokenizer, examples: Examples, max_seq_length: int) -> dict[str, np.ndarray]:
+    """Model inputs of the examples: `[CLS] text [SEP]` or `[CLS] text [SEP] pair [SEP]`,
+    truncated to `max_seq_length` by taking tokens from the end of the longer text first (as
+    `transformers`' longest_first), padded with [PAD]; `segment_ids` are 1 on the pair's
+    tokens. Returns input_ids, segment_ids, input_mask (int32) and labels."""
+    firsts = [ids for ids, _ in tokenizer.encode_batch(examples.texts)]
+    seconds = ([ids for ids, _ in tokenizer.encode_batch(examples.pairs)]
+               if examples.pairs is not None else [None] * len(firsts))
+    count = len(firsts)
+    input_ids = np.full((count, max_seq_length), tokenizer.pad_id, np.int32)
+    segment_ids = np.zeros((count, max_seq_length), np.int32)
+    input_mask = np.zeros((count, max_seq_length), np.int32)
+    for row, (a, b) in enumerate(zip(firsts, seconds)):
+        a, b = _truncate(a, b, max_seq_length - (2 if b is None else 3))
+        first = [tokenizer.cls_id, *a, tokenizer.sep_id]
+        second = [] if b is None else [*b, tokenizer.sep_id]
+        input_ids[row, :len(first) + len(second)] = first + second
+        segment_ids[row, len(first):len(first) + len(second)] = 1
+        input_mask[row, :len(first) + len(second)] = 1
+    return {"input_ids": input_ids, "segment_ids": segment_ids, "input_mask": input_mask,
+            "labels": examples.labels}
+
+
+def _truncate(a, b, budget: int):
+    if b is None:
+        return a[:budget], None
+    a, b = list(a), list(b)
+    while len(a) + len(b) > budget:
+        (a if len(a) > len(b) else b).pop()
+    return a, b
