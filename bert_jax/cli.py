@@ -337,8 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     config_options = _Parser(add_help=False)
     config_options.add_argument(
         "--config", metavar="FILE",
-        help="Python config file with get_config() (default: built-in tiny); any field can be "
-             "overridden as --config.FIELD=VALUE, e.g. --config.data.corpus='texts/*.txt'")
+        help="Python config file with get_config() (default: the built-in one: BERT-tiny on the "
+             "built-in corpus, or for finetune the fine-tuning defaults); any field can be "
+             "overridden as --config.FIELD=VALUE, e.g. --config.train.seed=1")
 
     distributed_options = _Parser(add_help=False)
     group = distributed_options.add_argument_group(

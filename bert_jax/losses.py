@@ -62,8 +62,6 @@ def pretraining_metrics(mlm_logits_bpv, nsp_logits_b2, batch) -> dict[str, Array
 class PretrainingObjective:
     """MLM + NSP on batches of `bert_jax.data` (a `BertForPreTraining` model)."""
 
-    metric_names = METRICS
-
     @staticmethod
     def sums(model, batch, dropout_key) -> dict[str, Array]:
         mlm_logits, nsp_logits = model(batch["input_ids"], batch["segment_ids"],
@@ -88,10 +86,6 @@ class SequenceObjective:
     `weights` row mask (0 for the padding rows that fill an evaluation's last batch)."""
 
     regression: bool = False
-
-    @property
-    def metric_names(self) -> tuple[str, ...]:
-        return ("loss",) if self.regression else ("loss", "accuracy")
 
     @staticmethod
     def logits(model, batch, dropout_key=None) -> Array:

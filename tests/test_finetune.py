@@ -201,3 +201,46 @@ def test_bad_finetune_input_is_one_line_exit_2(tmp_path, straight_run, capsys, a
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("regression", [False, True])
+def test_sequence_objective_step_weighs_rows_and_accumulates_exactly(regression):
+    import functools
+
+    import optax
+
+    from bert_jax import train
+    from bert_jax.config import preset
+    from bert_jax.losses import SequenceObjective
+
+    config = preset("tiny", vocab_size=64, max_position_embeddings=16, hidden_dropout_rate=0.0)
+    labels_count = 1 if regression else 3
+    tx = optax.sgd(0.1)
+    state = jax.jit(lambda: train._init_state(config, tx, 0, "threefry2x32", labels_count))()
+    rng = np.random.default_rng(0)
+    batch = {"input_ids": rng.integers(5, 64, (8, 16)).astype(np.int32),
+             "segment_ids": np.zeros((8, 16), np.int32), "input_mask": np.ones((8, 16), np.int32),
+             "labels": (rng.normal(size=8).astype(np.float32) if regression
+                        else rng.integers(0, 3, 8).astype(np.int32)),
+             "weights": np.array([1, 1, 1, 1, 1, 1, 0, 0], np.float32)}
+    objective = SequenceObjective(regression=regression)
+    graphdef = nnx.graphdef(abstract(config, labels_count))
+
+    def step(accum):
+        return jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx,
+                                         schedule=lambda _: 0.1, accum_steps=accum,
+                                         objective=objective))(state, batch)
+
+    (one, metrics), (two, metrics_two) = step(1), step(2)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 one["params"], two["params"])
+    # The loss is the mean over rows of weight 1, from the model's own logits.
+    logits = np.asarray(nnx.merge(graphdef, state["params"])(
+        batch["input_ids"], batch["segment_ids"], batch["input_mask"]), np.float64)[:6]
+    if regression:
+        expected = np.mean((logits[:, 0] - batch["labels"][:6]) ** 2)
+    else:
+        log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        expected = -np.mean(log_probs[np.arange(6), batch["labels"][:6]])
+    assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)
+    assert float(metrics_two["loss"]) == pytest.approx(expected, rel=1e-5)
