@@ -13,6 +13,8 @@ the labels.) The sentences depend on the Python version's standard library.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from bert_jax.data import corpus
@@ -53,11 +55,13 @@ def load() -> tuple[Task, dict[str, Examples]]:
                                          labels[TRAIN_EXAMPLES:])}
 
 
-def _sentences() -> list[str]:
-    """The built-in corpus's distinct sentences of `MIN_WORDS` to `MAX_WORDS` words, sorted."""
+@functools.lru_cache(maxsize=1)
+def _sentences() -> tuple[str, ...]:
+    """The built-in corpus's distinct sentences of `MIN_WORDS` to `MAX_WORDS` words, sorted
+    (read once per process: a few seconds)."""
     found = set()
     for source in corpus.list_sources(corpus.BUILTIN):
         found.update(sentence for document in corpus.read_source(source)
                      for sentence in document
                      if MIN_WORDS <= len(sentence.split()) <= MAX_WORDS)
-    return sorted(found)
+    return tuple(sorted(found))

@@ -256,8 +256,8 @@ def _examples(task: Task, rows, path: str, declared: bool) -> Examples:
 
 def encode(tokenizer, examples: Examples, max_seq_length: int) -> dict[str, np.ndarray]:
     """Model inputs of the examples: `[CLS] text [SEP]` or `[CLS] text [SEP] pair [SEP]`,
-    truncated to `max_seq_length` by taking tokens from the end of the longer text first (as
-    `transformers`' longest_first), padded with [PAD]; `segment_ids` are 1 on the pair's
+    truncated to `max_seq_length` longest-first (as `transformers`' fast tokenizers),
+    padded with [PAD]; `segment_ids` are 1 on the pair's
     tokens. Returns input_ids, segment_ids, input_mask (int32) and labels."""
     firsts = [ids for ids, _ in tokenizer.encode_batch(examples.texts)]
     seconds = ([ids for ids, _ in tokenizer.encode_batch(examples.pairs)]
@@ -278,9 +278,13 @@ def encode(tokenizer, examples: Examples, max_seq_length: int) -> dict[str, np.n
 
 
 def _truncate(a, b, budget: int):
+    """Longest-first truncation as Hugging Face `tokenizers` does it: the shorter text keeps
+    up to half the budget (rounded down; the second text counts as the longer on ties) and the
+    longer one the rest."""
     if b is None:
         return a[:budget], None
-    a, b = list(a), list(b)
-    while len(a) + len(b) > budget:
-        (a if len(a) > len(b) else b).pop()
-    return a, b
+    if len(a) > len(b):
+        b = b[:budget // 2]
+        return a[:budget - len(b)], b
+    a = a[:budget // 2]
+    return a, b[:budget - len(a)]

@@ -11,7 +11,7 @@ def test_killed_and_restarted_runs_lose_nothing(straight_run, tmp_path):
     reference, data_dir, _ = straight_run
     workdir = tmp_path / "run"
     records = kill_loop(workdir, overrides(data_dir, **{"checkpoint.every_steps": 2}),
-                        kills=3, seed=1, max_delay_s=0.5, log=lambda record: None)
+                        kills=2, seed=1, max_delay_s=0.5, log=lambda record: None)
     check(records)
-    assert sum(r["killed"] for r in records) >= 2, records  # the kills did land mid-run
+    assert sum(r["killed"] for r in records) >= 1, records  # a kill did land mid-run
     assert_same_run(reference, workdir)

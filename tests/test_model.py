@@ -96,7 +96,6 @@ def _loss_and_grads(model, dropout_key):
 
 
 @pytest.mark.parametrize("changes, dropout", [
-    (dict(scan_layers=True), False),
     (dict(scan_layers=True), True),
     (dict(remat_policy="full"), True),
     (dict(scan_layers=True, remat_policy="dots_with_no_batch_dims"), True),

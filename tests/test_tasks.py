@@ -149,8 +149,10 @@ def test_encoding_equals_transformers_tokenizer(straight_run):
     tokenizer = load_tokenizer_of(workdir / "export")
     theirs = AutoTokenizer.from_pretrained(workdir / "export")
     long = " ".join(["the list of values"] * 20)
-    examples = tasks.Examples(["A short text.", long, "Another one here.", long],
-                              ["A pair.", "short", long, long], np.zeros(4, np.int32))
+    sized = [" ".join(["list"] * n) for n in (3, 9, 10, 11, 12, 17)]
+    firsts = ["A short text.", long, "Another one here.", long] + sized + sized[::-1]
+    seconds = ["A pair.", "short", long, long] + sized * 2
+    examples = tasks.Examples(firsts, seconds, np.zeros(len(firsts), np.int32))
     for pairs in (None, examples.pairs):
         ours = tasks.encode(tokenizer, tasks.Examples(examples.texts, pairs, examples.labels), 24)
         expected = theirs(examples.texts, pairs, truncation="longest_first", max_length=24,

@@ -62,7 +62,7 @@ def test_sharded_meshes_give_the_single_device_losses():
     single, _, initial = _run_steps(case, sharding.make_mesh(
         {"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1]), batches)
     assert len(jax.devices()) == 8
-    for shape in [(8, 1, 1), (2, 2, 2), (1, 4, 2), (1, 2, 4)]:
+    for shape in [(2, 2, 2), (1, 2, 4)]:  # every axis sharded; tensor 4 ways
         mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # small dimensions replicated, with a warning
