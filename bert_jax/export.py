@@ -82,7 +82,7 @@ def load_workdir(workdir, step: int | None = None) -> tuple[Pretrained, ml_colle
                              f"one (a fine-tuned model is in {Path(workdir) / 'export'})")
         model_config = ModelConfig.from_dict(config.model)
         one_device = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
-                                        devices=jax.devices()[:1])
+                                        devices=jax.local_devices()[:1])
         spec = train.state_spec(model_config, make_optimizer(config.train), config.train.seed,
                                 one_device, config.train.rng_impl)
         state, _, _ = checkpointer.restore(spec.abstract, step)
