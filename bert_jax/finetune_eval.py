@@ -19,7 +19,6 @@ from etils.epath import Path
 
 from bert_jax import export, finetune
 from bert_jax.metrics import MetricsWriter, read_metrics
-from bert_jax.model import ENCODER_PARAMS
 
 OUTPUT = "finetune-eval"
 
@@ -63,17 +62,13 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, pretrain_workdir, *,
 
 
 def _score_checkpoint(config, pretrain_workdir, step: int, log) -> dict | None:
+    run_config = ml_collections.ConfigDict(config.to_dict())
+    run_config.init.update(path=str(pretrain_workdir), step=step, random=False)
     try:
-        weights, pretrain_config = export.load_workdir(pretrain_workdir, step)
+        init = finetune.load_init(run_config.init)
     except FileNotFoundError:
         log(f"step {step}: checkpoint deleted before it was read; skipped")
         return None
-    lowercase = pretrain_config.data.lowercase
-    init = finetune.Init(weights.config, export.load_tokenizer_of(pretrain_workdir, lowercase),
-                         export.tokenizer_file_of(pretrain_workdir), lowercase,
-                         {k: weights.params[k] for k in ENCODER_PARAMS})
-    run_config = ml_collections.ConfigDict(config.to_dict())
-    run_config.init.update(path=str(pretrain_workdir), step=step)
     with tempfile.TemporaryDirectory(prefix="bert-jax-finetune-eval-") as scratch:
         summary = finetune.finetune(run_config, scratch, init=init, export=False,
                                     log=lambda *args: None)
