@@ -164,7 +164,7 @@ def _task_options(args, config) -> None:
 def _finetune(args, config) -> None:
     import jax
 
-    from bert_jax import finetune, train
+    from bert_jax import finetune, scores, train
 
     _task_options(args, config)
     if args.init is not None:
@@ -189,7 +189,7 @@ def _finetune(args, config) -> None:
             at = f"  (step {values['step']})" if "step" in values else ""
             print(f"  {name:<10}  " + "  ".join(
                 f"{k} {v:.4f}" for k, v in values.items()
-                if k in ("loss", "accuracy", "f1", "matthews", "pearson", "spearman")) + at)
+                if k == "loss" or k in scores.SCORES) + at)
     if summary["export"]:
         print(f"  exported to {summary['export']} "
               f"(transformers.BertForSequenceClassification.from_pretrained loads it)")

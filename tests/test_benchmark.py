@@ -3,6 +3,7 @@ benchmark` end to end (no timing assertions: speed is measured side by side with
 docs/performance.md)."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -10,10 +11,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from bert_jax import flops
-from bert_jax.config import preset
+from bert_jax import benchmark, flops, sharding, train
+from bert_jax.config import ModelConfig, preset
 from bert_jax.data.synthetic import synthetic_batch
 from bert_jax.model import create
+from bert_jax.optim import learning_rate_schedule, make_optimizer
 
 
 @pytest.mark.parametrize("size, seq, predictions, hand_count", [
@@ -62,3 +64,39 @@ def test_benchmark_prints_one_json_line_with_every_figure():
     assert figures["mfu"] is None and figures["device"] == "cpu"  # no known CPU peak
     assert (figures["batch"], figures["seq"], figures["predictions"], figures["scan"]) == (
         8, 32, 5, True)
+
+
+def _fusions(hlo: str) -> list[tuple[str, set[str]]]:
+    """(operands, ops) of every fusion of the compiled module's entry computation."""
+    bodies = dict(re.findall(r"^%([\w.\-]+) \(.*?\) -> [^\n]*?\{\n(.*?)\n\}", hlo, re.M | re.S))
+    entry = hlo[hlo.index("\nENTRY"):]
+    return [(operands, set(re.findall(r"= \S+ (\w+)\(", bodies[called])))
+            for operands, called in re.findall(
+                r"= \S+ fusion\((.*?)\), kind=\w+, calls=%([\w.\-]+)", entry)]
+
+
+def test_compiled_train_step_fuses_what_the_model_intends():
+    """The CPU train step's HLO: no weight matrix transposed by a copy (dense layers are 2-D
+    matmuls), the up-projection's bias add fused with GELU, and the output bias, dropout and
+    residual add of every sub-layer in one fusion (LayerNorm's reductions follow)."""
+    config = benchmark.benchmark_config("tiny", 4, 32)
+    model_config = ModelConfig.from_dict(config.model)
+    mesh = sharding.make_mesh(config.mesh.to_dict(), devices=jax.local_devices()[:1])
+    tx = make_optimizer(config.train)
+    spec = train.state_spec(model_config, tx, 0, mesh, config.train.rng_impl)
+    state = train.init_state(model_config, tx, 0, spec, config.train.rng_impl)
+    batch = sharding.global_batch(synthetic_batch(0, 4, 32, model_config.vocab_size, 5), mesh, 4)
+    step = train.jit_train_step(spec, tx, learning_rate_schedule(config.train), mesh, 1)
+    fusions = _fusions(step.lower(state, batch).compile().as_text())
+
+    transposed = [operands for operands, ops in fusions
+                  if "kernel" in operands and "transpose" in ops]
+    assert not transposed
+    bias_gelu = [ops for operands, ops in fusions if "mlp____up____bias" in operands
+                 and {"multiply", "exponential"} <= ops]
+    assert len(bias_gelu) >= model_config.num_layers
+    for sublayer in ("mlp____down", "attention____out"):
+        bias_dropout_residual = [ops for operands, ops in fusions
+                                 if f"{sublayer}____bias" in operands
+                                 and {"select", "add", "compare"} <= ops]
+        assert len(bias_dropout_residual) >= model_config.num_layers, sublayer
