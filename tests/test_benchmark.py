@@ -66,13 +66,17 @@ def test_benchmark_prints_one_json_line_with_every_figure():
         8, 32, 5, True)
 
 
-def _fusions(hlo: str) -> list[tuple[str, set[str]]]:
-    """(operands, ops) of every fusion of the compiled module's entry computation."""
+def _fusions(hlo: str) -> list[tuple[str, set[str], bool]]:
+    """(operands, ops, in the forward pass?) of every fusion of the compiled module's entry
+    computation (backward ones carry `transpose(jvp(...))` in their op names)."""
     bodies = dict(re.findall(r"^%([\w.\-]+) \(.*?\) -> [^\n]*?\{\n(.*?)\n\}", hlo, re.M | re.S))
     entry = hlo[hlo.index("\nENTRY"):]
-    return [(operands, set(re.findall(r"= \S+ (\w+)\(", bodies[called])))
-            for operands, called in re.findall(
-                r"= \S+ fusion\((.*?)\), kind=\w+, calls=%([\w.\-]+)", entry)]
+    shape = r"(?:\([^=]*?\)|\S+)"  # a tuple for multi-output fusions
+    return [(operands, set(re.findall(r"= \S+ (\w+)\(", bodies[called])),
+             "jvp(" in op_name and "transpose(" not in op_name)
+            for operands, called, op_name in re.findall(
+                rf"= {shape} fusion\((.*?)\), kind=\w+, calls=%([\w.\-]+)(?:.*?op_name=\"([^\"]*)\")?",
+                entry)]
 
 
 def test_compiled_train_step_fuses_what_the_model_intends():
@@ -87,16 +91,22 @@ def test_compiled_train_step_fuses_what_the_model_intends():
     state = train.init_state(model_config, tx, 0, spec, config.train.rng_impl)
     batch = sharding.global_batch(synthetic_batch(0, 4, 32, model_config.vocab_size, 5), mesh, 4)
     step = train.jit_train_step(spec, tx, learning_rate_schedule(config.train), mesh, 1)
-    fusions = _fusions(step.lower(state, batch).compile().as_text())
+    hlo = step.lower(state, batch).compile().as_text()
+    fusions = _fusions(hlo)
 
-    transposed = [operands for operands, ops in fusions
+    transposed = [operands for operands, ops, _ in fusions
                   if "kernel" in operands and "transpose" in ops]
+    for layout, op, operands in re.findall(
+            r"= \w+\[[\d,]*\]\{([\d,]*)\S*\} (copy|transpose)\(([^)]*kernel[^)]*)\)", hlo):
+        minor_to_major = [int(d) for d in layout.split(",") if d]
+        if op == "transpose" or minor_to_major != sorted(minor_to_major, reverse=True):
+            transposed.append(operands)  # a plain copy keeps the row-major layout
     assert not transposed
-    bias_gelu = [ops for operands, ops in fusions if "mlp____up____bias" in operands
-                 and {"multiply", "exponential"} <= ops]
-    assert len(bias_gelu) >= model_config.num_layers
+    bias_gelu = [ops for operands, ops, forward in fusions if forward
+                 and "mlp____up____bias" in operands and {"multiply", "exponential"} <= ops]
+    assert len(bias_gelu) == model_config.num_layers
     for sublayer in ("mlp____down", "attention____out"):
-        bias_dropout_residual = [ops for operands, ops in fusions
-                                 if f"{sublayer}____bias" in operands
+        bias_dropout_residual = [ops for operands, ops, forward in fusions
+                                 if forward and f"{sublayer}____bias" in operands
                                  and {"select", "add", "compare"} <= ops]
-        assert len(bias_dropout_residual) >= model_config.num_layers, sublayer
+        assert len(bias_dropout_residual) == model_config.num_layers, sublayer

@@ -95,7 +95,7 @@ def _loss_and_grads(model, dropout_key):
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
-@pytest.mark.parametrize("changes, dropout", [
+@pytest.mark.parametrize("changes, dropout", [  # scan alone: covered by scan + remat
     (dict(remat_policy="full"), True),
     (dict(scan_layers=True, remat_policy="dots_with_no_batch_dims"), True),
 ])
@@ -190,9 +190,18 @@ def test_dropout_drops_at_the_rate_and_keeps_the_expectation(rate, shape):
 
 def test_gelu_gradient_equals_autodiff_of_the_exact_gelu():
     """`model.gelu` replaces autodiff's gradient with a hand-written one (for speed): it
-    must be the same function's derivative, in the tails too."""
-    x = jnp.concatenate([jnp.linspace(-12.0, 12.0, 4001), jnp.array([0.0, -0.5, 0.5, 3.0])])
-    exact = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x)
-    ours = jax.vmap(jax.grad(gelu))(x)
-    np.testing.assert_allclose(ours, exact, rtol=1e-6, atol=1e-7)
-    np.testing.assert_array_equal(gelu(x), jax.nn.gelu(x, approximate=False))
+    must be the same function's derivative, relatively exact in the far left tail too."""
+    def grads(f, x):
+        return jax.vmap(jax.grad(f))(x)
+
+    def exact(v):
+        return jax.nn.gelu(v, approximate=False)
+
+    x = jnp.linspace(-4.0, 12.0, 3201)
+    np.testing.assert_allclose(grads(gelu, x), grads(exact, x), rtol=1e-6, atol=1e-7)
+    tail = jnp.linspace(-12.0, -4.0, 801)
+    np.testing.assert_allclose(grads(gelu, tail), grads(exact, tail), rtol=1e-4, atol=0)
+    np.testing.assert_array_equal(gelu(x), exact(x))
+    x16 = x.astype(jnp.bfloat16)  # computed in float32, rounded once
+    np.testing.assert_allclose(grads(gelu, x16).astype(jnp.float32), grads(exact, x),
+                               rtol=1e-2, atol=1e-2)
