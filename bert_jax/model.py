@@ -8,8 +8,6 @@ Encoder layers are stored stacked (a leading `layers` axis) whether or not they 
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -37,34 +35,12 @@ def _layer_norm(config: ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
                          bias_init=_axes("embed"), rngs=rngs)
 
 
-def _dot_2d(lhs, rhs, dimension_numbers, precision=None, out_sharding=None,
-            **kwargs) -> Array:
-    """`lax.dot_general` of a dense layer (lhs's trailing dims against rhs's leading dims) as
-    one 2-D matmul. XLA rewrites a dot over several dims (e.g. heads x head_dim) into a
-    canonical form by transposing an operand: on CPU a copy of a weight or an activation per
-    layer in the backward pass, about 10% of the `small` train step. The 2-D form needs none.
-    (Measured on CPU only; on accelerators it is the same math in the plainest matmul form.)
-    """
-    (lhs_contracting, rhs_contracting), batch = dimension_numbers
-    n = len(lhs_contracting)
-    if (tuple(lhs_contracting) != tuple(range(lhs.ndim - n, lhs.ndim))
-            or tuple(rhs_contracting) != tuple(range(n)) or any(batch)
-            or out_sharding is not None):
-        raise ValueError(f"_dot_2d contracts lhs's trailing and rhs's leading dims, without "
-                         f"batch dims or an output sharding: got {dimension_numbers}, "
-                         f"out_sharding={out_sharding}")
-    size = math.prod(rhs.shape[:n])
-    out = jax.lax.dot_general(lhs.reshape(-1, size), rhs.reshape(size, -1),
-                              (((1,), (0,)), ((), ())), precision=precision, **kwargs)
-    return out.reshape(*lhs.shape[:lhs.ndim - n], *rhs.shape[n:])
-
-
 def _linear(config: ModelConfig, d_in, d_out, in_axes, out_axes, rngs: nnx.Rngs):
     in_axes, out_axes = tuple(in_axes), tuple(out_axes)
     return nnx.LinearGeneral(
         d_in, d_out, axis=tuple(range(-len(in_axes), 0)), dtype=config.dtype,
         kernel_init=_dense_init(config, *in_axes, *out_axes),
-        bias_init=_axes(*out_axes), dot_general=_dot_2d, rngs=rngs)
+        bias_init=_axes(*out_axes), rngs=rngs)
 
 
 class Embeddings(nnx.Module):
@@ -101,21 +77,11 @@ class SelfAttention(nnx.Module):
 
     def __call__(self, x_bsd, mask_b11s, dropout_key) -> Array:
         attention_key, output_key = _split(dropout_key, 2)
-        q_bshk, k_bshk, v_bshk = self._project_qkv(x_bsd)
+        qkv_bs3hk = self.qkv(x_bsd)
+        q_bshk, k_bshk, v_bshk = (qkv_bs3hk[:, :, i] for i in range(3))
         y_bshk = _attention(self.config, q_bshk, k_bshk, v_bshk, mask_b11s, attention_key)
         y_bsd = _dropout(self.config.hidden_dropout_rate, self.out(y_bshk), output_key)
         return self.norm(x_bsd + y_bsd)
-
-    def _project_qkv(self, x_bsd) -> list[Array]:
-        """q, k and v from the fused kernel as three 2-D matmuls, not one: each merges
-        (heads, head_dim) into one dim, which heads split over a `tensor` mesh axis still
-        shards evenly; merging (3, heads, head_dim) would make XLA gather the kernel."""
-        qkv = self.qkv
-        x_bsd, kernel_d3hk, bias_3hk = qkv.promote_dtype(
-            (x_bsd, qkv.kernel[...], qkv.bias[...]), dtype=qkv.dtype)
-        contract_last_with_first = (((x_bsd.ndim - 1,), (0,)), ((), ()))
-        return [_dot_2d(x_bsd, kernel_d3hk[:, i], contract_last_with_first,
-                        precision=qkv.precision) + bias_3hk[i] for i in range(3)]
 
 
 def _attention(config: ModelConfig, q_bshk, k_bshk, v_bshk, mask_b11s, dropout_key) -> Array:

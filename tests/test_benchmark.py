@@ -80,9 +80,9 @@ def _fusions(hlo: str) -> list[tuple[str, set[str], bool]]:
 
 
 def test_compiled_train_step_fuses_what_the_model_intends():
-    """The CPU train step's HLO: no weight matrix transposed by a copy (dense layers are 2-D
-    matmuls), the up-projection's bias add fused with GELU, and the output bias, dropout and
-    residual add of every sub-layer in one fusion (LayerNorm's reductions follow)."""
+    """The CPU train step's HLO: in the forward pass the up-projection's bias add is fused
+    with GELU, and each sub-layer's output bias, dropout and residual add are one fusion
+    (LayerNorm's reductions follow in their own)."""
     config = benchmark.benchmark_config("tiny", 4, 32)
     model_config = ModelConfig.from_dict(config.model)
     mesh = sharding.make_mesh(config.mesh.to_dict(), devices=jax.local_devices()[:1])
@@ -91,17 +91,8 @@ def test_compiled_train_step_fuses_what_the_model_intends():
     state = train.init_state(model_config, tx, 0, spec, config.train.rng_impl)
     batch = sharding.global_batch(synthetic_batch(0, 4, 32, model_config.vocab_size, 5), mesh, 4)
     step = train.jit_train_step(spec, tx, learning_rate_schedule(config.train), mesh, 1)
-    hlo = step.lower(state, batch).compile().as_text()
-    fusions = _fusions(hlo)
+    fusions = _fusions(step.lower(state, batch).compile().as_text())
 
-    transposed = [operands for operands, ops, _ in fusions
-                  if "kernel" in operands and "transpose" in ops]
-    for layout, op, operands in re.findall(
-            r"= \w+\[[\d,]*\]\{([\d,]*)\S*\} (copy|transpose)\(([^)]*kernel[^)]*)\)", hlo):
-        minor_to_major = [int(d) for d in layout.split(",") if d]
-        if op == "transpose" or minor_to_major != sorted(minor_to_major, reverse=True):
-            transposed.append(operands)  # a plain copy keeps the row-major layout
-    assert not transposed
     bias_gelu = [ops for operands, ops, forward in fusions if forward
                  and "mlp____up____bias" in operands and {"multiply", "exponential"} <= ops]
     assert len(bias_gelu) == model_config.num_layers
