@@ -82,17 +82,34 @@ def test_bfloat16_forward_is_close_to_float32():
     assert not np.allclose(mlm16, mlm32, atol=1e-6)  # bf16 really was used
 
 
-def _loss_and_grads(model, dropout_key):
+def _loss_and_grads(model, dropout_key, forward=None):
+    """A loss of the logits at two positions per row, and its gradients; `forward(model, ids,
+    types, mask, positions)` gives the logits (default: the training forward)."""
     ids, types, mask = _inputs()
     positions = np.array([[1, 2], [3, 4]], np.int32)
     graphdef, params = nnx.split(model)
+    forward = forward or (lambda model, *inputs: model(*inputs, dropout_key=dropout_key))
 
     def loss(params):
-        mlm, nsp = nnx.merge(graphdef, params)(ids, types, mask, positions,
-                                               dropout_key=dropout_key)
+        mlm, nsp = forward(nnx.merge(graphdef, params), ids, types, mask, positions)
         return jnp.sum(mlm ** 2) + jnp.sum(nsp)
 
     return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def test_training_gradients_equal_those_of_the_full_forward():
+    """The training forward runs the last layer only where the heads read it; the full
+    forward (the one checked against Hugging Face) runs it everywhere. Same gradients."""
+    def full_forward(model, ids, types, mask, positions):
+        mlm, nsp = model.full_logits(ids, types, mask)
+        return jnp.take_along_axis(mlm, positions[..., None], axis=1), nsp
+
+    model = create(SMALL, seed=6)
+    loss, grads = _loss_and_grads(model, None)
+    full_loss, full_grads = _loss_and_grads(model, None, full_forward)
+    np.testing.assert_allclose(loss, full_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 grads, full_grads)
 
 
 @pytest.mark.parametrize("changes", [  # scan alone: covered by scan + remat
