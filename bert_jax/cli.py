@@ -102,17 +102,26 @@ def _load_config(config_file: str | None, overrides: list[str], default=None):
 FILL_MASK_EXAMPLE = "Return a new [MASK] containing the items of the list."
 
 
+def _stop_on_nonfinite(command: str, args, run):
+    """`run()`; training that stopped on non-finite values (not bad input: exit code 1)
+    ends with one line, or with the traceback under --debug."""
+    from bert_jax import train
+
+    try:
+        return run()
+    except train.NonFiniteError as e:
+        if args.debug:
+            raise
+        raise SystemExit(f"bert-jax {command}: error: {e}") from None
+
+
 def _pretrain(args, config) -> None:
     import jax
 
     from bert_jax import export, train
 
-    try:
-        summary = train.train_and_evaluate(config, args.workdir)
-    except train.NonFiniteError as e:  # not bad input: exit code 1, still one line
-        if args.debug:
-            raise
-        raise SystemExit(f"bert-jax pretrain: error: {e}") from None
+    summary = _stop_on_nonfinite("pretrain", args,
+                                 lambda: train.train_and_evaluate(config, args.workdir))
     if jax.process_index() != 0:
         return
     train_metrics, validation = summary["train"], summary["validation"]
@@ -164,19 +173,15 @@ def _task_options(args, config) -> None:
 def _finetune(args, config) -> None:
     import jax
 
-    from bert_jax import finetune, scores, train
+    from bert_jax import finetune, scores
 
     _task_options(args, config)
     if args.init is not None:
         config.init.path = args.init
     if args.random_init:
         config.init.random = True
-    try:
-        summary = finetune.finetune(config, args.workdir)
-    except train.NonFiniteError as e:
-        if args.debug:
-            raise
-        raise SystemExit(f"bert-jax finetune: error: {e}") from None
+    summary = _stop_on_nonfinite("finetune", args,
+                                 lambda: finetune.finetune(config, args.workdir))
     if jax.process_index() != 0:
         return
     examples = ", ".join(f"{n:,} {split}" for split, n in summary["examples"].items())
