@@ -37,20 +37,30 @@ def benchmark_config(size: str, batch: int, seq: int, dtype: str = "float32",
     return config
 
 
-def run(config: ml_collections.ConfigDict, steps: int = 10) -> dict:
-    """Compiles and times `steps` train steps of `config`; returns the figures as a dict."""
+def train_step_and_inputs(config: ml_collections.ConfigDict, devices=None):
+    """(the jitted train step of `config` on a mesh of `devices` (default: every local
+    device), a fresh state, two synthetic batches): what `run` times, and what tests
+    compile to read the step's HLO."""
     model_config = ModelConfig.from_dict(config.model)
-    mesh = sharding.make_mesh(config.mesh.to_dict(), devices=jax.local_devices())
+    mesh = sharding.make_mesh(config.mesh.to_dict(), devices=devices or jax.local_devices())
     tx = make_optimizer(config.train)
     spec = train.state_spec(model_config, tx, config.train.seed, mesh, config.train.rng_impl)
     state = train.init_state(model_config, tx, config.train.seed, spec, config.train.rng_impl)
-    batch_size, seq = config.train.global_batch_size, config.data.max_seq_length
-    predictions = config.data.max_predictions_per_seq
-    batches = [sharding.global_batch(synthetic_batch(seed, batch_size, seq,
-                                                     model_config.vocab_size, predictions),
-                                     mesh, batch_size) for seed in range(2)]
+    batch_size = config.train.global_batch_size
+    batches = [sharding.global_batch(
+        synthetic_batch(seed, batch_size, config.data.max_seq_length, model_config.vocab_size,
+                        config.data.max_predictions_per_seq), mesh, batch_size)
+        for seed in range(2)]
     step = train.jit_train_step(spec, tx, learning_rate_schedule(config.train), mesh,
                                 config.train.grad_accum_steps)
+    return step, state, batches
+
+
+def run(config: ml_collections.ConfigDict, steps: int = 10) -> dict:
+    """Compiles and times `steps` train steps of `config`; returns the figures as a dict."""
+    step, state, batches = train_step_and_inputs(config)
+    batch_size, seq = config.train.global_batch_size, config.data.max_seq_length
+    predictions = config.data.max_predictions_per_seq
     started = time.perf_counter()
     compiled = step.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - started
@@ -63,15 +73,17 @@ def run(config: ml_collections.ConfigDict, steps: int = 10) -> dict:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - started)
     seconds = statistics.median(times)
-    device = jax.local_devices()[0]
+    devices = jax.local_devices()
     seq_per_s = batch_size / seconds
-    flops_per_sequence = flops.train_flops_per_sequence(model_config, seq, predictions)
+    flops_per_sequence = flops.train_flops_per_sequence(ModelConfig.from_dict(config.model),
+                                                        seq, predictions)
     return {
         "step_ms": round(1000 * seconds, 2), "seq_per_s": round(seq_per_s, 1),
         "tokens_per_s": round(seq_per_s * seq), "mfu": _round(flops.mfu(
-            seq_per_s, flops_per_sequence, device.device_kind, len(mesh.devices.flat))),
-        "compile_s": round(compile_s, 2), "peak_memory_bytes": _peak_memory(device, compiled),
-        "device": device.device_kind, "devices": len(mesh.devices.flat),
+            seq_per_s, flops_per_sequence, devices[0].device_kind, len(devices))),
+        "compile_s": round(compile_s, 2),
+        "peak_memory_bytes": _peak_memory(devices[0], compiled),
+        "device": devices[0].device_kind, "devices": len(devices),
         "model": {k: config.model[k] for k in ("num_layers", "hidden_size", "num_heads")},
         "batch": batch_size, "seq": seq, "predictions": predictions,
         "dtype": config.model.dtype, "attention": config.model.attention_impl,

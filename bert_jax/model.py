@@ -369,7 +369,8 @@ def _check_integer(name, value):
 
 
 def at_positions(x_bs, positions_bq) -> Array:
-    """The rows of `x_bs` ([batch, sequence, ...]) at each batch row's positions: [batch, Q, ...]."""
+    """The rows of `x_bs` ([batch, sequence, ...]) at each batch row's own positions
+    ([batch, Q]): [batch, Q, ...]."""
     index_bq = positions_bq.reshape(positions_bq.shape + (1,) * (x_bs.ndim - 2))
     return jnp.take_along_axis(x_bs, index_bq, axis=1)
 

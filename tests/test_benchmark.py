@@ -11,11 +11,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from bert_jax import benchmark, flops, sharding, train
-from bert_jax.config import ModelConfig, preset
+from bert_jax import benchmark, flops
+from bert_jax.config import preset
 from bert_jax.data.synthetic import synthetic_batch
 from bert_jax.model import create
-from bert_jax.optim import learning_rate_schedule, make_optimizer
 
 
 @pytest.mark.parametrize("size, seq, predictions, hand_count", [
@@ -86,25 +85,19 @@ def _fusions(hlo: str) -> list[tuple[str, set[str], bool]]:
 
 def test_compiled_train_step_fuses_what_the_model_intends():
     """The CPU train step's HLO: in the forward pass the up-projection's bias add and GELU
-    are one fusion (not split into several passes), and each sub-layer's output bias, dropout and residual add are one fusion
-    (LayerNorm's reductions follow in their own)."""
+    are one fusion (not split into several passes), and each sub-layer's output bias,
+    dropout and residual add are one fusion (LayerNorm's reductions follow in their own)."""
     config = benchmark.benchmark_config("tiny", 4, 32)
-    model_config = ModelConfig.from_dict(config.model)
-    mesh = sharding.make_mesh(config.mesh.to_dict(), devices=jax.local_devices()[:1])
-    tx = make_optimizer(config.train)
-    spec = train.state_spec(model_config, tx, 0, mesh, config.train.rng_impl)
-    state = train.init_state(model_config, tx, 0, spec, config.train.rng_impl)
-    batch = sharding.global_batch(synthetic_batch(0, 4, 32, model_config.vocab_size, 5), mesh, 4)
-    step = train.jit_train_step(spec, tx, learning_rate_schedule(config.train), mesh, 1)
-    fusions = _fusions(step.lower(state, batch).compile().as_text())
+    step, state, batches = benchmark.train_step_and_inputs(config, jax.local_devices()[:1])
+    fusions = _fusions(step.lower(state, batches[0]).compile().as_text())
 
     # One forward pass over each layer's largest activation: bias add and all of GELU.
     reads_up_bias = [ops for operands, ops, forward in fusions
                      if forward and "mlp____up____bias" in operands]
-    assert len(reads_up_bias) == model_config.num_layers
+    assert len(reads_up_bias) == config.model.num_layers
     assert all({"add", "erf", "multiply"} <= ops for ops in reads_up_bias)
     for sublayer in ("mlp____down", "attention____out"):
         bias_dropout_residual = [ops for operands, ops, forward in fusions
                                  if forward and f"{sublayer}____bias" in operands
                                  and {"select", "add", "compare"} <= ops]
-        assert len(bias_dropout_residual) == model_config.num_layers, sublayer
+        assert len(bias_dropout_residual) == config.model.num_layers, sublayer
