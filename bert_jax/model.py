@@ -82,8 +82,8 @@ class SelfAttention(nnx.Module):
         qkv_bs3hk = self.qkv(x_bsd)
         q_bshk, k_bshk, v_bshk = (qkv_bs3hk[:, :, i] for i in range(3))
         if query_positions_bq is not None:
-            x_bsd = at_positions(x_bsd, query_positions_bq)
-            q_bshk = at_positions(q_bshk, query_positions_bq)
+            x_bsd = _at_positions(x_bsd, query_positions_bq)
+            q_bshk = _at_positions(q_bshk, query_positions_bq)
         y_bshk = _attention(self.config, q_bshk, k_bshk, v_bshk, mask_b11s, attention_key)
         y_bsd = _dropout(self.config.hidden_dropout_rate, self.out(y_bshk), output_key)
         return self.norm(x_bsd + y_bsd)
@@ -368,7 +368,7 @@ def _check_integer(name, value):
         raise ValueError(f"{name} has dtype {value.dtype}: expected an integer dtype")
 
 
-def at_positions(x_bs, positions_bq) -> Array:
+def _at_positions(x_bs, positions_bq) -> Array:
     """The rows of `x_bs` ([batch, sequence, ...]) at each batch row's own positions
     ([batch, Q]): [batch, Q, ...]."""
     index_bq = positions_bq.reshape(positions_bq.shape + (1,) * (x_bs.ndim - 2))
