@@ -42,7 +42,8 @@ def train_step_and_inputs(config: ml_collections.ConfigDict, devices=None):
     device), a fresh state, two synthetic batches): what `run` times, and what tests
     compile to read the step's HLO."""
     model_config = ModelConfig.from_dict(config.model)
-    mesh = sharding.make_mesh(config.mesh.to_dict(), devices=devices or jax.local_devices())
+    devices = jax.local_devices() if devices is None else devices
+    mesh = sharding.make_mesh(config.mesh.to_dict(), devices=devices)
     tx = make_optimizer(config.train)
     spec = train.state_spec(model_config, tx, config.train.seed, mesh, config.train.rng_impl)
     state = train.init_state(model_config, tx, config.train.seed, spec, config.train.rng_impl)

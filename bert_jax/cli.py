@@ -102,15 +102,15 @@ def _load_config(config_file: str | None, overrides: list[str], default=None):
 FILL_MASK_EXAMPLE = "Return a new [MASK] containing the items of the list."
 
 
-def _stop_on_nonfinite(command: str, args, run):
-    """`run()`; training that stopped on non-finite values (not bad input: exit code 1)
-    ends with one line, or with the traceback under --debug."""
+def _stop_on_nonfinite(command: str, debug: bool, run):
+    """Returns what `run` returns. Training stopped on non-finite values is not bad input:
+    it exits with code 1 and one line (the traceback with `debug`)."""
     from bert_jax import train
 
     try:
         return run()
     except train.NonFiniteError as e:
-        if args.debug:
+        if debug:
             raise
         raise SystemExit(f"bert-jax {command}: error: {e}") from None
 
@@ -120,7 +120,7 @@ def _pretrain(args, config) -> None:
 
     from bert_jax import export, train
 
-    summary = _stop_on_nonfinite("pretrain", args,
+    summary = _stop_on_nonfinite("pretrain", args.debug,
                                  lambda: train.train_and_evaluate(config, args.workdir))
     if jax.process_index() != 0:
         return
@@ -180,7 +180,7 @@ def _finetune(args, config) -> None:
         config.init.path = args.init
     if args.random_init:
         config.init.random = True
-    summary = _stop_on_nonfinite("finetune", args,
+    summary = _stop_on_nonfinite("finetune", args.debug,
                                  lambda: finetune.finetune(config, args.workdir))
     if jax.process_index() != 0:
         return

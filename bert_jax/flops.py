@@ -1,4 +1,5 @@
-"""Training FLOPs per sequence and MFU, by the formula in ARCHITECTURE.md."""
+"""Training FLOPs per sequence and MFU: the usual count (6 FLOPs per weight and token for
+forward + backward, plus attention's two s x s products), shared by every report here."""
 
 from __future__ import annotations
 

@@ -119,8 +119,10 @@ def gelu(x) -> Array:
     pass (the `small` CPU train step: 0.89-0.95x the time). Autodiff would evaluate the
     derivative's exp in the forward pass and keep it too; the gradient below recomputes it
     in the backward pass, fused with the incoming gradient (0.97-0.98x). (A custom VJP:
-    reverse mode only, which is all training uses.)"""
-    return x * 0.5 * (1.0 + jax.lax.erf(x * 0.5 ** 0.5))
+    reverse mode only, which is all training uses.) Computed in float32 whatever the compute
+    dtype, as PyTorch does: in bfloat16, 1 + erf would cancel to 0 below x = -2."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * 0.5 * (1.0 + jax.lax.erf(x32 * 0.5 ** 0.5))).astype(x.dtype)
 
 
 def _gelu_forward(x):
@@ -187,10 +189,10 @@ class Encoder(nnx.Module):
     def __call__(self, x_bsd, mask_b11s, dropout_key, output_positions_bq=None) -> Array:
         """Returns the last layer's output [B, S, D], or [B, Q, D] at `output_positions_bq`.
 
-        With positions, the last layer runs only there (its keys and values still come from
-        every position): nothing reads its output elsewhere, and skipping the rest exactly
-        saves most of one layer (the `small` CPU train step: 1 of 4 layers at 21 of 128
-        positions)."""
+        With positions, the last layer runs only there (its QKV projection still runs at
+        every position, for the keys and values): nothing reads its output elsewhere, and
+        skipping the rest exactly saves most of one layer (the `small` CPU train step: 1 of
+        4 layers at 20 of 128 positions)."""
         graphdef, stacked = nnx.split(self.layers)
 
         def apply_layer(x_bsd, layer_state, layer_key, query_positions_bq=None):
@@ -201,30 +203,38 @@ class Encoder(nnx.Module):
             apply_layer = jax.checkpoint(apply_layer,
                                          policy=_REMAT_SAVEABLE[self.config.remat_policy])
 
-        layer_keys = (None if dropout_key is None
-                      else jax.random.split(dropout_key, self.config.num_layers))
         n = self.config.num_layers
+        keys = None if dropout_key is None else jax.random.split(dropout_key, n)
         if self.config.scan_layers:
             def body(x_bsd, layer):
                 return apply_layer(x_bsd, *layer), None
 
             if output_positions_bq is None:
-                x_bsd, _ = jax.lax.scan(body, x_bsd, (stacked, layer_keys))
+                x_bsd, _ = jax.lax.scan(body, x_bsd, (stacked, keys))
                 return x_bsd
-            first, last = jax.tree.map(lambda p: p[:-1], (stacked, layer_keys)), jax.tree.map(
-                lambda p: p[-1], (stacked, layer_keys))
-            x_bsd, _ = jax.lax.scan(body, x_bsd, first)
-            return apply_layer(x_bsd, *last, output_positions_bq)
-        # One split, not a slice per layer: the gradient of a split is one concatenate, while
-        # per-layer slices transpose to padded copies of the whole stack, summed (O(L^2) work).
-        per_param = jax.tree.map(lambda p: jax.lax.split(p, [1] * n), stacked)
-        for i in range(n):
-            layer_key = None if layer_keys is None else layer_keys[i]
-            layer_state = jax.tree.map(lambda parts: parts[i][0], per_param,
-                                       is_leaf=lambda x: isinstance(x, (list, tuple)))
-            x_bsd = apply_layer(x_bsd, layer_state, layer_key,
+            # The last layer runs at other shapes, so outside the scan.
+            head, last = _split_layers(stacked, [n - 1, 1])
+            head_keys, last_key = (None, None) if keys is None else (keys[:-1], keys[-1])
+            x_bsd, _ = jax.lax.scan(body, x_bsd, (head, head_keys))
+            return apply_layer(x_bsd, _squeeze(last), last_key, output_positions_bq)
+        for i, layer_state in enumerate(_split_layers(stacked, [1] * n)):
+            x_bsd = apply_layer(x_bsd, _squeeze(layer_state), None if keys is None else keys[i],
                                 output_positions_bq if i == n - 1 else None)
         return x_bsd
+
+
+def _split_layers(stacked, sizes) -> list:
+    """The stacked layer parameters split along the layer axis into parts of `sizes` layers.
+
+    One split, not a slice per part: the gradient of a split is one concatenate, while
+    slices transpose to padded copies of the whole stack, summed (per layer: O(L^2) work)."""
+    per_param = jax.tree.map(lambda p: jax.lax.split(p, sizes), stacked)
+    return [jax.tree.map(lambda parts: parts[i], per_param, is_leaf=lambda x: isinstance(x, list))
+            for i in range(len(sizes))]
+
+
+def _squeeze(one_layer):
+    return jax.tree.map(lambda p: p[0], one_layer)
 
 
 class MaskedLMHead(nnx.Module):

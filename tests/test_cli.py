@@ -85,15 +85,13 @@ def test_debug_shows_the_traceback():
 
 @pytest.mark.parametrize("debug", [False, True])
 def test_training_stopped_on_nonfinite_values_ends_in_one_line_unless_debugging(debug):
-    from argparse import Namespace
-
     from bert_jax import cli, train
 
     def run():
         raise train.NonFiniteError("non-finite loss in 2 steps in a row")
 
     with pytest.raises(train.NonFiniteError if debug else SystemExit) as stopped:
-        cli._stop_on_nonfinite("finetune", Namespace(debug=debug), run)
+        cli._stop_on_nonfinite("finetune", debug, run)
     if not debug:  # SystemExit with a message: printed to stderr, exit code 1
         assert stopped.value.code == "bert-jax finetune: error: non-finite loss in 2 steps in a row"
-    assert cli._stop_on_nonfinite("pretrain", Namespace(debug=debug), lambda: 7) == 7
+    assert cli._stop_on_nonfinite("pretrain", debug, lambda: 7) == 7

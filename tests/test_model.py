@@ -86,7 +86,7 @@ def _loss_and_grads(model, dropout_key, forward=None):
     """A loss of the logits at two positions per row, and its gradients; `forward(model, ids,
     types, mask, positions)` gives the logits (default: the training forward)."""
     ids, types, mask = _inputs()
-    positions = np.array([[1, 2], [3, 4]], np.int32)
+    positions = np.array([[1, 2, 0], [3, 3, 4]], np.int32)  # a 0 pad and a duplicate, as in data
     graphdef, params = nnx.split(model)
     forward = forward or (lambda model, *inputs: model(*inputs, dropout_key=dropout_key))
 
@@ -222,6 +222,8 @@ def test_gelu_gradient_equals_autodiff_of_the_exact_gelu():
     # absolute, which is relatively large only where the values themselves are below 1e-5.
     wide = jnp.linspace(-12.0, 12.0, 4801)
     np.testing.assert_allclose(gelu(wide), exact(wide), rtol=5e-7, atol=1e-6)
-    x16 = x.astype(jnp.bfloat16)  # computed in float32, rounded once
+    x16 = x.astype(jnp.bfloat16)  # computed in float32, rounded once: values and gradients
+    np.testing.assert_allclose(gelu(x16).astype(jnp.float32), exact(x16.astype(jnp.float32)),
+                               rtol=1e-2, atol=1e-6)
     np.testing.assert_allclose(grads(gelu, x16).astype(jnp.float32), grads(exact, x),
                                rtol=1e-2, atol=1e-2)
