@@ -114,7 +114,7 @@ def gelu(x) -> Array:
     hand-written gradient.
 
     Not `jax.nn.gelu`, which uses erfc (relatively exact in the far left tail, where the
-    values are below 1e-7 anyway): XLA:CPU splits erfc's expansion into several passes
+    values are tiny anyway; erf's form is off there by about 1e-7 absolute): XLA:CPU splits erfc's expansion into several passes
     over the largest activation of each layer and keeps them for the backward; erf is one
     pass (the `small` CPU train step: 0.89-0.95x the time). Autodiff would evaluate the
     derivative's exp in the forward pass and keep it too; the gradient below recomputes it
