@@ -1,26 +1,45 @@
-"""Test setup: 8 fake CPU devices for sharding tests (must be set before jax is imported)."""
+"""Test setup: 8 fake CPU devices for sharding tests (must be set before jax is imported).
+
+The suite runs on pytest-xdist workers (setup.cfg); what is expensive to build once is shared
+by them: the compilation cache and the `straight_run` reference."""
 
 import os
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One persistent compilation cache for the session, this process and the `bert-jax`
-# subprocesses alike: the many tiny runs compile the same steps, each once.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="bert-jax-xla-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 import pytest  # noqa: E402  (after the environment above)
+from filelock import FileLock  # noqa: E402
+
+
+def pytest_configure(config):
+    """One persistent compilation cache for the run, every xdist worker and the `bert-jax`
+    subprocesses alike: the many tiny runs compile the same steps, each once. (Set here, not
+    above: a worker learns the run's id only now, still before any test imports jax.)"""
+    run = getattr(config, "workerinput", {}).get("testrunuid")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+        tempfile.gettempdir(), f"bert-jax-xla-{run}") if run else tempfile.mkdtemp(
+        prefix="bert-jax-xla-"))
 
 
 @pytest.fixture(scope="session")
-def straight_run(tmp_path_factory):
+def straight_run(tmp_path_factory, worker_id):
     """20 uninterrupted steps on the built-in corpus, one process with 4 devices: the
-    reference for resumed, preempted and multi-process runs. Returns (workdir, data_dir,
-    stdout)."""
+    reference for resumed, preempted and multi-process runs, built once per test run (the
+    first worker to need it builds it; tests copy what they change). Returns (workdir,
+    data_dir, stdout)."""
     from pretrain_runs import overrides, pretrain
 
-    root = tmp_path_factory.mktemp("straight")
-    result = pretrain(root / "run", overrides(root / "data"))
-    assert result.returncode == 0, result.stderr
-    return root / "run", root / "data", result.stdout
+    shared = tmp_path_factory.getbasetemp()
+    if worker_id != "master":  # the run's temporary directory, above the workers' own
+        shared = shared.parent
+    root, stdout = shared / "straight", shared / "straight.stdout"
+    with FileLock(str(shared / "straight.lock")):
+        if not stdout.is_file():
+            result = pretrain(root / "run", overrides(root / "data"))
+            assert result.returncode == 0, result.stderr
+            stdout.write_text(result.stdout)
+    return root / "run", root / "data", stdout.read_text()
