@@ -14,10 +14,10 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 
 from bert_jax import sharding, train
 from bert_jax.config import ModelConfig
+from bert_jax.data.masking import batch_shapes
 from bert_jax.optim import learning_rate_schedule, make_optimizer
 
 # Cloud TPU accelerator types -> (JAX topology name prefix, TensorCores per chip). The number
@@ -79,13 +79,9 @@ def compile_train_step(config: ml_collections.ConfigDict, accelerator_type: str,
     batch_sharding = sharding.batch_sharding(mesh)
     rows, length, predictions = (phase.global_batch_size, phase.max_seq_length,
                                  phase.max_predictions_per_seq)
-    shapes = {"input_ids": (rows, length), "segment_ids": (rows, length),
-              "input_mask": (rows, length), "masked_lm_positions": (rows, predictions),
-              "masked_lm_ids": (rows, predictions), "masked_lm_weights": (rows, predictions),
-              "next_sentence_labels": (rows,)}
-    batch = {name: jax.ShapeDtypeStruct(shape, np.float32 if name == "masked_lm_weights"
-                                        else np.int32, sharding=batch_sharding)
-             for name, shape in shapes.items()}
+    batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+             for name, (shape, dtype) in batch_shapes(
+                 rows, length, predictions, config.data.instances_per_row).items()}
     step = train.jit_train_step(spec, tx, learning_rate_schedule(config.train), mesh,
                                 phase.grad_accum_steps)
     started = time.perf_counter()

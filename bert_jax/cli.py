@@ -271,6 +271,10 @@ def _prepare_data(args, config) -> None:
     prepared = pipeline.prepare(config)
     summary = prepared.metadata["summary"]
     instances = ", ".join(f"{n:,} {split}" for split, n in summary["instances"].items())
+    per_row = prepared.metadata["identity"].get("instances_per_row", 1)
+    if per_row > 1:
+        rows = ", ".join(f"{n:,} {split}" for split, n in summary["examples"].items())
+        instances += f" packed into rows of up to {per_row}: {rows}"
     print(f"dataset: {prepared.path}\n"
           f"  documents {summary['documents']:,}  sentences {summary['sentences']:,}  "
           f"tokens {summary['tokens']:,}\n"

@@ -88,6 +88,8 @@ class DataConfig:
     documentation), or `tfds:NAME[:SPLIT]`. `vocab_file`: a WordPiece `vocab.txt` or a
     SentencePiece `.model`; empty means "train a SentencePiece vocabulary of `vocab_size`".
     Defaults follow google-research/bert except `dupe_factor` (1, since masking is dynamic).
+    `instances_per_row` > 1 packs up to that many instances into each row (`data.packing`):
+    for long sequences, where many instances are short.
     """
 
     corpus: str = "builtin"
@@ -107,9 +109,11 @@ class DataConfig:
     text_field: str = "text"
     tfds_data_dir: str = ""
     workers: int = 0  # processes for tokenization and instance creation; 0: one per core
+    instances_per_row: int = 1
 
     def __post_init__(self):
-        for name in ("vocab_size", "max_seq_length", "max_predictions_per_seq", "dupe_factor"):
+        for name in ("vocab_size", "max_seq_length", "max_predictions_per_seq", "dupe_factor",
+                     "instances_per_row"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"data.{name}={value!r}: expected a positive integer")

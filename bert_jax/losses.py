@@ -21,22 +21,32 @@ Array = jax.Array
 METRICS = ("loss", "mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy")
 
 
-def pretraining_sums(mlm_logits_bpv, nsp_logits_b2, batch) -> dict[str, Array]:
+def pretraining_sums(mlm_logits_bpv, nsp_logits, batch) -> dict[str, Array]:
     """Summed MLM and NSP losses and hits, with their counts, from a batch holding
-    `masked_lm_ids`, `masked_lm_weights` and `next_sentence_labels` (1: B is random)."""
+    `masked_lm_ids`, `masked_lm_weights` and `next_sentence_labels` (1: B is random): [B], or
+    [B, K] for packed rows, whose `next_sentence_weights` mark the instances present."""
     weights = batch["masked_lm_weights"].astype(jnp.float32)
     ids, labels = batch["masked_lm_ids"], batch["next_sentence_labels"]
+    nsp_weights = _nsp_weights(batch)
     mlm_logits = mlm_logits_bpv.astype(jnp.float32)
-    nsp_logits = nsp_logits_b2.astype(jnp.float32)
+    nsp_logits = nsp_logits.astype(jnp.float32)
     return {
         "mlm_loss": jnp.sum(optax.softmax_cross_entropy_with_integer_labels(mlm_logits, ids)
                             * weights),
         "mlm_hits": jnp.sum((jnp.argmax(mlm_logits, -1) == ids) * weights),
         "mlm_count": jnp.sum(weights),
-        "nsp_loss": jnp.sum(optax.softmax_cross_entropy_with_integer_labels(nsp_logits, labels)),
-        "nsp_hits": jnp.sum((jnp.argmax(nsp_logits, -1) == labels).astype(jnp.float32)),
-        "nsp_count": jnp.asarray(labels.shape[0], jnp.float32),
+        "nsp_loss": jnp.sum(optax.softmax_cross_entropy_with_integer_labels(nsp_logits, labels)
+                            * nsp_weights),
+        "nsp_hits": jnp.sum((jnp.argmax(nsp_logits, -1) == labels) * nsp_weights),
+        "nsp_count": jnp.sum(nsp_weights),
     }
+
+
+def _nsp_weights(batch) -> Array:
+    """1 per NSP label (each row of an unpacked batch), or the packed batch's weights."""
+    if "next_sentence_weights" in batch:
+        return batch["next_sentence_weights"].astype(jnp.float32)
+    return jnp.ones(batch["next_sentence_labels"].shape, jnp.float32)
 
 
 def metrics_from_sums(sums: dict[str, Array]) -> dict[str, Array]:
@@ -54,9 +64,9 @@ def metrics_from_sums(sums: dict[str, Array]) -> dict[str, Array]:
     return metrics
 
 
-def pretraining_metrics(mlm_logits_bpv, nsp_logits_b2, batch) -> dict[str, Array]:
+def pretraining_metrics(mlm_logits_bpv, nsp_logits, batch) -> dict[str, Array]:
     """Loss, MLM/NSP losses and accuracies of one batch."""
-    return metrics_from_sums(pretraining_sums(mlm_logits_bpv, nsp_logits_b2, batch))
+    return metrics_from_sums(pretraining_sums(mlm_logits_bpv, nsp_logits, batch))
 
 
 class PretrainingObjective:
@@ -66,15 +76,17 @@ class PretrainingObjective:
     def sums(model, batch, dropout_key) -> dict[str, Array]:
         mlm_logits, nsp_logits = model(batch["input_ids"], batch["segment_ids"],
                                        batch["input_mask"], batch["masked_lm_positions"],
+                                       batch.get("next_sentence_positions"),
                                        dropout_key=dropout_key)
         return pretraining_sums(mlm_logits, nsp_logits, batch)
 
     @staticmethod
     def denominators(batch) -> dict[str, Array]:
-        # Per predicted token for MLM, per row for NSP, as google-research/bert averages them.
+        # Per predicted token for MLM, per instance for NSP, as google-research/bert averages
+        # them.
         return {"mlm_loss": jnp.maximum(jnp.sum(batch["masked_lm_weights"].astype(jnp.float32)),
                                         1.0),
-                "nsp_loss": jnp.asarray(batch["next_sentence_labels"].shape[0], jnp.float32)}
+                "nsp_loss": jnp.maximum(jnp.sum(_nsp_weights(batch)), 1.0)}
 
     metrics = staticmethod(metrics_from_sums)
 

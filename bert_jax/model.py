@@ -57,10 +57,12 @@ class Embeddings(nnx.Module):
         self.norm = _layer_norm(config, rngs)
         self.dropout_rate = config.hidden_dropout_rate
 
-    def __call__(self, input_ids_bs, token_type_ids_bs, dropout_key) -> Array:
-        positions_s = jnp.arange(input_ids_bs.shape[1])
-        x_bsd = (self.word(input_ids_bs) + self.position(positions_s)[None]
-                 + self.token_type(token_type_ids_bs))
+    def __call__(self, input_ids_bs, token_type_ids_bs, dropout_key, position_ids_bs=None
+                 ) -> Array:
+        """`position_ids_bs` defaults to 0, 1, ... in every row."""
+        position_bsd = (self.position(jnp.arange(input_ids_bs.shape[1]))[None]
+                        if position_ids_bs is None else self.position(position_ids_bs))
+        x_bsd = (self.word(input_ids_bs) + position_bsd + self.token_type(token_type_ids_bs))
         return _dropout(self.dropout_rate, self.norm(x_bsd), dropout_key)
 
 
@@ -75,21 +77,25 @@ class SelfAttention(nnx.Module):
         self.out = _linear(config, (h, k), config.hidden_size, ["heads", "kv"], ["embed"], rngs)
         self.norm = _layer_norm(config, rngs)
 
-    def __call__(self, x_bsd, mask_b11s, dropout_key, query_positions_bq=None) -> Array:
-        """With `query_positions_bq`, only those positions attend (to all keys) and the
-        output is [B, Q, D] at them."""
+    def __call__(self, x_bsd, mask_b1qs, dropout_key, query_positions_bq=None) -> Array:
+        """`mask_b1qs` says which keys each query sees: [B, 1, 1, S] (every query alike) or
+        [B, 1, S, S] (packed rows). With `query_positions_bq`, only those positions attend
+        (to all keys) and the output is [B, Q, D] at them."""
         attention_key, output_key = _split(dropout_key, 2)
         qkv_bs3hk = self.qkv(x_bsd)
         q_bshk, k_bshk, v_bshk = (qkv_bs3hk[:, :, i] for i in range(3))
         if query_positions_bq is not None:
             x_bsd = _at_positions(x_bsd, query_positions_bq)
             q_bshk = _at_positions(q_bshk, query_positions_bq)
-        y_bshk = _attention(self.config, q_bshk, k_bshk, v_bshk, mask_b11s, attention_key)
+            if mask_b1qs.shape[2] > 1:  # packed: each query's own row of the mask
+                mask_b1qs = jnp.take_along_axis(mask_b1qs, query_positions_bq[:, None, :, None],
+                                                axis=2)
+        y_bshk = _attention(self.config, q_bshk, k_bshk, v_bshk, mask_b1qs, attention_key)
         y_bsd = _dropout(self.config.hidden_dropout_rate, self.out(y_bshk), output_key)
         return self.norm(x_bsd + y_bsd)
 
 
-def _attention(config: ModelConfig, q_bshk, k_bshk, v_bshk, mask_b11s, dropout_key) -> Array:
+def _attention(config: ModelConfig, q_bshk, k_bshk, v_bshk, mask_b1qs, dropout_key) -> Array:
     """Scaled dot-product attention; fused (`jax.nn.dot_product_attention`) unless dropping out.
 
     Attention-probability dropout needs the probabilities, which fused kernels never form,
@@ -97,12 +103,12 @@ def _attention(config: ModelConfig, q_bshk, k_bshk, v_bshk, mask_b11s, dropout_k
     """
     if dropout_key is None or config.attention_dropout_rate == 0.0:
         implementation = None if config.attention_impl == "auto" else config.attention_impl
-        return jax.nn.dot_product_attention(q_bshk, k_bshk, v_bshk, mask=mask_b11s,
+        return jax.nn.dot_product_attention(q_bshk, k_bshk, v_bshk, mask=mask_b1qs,
                                             implementation=implementation)
     scale = config.head_dim ** -0.5
     logits_bhst = jnp.einsum("bshk,bthk->bhst", q_bshk, k_bshk,
                              preferred_element_type=jnp.float32) * scale
-    logits_bhst = jnp.where(mask_b11s, logits_bhst, jnp.finfo(jnp.float32).min)
+    logits_bhst = jnp.where(mask_b1qs, logits_bhst, jnp.finfo(jnp.float32).min)
     probs_bhst = jax.nn.softmax(logits_bhst, axis=-1)
     probs_bhst = _dropout(config.attention_dropout_rate, probs_bhst, dropout_key)
     return jnp.einsum("bhst,bthk->bshk", probs_bhst.astype(v_bshk.dtype), v_bshk)
@@ -160,9 +166,9 @@ class EncoderLayer(nnx.Module):
         self.attention = SelfAttention(config, rngs=rngs)
         self.mlp = FeedForward(config, rngs=rngs)
 
-    def __call__(self, x_bsd, mask_b11s, dropout_key, query_positions_bq=None) -> Array:
+    def __call__(self, x_bsd, mask_b1qs, dropout_key, query_positions_bq=None) -> Array:
         attention_key, mlp_key = _split(dropout_key, 2)
-        y_bsd = self.attention(x_bsd, mask_b11s, attention_key, query_positions_bq)
+        y_bsd = self.attention(x_bsd, mask_b1qs, attention_key, query_positions_bq)
         return self.mlp(y_bsd, mlp_key)
 
 
@@ -186,7 +192,7 @@ class Encoder(nnx.Module):
 
         self.layers = create_layers(rngs)
 
-    def __call__(self, x_bsd, mask_b11s, dropout_key, output_positions_bq=None) -> Array:
+    def __call__(self, x_bsd, mask_b1qs, dropout_key, output_positions_bq=None) -> Array:
         """Returns the last layer's output [B, S, D], or [B, Q, D] at `output_positions_bq`.
 
         With positions, the last layer runs only there (its QKV projection still runs at
@@ -196,7 +202,7 @@ class Encoder(nnx.Module):
         graphdef, stacked = nnx.split(self.layers)
 
         def apply_layer(x_bsd, layer_state, layer_key, query_positions_bq=None):
-            return nnx.merge(graphdef, layer_state)(x_bsd, mask_b11s, layer_key,
+            return nnx.merge(graphdef, layer_state)(x_bsd, mask_b1qs, layer_key,
                                                    query_positions_bq)
 
         if self.config.remat_policy != "none":
@@ -271,18 +277,39 @@ class _Bert(nnx.Module):
         return self._encode(*self._check_inputs(input_ids, token_type_ids, attention_mask),
                             dropout_key)
 
-    def _encode(self, input_ids, token_type_ids, attention_mask, dropout_key, positions_bp=None):
+    def _encode(self, input_ids, token_type_ids, attention_mask, dropout_key, positions_bp=None,
+                cls_positions_bk=None):
         """(sequence output, pooled output); with `positions_bp`, the sequence output is
-        [B, P, D] at those positions only, and the last layer runs only there and at [CLS]."""
+        [B, P, D] at those positions only, and the last layer runs only there and at [CLS].
+
+        With `cls_positions_bk`, rows are packed: K instances per row, each starting with its
+        [CLS] at those positions, `attention_mask` numbering each token's instance (1, 2, ...;
+        0 for padding). Tokens attend within their instance only, position ids restart at
+        each [CLS], and the pooled output is [B, K, D], one per instance; a packed row
+        computes what its instances would alone."""
         embed_key, encoder_key = _split(dropout_key, 2)
-        x_bsd = self.embeddings(input_ids, token_type_ids, embed_key)
-        mask_b11s = attention_mask.astype(bool)[:, None, None, :]
-        if positions_bp is not None:  # [CLS] first, for the pooler
-            positions_bp = jnp.concatenate([jnp.zeros_like(positions_bp[:, :1]), positions_bp],
-                                           axis=1)
-        x_bsd = self.encoder(x_bsd, mask_b11s, encoder_key, positions_bp)
-        pooled_bd = jnp.tanh(self.pooler(x_bsd[:, 0]))
-        return (x_bsd if positions_bp is None else x_bsd[:, 1:]), pooled_bd
+        packed = cls_positions_bk is not None
+        if not packed:
+            cls_positions_bk = jnp.zeros_like(input_ids[:, :1])
+            mask_b1qs = attention_mask.astype(bool)[:, None, None, :]
+            position_ids_bs = None
+        else:
+            mask_b1qs = ((attention_mask[:, None, :, None] == attention_mask[:, None, None, :])
+                         & (attention_mask[:, None, None, :] > 0))
+            instance_starts_bs = jnp.take_along_axis(
+                cls_positions_bk, jnp.maximum(attention_mask - 1, 0), axis=1)
+            position_ids_bs = jnp.maximum(jnp.arange(input_ids.shape[1]) - instance_starts_bs, 0)
+        x_bsd = self.embeddings(input_ids, token_type_ids, embed_key, position_ids_bs)
+        if positions_bp is not None:  # the [CLS] positions first, for the pooler
+            positions_bp = jnp.concatenate([cls_positions_bk, positions_bp], axis=1)
+        x_bsd = self.encoder(x_bsd, mask_b1qs, encoder_key, positions_bp)
+        k = cls_positions_bk.shape[1]
+        if positions_bp is not None:
+            cls_bkd, x_bsd = x_bsd[:, :k], x_bsd[:, k:]
+        else:
+            cls_bkd = _at_positions(x_bsd, cls_positions_bk) if packed else x_bsd[:, :1]
+        pooled_bkd = jnp.tanh(self.pooler(cls_bkd))
+        return x_bsd, (pooled_bkd if packed else pooled_bkd[:, 0])
 
     def _check_inputs(self, input_ids, token_type_ids, attention_mask):
         """Validates shapes and dtypes (at trace time) and fills the defaults."""
@@ -317,23 +344,26 @@ class BertForPreTraining(_Bert):
         self.mlm = MaskedLMHead(config, rngs=rngs)
         self.nsp = _linear(config, config.hidden_size, 2, ["embed"], [None], rngs)
 
-    def __call__(self, input_ids, token_type_ids, attention_mask, masked_lm_positions, *,
-                 dropout_key=None):
-        """Training forward. Returns (MLM logits [B, P, V] at `masked_lm_positions`, NSP logits [B, 2]).
+    def __call__(self, input_ids, token_type_ids, attention_mask, masked_lm_positions,
+                 next_sentence_positions=None, *, dropout_key=None):
+        """Training forward. Returns (MLM logits [B, P, V] at `masked_lm_positions`, NSP
+        logits [B, 2]).
+
+        With `next_sentence_positions` [B, K], rows are packed (several instances per row,
+        each starting with its [CLS] there; `attention_mask` numbers the instances, see
+        `_encode`) and the NSP logits are [B, K, 2], one per instance.
 
         Logits are float32 whatever the compute dtype. `dropout_key=None` means deterministic
         (evaluation); otherwise every dropout mask derives from that key alone, so a step's
         randomness is reproducible from (seed, step).
         """
         inputs = self._check_inputs(input_ids, token_type_ids, attention_mask)
-        positions = jnp.asarray(masked_lm_positions)
         batch = inputs[0].shape[0]
-        if positions.ndim != 2 or positions.shape[0] != batch:
-            raise ValueError(f"masked_lm_positions has shape {positions.shape}: expected "
-                             f"[batch, predictions] with batch {batch}")
-        _check_integer("masked_lm_positions", positions)
-        x_bpd, pooled_bd = self._encode(*inputs, dropout_key, positions)
-        return self.mlm(x_bpd, self.embeddings.word), self._nsp_logits(pooled_bd)
+        positions = _positions("masked_lm_positions", masked_lm_positions, batch)
+        cls_positions = (None if next_sentence_positions is None else
+                         _positions("next_sentence_positions", next_sentence_positions, batch))
+        x_bpd, pooled = self._encode(*inputs, dropout_key, positions, cls_positions)
+        return self.mlm(x_bpd, self.embeddings.word), self._nsp_logits(pooled)
 
     def full_logits(self, input_ids, token_type_ids=None, attention_mask=None):
         """Inference forward. Returns (MLM logits at every position [B, S, V], NSP logits [B, 2])."""
@@ -371,6 +401,16 @@ def _like_ids(name, value, input_ids, default) -> Array:
         raise ValueError(f"{name} has shape {value.shape}: expected the shape of input_ids "
                          f"{input_ids.shape}")
     return value
+
+
+def _positions(name, value, batch: int) -> Array:
+    """`value` as integer positions [batch, N], or a one-line error naming it."""
+    positions = jnp.asarray(value)
+    if positions.ndim != 2 or positions.shape[0] != batch:
+        raise ValueError(f"{name} has shape {positions.shape}: expected [batch, N] with batch "
+                         f"{batch}")
+    _check_integer(name, positions)
+    return positions
 
 
 def _check_integer(name, value):

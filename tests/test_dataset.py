@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pydoc_data.topics
@@ -9,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from bert_jax.config import DataConfig, default_config
-from bert_jax.data import dataset, pipeline
+from bert_jax.data import dataset, masking, pipeline
 
 SEQ = 64
 
@@ -133,6 +134,45 @@ def test_inspect_data_out_saves_exactly_the_training_batches(topics, tmp_path):
     expected = [b for _, b in pipeline.loader(config, prepared).iterate(2, 3)]
     for name in expected[0]:
         np.testing.assert_array_equal(saved[name], np.stack([b[name] for b in expected]))
+
+
+def test_packed_rows_hold_exactly_the_instances_and_batch_them_apart(topics):
+    config, prepared = topics
+    assert "instances_per_row" not in prepared.metadata["identity"]  # unpacked: as before
+    packed_config = _config(Path(config.data.data_dir).parent, config.data.corpus,
+                            instances_per_row=3)
+    packed = pipeline.prepare(packed_config)
+    summary = packed.metadata["summary"]
+    assert packed.metadata["identity"]["instances_per_row"] == 3
+    assert summary["instances"] == prepared.metadata["summary"]["instances"]
+    assert summary["examples"]["train"] < 0.95 * summary["instances"]["train"]
+    assert summary["fill_ratio"] > prepared.metadata["summary"]["fill_ratio"] + 0.04
+    for split in ("train", "validation"):
+        alone = sorted((e["input_ids"].tobytes(), int(e["a_length"]),
+                        int(e["next_sentence_label"])) for e in _all(prepared, split))
+        rows = _all(packed, split)
+        assert len(rows) == summary["examples"][split]
+        assert all(len(r["input_ids"]) <= SEQ and 1 <= len(r["lengths"]) <= 3 for r in rows)
+        unpacked = sorted(
+            (ids.tobytes(), int(a), int(label)) for r in rows for ids, a, label in zip(
+                np.split(r["input_ids"], np.cumsum(r["lengths"])[:-1]), r["a_lengths"],
+                r["next_sentence_labels"]))
+        assert unpacked == alone
+    cls_id = packed.tokenizer.cls_id
+    batch = pipeline.loader(packed_config, packed).batch(0)
+    weights = batch["next_sentence_weights"] > 0
+    cls_positions = batch["next_sentence_positions"]
+    assert (np.take_along_axis(batch["input_ids"], cls_positions, 1)[weights] == cls_id).all()
+    assert (np.take_along_axis(batch["input_mask"], cls_positions, 1)[weights]
+            == np.nonzero(weights)[1] + 1).all()
+    assert (batch["input_ids"] == cls_id).sum() == weights.sum()
+    predicted = np.take_along_axis(batch["input_mask"], batch["masked_lm_positions"], 1)
+    assert (predicted[batch["masked_lm_weights"] > 0] > 0).all()
+    # What the AOT compile is given (`masking.batch_shapes`) is what the loader makes.
+    for per_row, (cfg, data) in ((3, (packed_config, packed)), (1, topics)):
+        made = pipeline.loader(cfg, data).batch(0)
+        assert {k: (v.shape, v.dtype) for k, v in made.items()} == masking.batch_shapes(
+            16, SEQ, 10, per_row)
 
 
 def test_building_is_deterministic_and_reused(topics, tmp_path):

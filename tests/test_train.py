@@ -172,12 +172,17 @@ def test_phases_cover_the_steps_and_bad_phases_are_refused():
 @pytest.mark.slow
 def test_two_phase_run_switches_length_and_batch_carrying_the_state(straight_run, tmp_path):
     _, data_dir, _ = straight_run
+    # On packed rows (2 instances at most): the whole run, data to export, takes them.
     args = overrides(data_dir, **{"train.num_steps": 8, "train.phases":
-                                        "((0, 32, 5, 16), (5, 64, 10, 8))"})
+                                  "((0, 32, 5, 16), (5, 64, 10, 8))",
+                                  "data.instances_per_row": 2})
     result = pretrain(tmp_path, args)
     assert result.returncode == 0, result.stderr
+    assert "exported to" in result.stdout
     records = [m for m in read_metrics(tmp_path) if "split" not in m]
     assert [m["step"] for m in records] == list(range(1, 9))
+    validation = [m for m in read_metrics(tmp_path) if m.get("split") == "validation"]
+    assert 0.0 <= validation[-1]["nsp_accuracy"] <= 1.0
     # Tokens per step: 16 x 32 in phase one, 8 x 64 in phase two; learning continues.
     assert all(m["tokens_per_s"] / m["seq_per_s"] == pytest.approx(32) for m in records[:5])
     assert all(m["tokens_per_s"] / m["seq_per_s"] == pytest.approx(64) for m in records[5:])

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from bert_jax import tokenizer as tokenization
 from bert_jax.config import DataConfig
 from bert_jax.data import corpus as corpora
+from bert_jax.data import packing
 from bert_jax.data.instances import (InstanceOptions, TokenizedCorpus,
                                      create_instances_from_document, document_rng)
 
@@ -47,19 +48,24 @@ class BertPretrainingConfig(tfds.core.BuilderConfig):
 
 
 class BertPretraining(tfds.core.GeneratorBasedBuilder):
-    """BERT pretraining instances: `[CLS] A [SEP] B [SEP]` ids, word starts, NSP/SOP label."""
+    """BERT pretraining instances: `[CLS] A [SEP] B [SEP]` ids, word starts, NSP/SOP label;
+    or, with `data.instances_per_row` > 1, packed rows of several instances back to back,
+    with each instance's length, len(A) and label."""
 
     VERSION = tfds.core.Version(VERSION)
     BUILDER_CONFIGS = []  # made per identity at run time
 
     def _info(self) -> tfds.core.DatasetInfo:
+        tokens = {"input_ids": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+                  "word_starts": tfds.features.Tensor(shape=(None,), dtype=np.bool_)}
+        if self.builder_config.data_config.instances_per_row > 1:
+            per_instance = {name: tfds.features.Tensor(shape=(None,), dtype=np.int32)
+                            for name in ("lengths", "a_lengths", "next_sentence_labels")}
+        else:
+            per_instance = {"a_length": tfds.features.Scalar(dtype=np.int32),
+                            "next_sentence_label": tfds.features.ClassLabel(num_classes=2)}
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                "input_ids": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-                "word_starts": tfds.features.Tensor(shape=(None,), dtype=np.bool_),
-                "a_length": tfds.features.Scalar(dtype=np.int32),
-                "next_sentence_label": tfds.features.ClassLabel(num_classes=2),
-            }),
+            features=tfds.features.FeaturesDict({**tokens, **per_instance}),
             metadata=tfds.core.MetadataDict(),
             disable_shuffling=True,  # the loader permutes; storage order stays creation order
         )
@@ -79,25 +85,44 @@ class BertPretraining(tfds.core.GeneratorBasedBuilder):
                      for name, docs in splits.items()}
         shutil.copy(config.tokenizer_file,
                     Path(self.data_dir) / tokenizer_file_name(config.tokenizer_file))
+        rows = {name: (packing.pack([len(i.input_ids) for i in examples], data.max_seq_length,
+                                    data.instances_per_row)
+                       if data.instances_per_row > 1 else None)
+                for name, examples in instances.items()}
         self.info.metadata.update({
             "identity": identity(data, tokenizer.fingerprint),
             "tokenizer_file": tokenizer_file_name(config.tokenizer_file),
-            "summary": _summary(stats, corpus, instances, data.max_seq_length,
+            "summary": _summary(stats, corpus, instances, rows, data.max_seq_length,
                                 time.perf_counter() - started),
         })
-        return {name: self._generate_examples(examples)
+        return {name: self._generate_examples(examples, rows[name])
                 for name, examples in instances.items()}
 
-    def _generate_examples(self, instances):
-        for index, instance in enumerate(instances):
-            yield index, {"input_ids": instance.input_ids, "word_starts": instance.word_starts,
-                          "a_length": instance.a_length,
-                          "next_sentence_label": instance.next_sentence_label}
+    def _generate_examples(self, instances, rows=None):
+        """Instances one per example, or with `rows` (lists of instance indices) packed."""
+        if rows is None:
+            for index, instance in enumerate(instances):
+                yield index, {"input_ids": instance.input_ids,
+                              "word_starts": instance.word_starts,
+                              "a_length": instance.a_length,
+                              "next_sentence_label": instance.next_sentence_label}
+            return
+        for index, row in enumerate(rows):
+            members = [instances[i] for i in row]
+            yield index, {
+                "input_ids": np.concatenate([m.input_ids for m in members]),
+                "word_starts": np.concatenate([m.word_starts for m in members]),
+                "lengths": np.array([len(m.input_ids) for m in members], np.int32),
+                "a_lengths": np.array([m.a_length for m in members], np.int32),
+                "next_sentence_labels": np.array([m.next_sentence_label for m in members],
+                                                 np.int32)}
 
 
 def identity(data: DataConfig, tokenizer_fingerprint: str) -> dict:
     """What determines a dataset's instances; stored with it and checked before training."""
     values = {k: v for k, v in data.to_dict().items() if k not in _NOT_IDENTITY}
+    if values["instances_per_row"] == 1:  # unpacked: the identity from before packing existed
+        del values["instances_per_row"]
     return {**values, "tokenizer_fingerprint": tokenizer_fingerprint, "version": VERSION}
 
 
@@ -224,14 +249,20 @@ def create_instances(corpus: TokenizedCorpus, options: InstanceOptions, seed: in
     return [instance for result in results for instance in result]
 
 
-def _summary(stats, corpus: TokenizedCorpus, instances: dict, max_seq_length: int,
-             seconds: float) -> dict:
-    counts = {name: len(items) for name, items in instances.items()}
-    lengths = np.array([len(i.input_ids) for items in instances.values() for i in items])
+def _summary(stats, corpus: TokenizedCorpus, instances: dict, rows: dict,
+             max_seq_length: int, seconds: float) -> dict:
+    """What the build made. `examples` counts what a split stores (instances, or packed
+    rows); `fill_ratio` is the share of the stored rows' tokens that are not padding."""
+    examples = {name: len(items) if rows[name] is None else len(rows[name])
+                for name, items in instances.items()}
+    tokens = sum(len(i.input_ids) for items in instances.values() for i in items)
+    total_examples = sum(examples.values())
     return {"sources": stats.sources, "documents": corpus.num_documents,
             "sentences": len(corpus.sentence_offsets) - 1, "tokens": len(corpus.ids),
-            "replaced_bytes": stats.replaced_bytes, "instances": counts,
-            "fill_ratio": float(lengths.mean() / max_seq_length) if len(lengths) else 0.0,
+            "replaced_bytes": stats.replaced_bytes,
+            "instances": {name: len(items) for name, items in instances.items()},
+            "examples": examples,
+            "fill_ratio": tokens / (total_examples * max_seq_length) if total_examples else 0.0,
             "seconds": round(seconds, 1)}
 
 

@@ -30,10 +30,12 @@ class Loader:
       seed: keys the epoch permutations and the masks.
       rows: the rows of each global batch this process reads (default: all).
       shuffle: False reads the split in stored order (evaluation).
+      instances_per_row: K of a packed split (see `data.packing`); 1: unpacked.
     """
 
     def __init__(self, source, masking: MaskingOptions, *, global_batch_size: int, seed: int,
-                 max_seq_length: int, rows: slice | None = None, shuffle: bool = True):
+                 max_seq_length: int, rows: slice | None = None, shuffle: bool = True,
+                 instances_per_row: int = 1):
         rows = rows or slice(0, global_batch_size)
         if not 0 <= rows.start < rows.stop <= global_batch_size or rows.step not in (None, 1):
             raise ValueError(f"rows {rows.start}:{rows.stop}: expected a contiguous range of "
@@ -47,6 +49,7 @@ class Loader:
         self.max_seq_length = max_seq_length
         self.rows = rows
         self.shuffle = shuffle
+        self.instances_per_row = instances_per_row
         self._permutations: dict[int, np.ndarray] = {}
 
     @property
@@ -80,7 +83,8 @@ class Loader:
         indices = self.global_indices(step)[self.rows]
         examples = _read(self.source, indices)
         first_position = step * self.global_batch_size + self.rows.start
-        return mask_batch(examples, self.masking, self.max_seq_length, self.seed, first_position)
+        return mask_batch(examples, self.masking, self.max_seq_length, self.seed, first_position,
+                          self.instances_per_row)
 
     def iterate(self, start_step: int = 0, num_steps: int | None = None,
                 prefetch: int = 2) -> Iterator[tuple[int, dict[str, np.ndarray]]]:

@@ -67,33 +67,72 @@ def stream_randoms(seed: int, first_position: int, rows: int, length: int, predi
             values[:, length + predictions:])
 
 
-def pad(examples: list[dict], max_seq_length: int) -> dict[str, np.ndarray]:
-    """Stored instances -> fixed-shape ids, word starts, input mask, segment ids, NSP labels."""
+def pad(examples: list[dict], max_seq_length: int,
+        instances_per_row: int = 1) -> dict[str, np.ndarray]:
+    """Stored examples -> fixed-shape ids, word starts, input mask, segment ids, NSP labels.
+
+    Unpacked (`instances_per_row` 1): one instance per row; `input_mask` is 1 on its tokens
+    and `next_sentence_labels` is [B]. Packed: `input_mask` numbers each token's instance
+    (1, 2, ...; 0 on padding), and [B, K] `next_sentence_labels`, `next_sentence_positions`
+    (each instance's [CLS]) and `next_sentence_weights` (1 where a row has that instance).
+    """
     batch = len(examples)
     ids = np.zeros((batch, max_seq_length), np.int32)
     starts = np.zeros((batch, max_seq_length), bool)
+    instance_mask = np.zeros((batch, max_seq_length), np.int32)
+    segment_ids = np.zeros((batch, max_seq_length), np.int32)
+    shape = (batch, instances_per_row)
+    labels, cls_positions, weights = (np.zeros(shape, np.int32), np.zeros(shape, np.int32),
+                                      np.zeros(shape, np.float32))
     for row, example in enumerate(examples):
         length = len(example["input_ids"])
         ids[row, :length] = example["input_ids"]
         starts[row, :length] = example["word_starts"]
-    lengths = np.array([len(e["input_ids"]) for e in examples])
-    a_lengths = np.array([int(e["a_length"]) for e in examples])
-    position = np.arange(max_seq_length)
-    input_mask = position < lengths[:, None]
-    return {"input_ids": ids, "word_starts": starts, "input_mask": input_mask.astype(np.int32),
-            "segment_ids": (input_mask & (position > a_lengths[:, None] + 1)).astype(np.int32),
-            "next_sentence_labels": np.array([int(e["next_sentence_label"]) for e in examples],
-                                             np.int32)}
+        if instances_per_row == 1:
+            lengths, a_lengths = [length], [int(example["a_length"])]
+            labels[row, 0] = int(example["next_sentence_label"])
+        else:
+            lengths, a_lengths = example["lengths"], example["a_lengths"]
+            labels[row, :len(lengths)] = example["next_sentence_labels"]
+        start = 0
+        for number, (size, a_length) in enumerate(zip(lengths, a_lengths)):
+            instance_mask[row, start:start + size] = number + 1
+            segment_ids[row, start + a_length + 2:start + size] = 1  # B and its [SEP]
+            cls_positions[row, number] = start
+            weights[row, number] = 1.0
+            start += size
+    if instances_per_row == 1:
+        return {"input_ids": ids, "word_starts": starts, "input_mask": instance_mask,
+                "segment_ids": segment_ids, "next_sentence_labels": labels[:, 0]}
+    return {"input_ids": ids, "word_starts": starts, "input_mask": instance_mask,
+            "segment_ids": segment_ids, "next_sentence_labels": labels,
+            "next_sentence_positions": cls_positions, "next_sentence_weights": weights}
+
+
+def batch_shapes(rows: int, length: int, predictions: int,
+                 instances_per_row: int = 1) -> dict[str, tuple[tuple[int, ...], type]]:
+    """The (shape, dtype) of each feature `mask_batch` makes: what a compiled step is given."""
+    shapes = {"input_ids": (rows, length), "segment_ids": (rows, length),
+              "input_mask": (rows, length), "masked_lm_positions": (rows, predictions),
+              "masked_lm_ids": (rows, predictions), "masked_lm_weights": (rows, predictions),
+              "next_sentence_labels": (rows,)}
+    if instances_per_row > 1:
+        shapes.update({name: (rows, instances_per_row) for name in (
+            "next_sentence_labels", "next_sentence_positions", "next_sentence_weights")})
+    return {name: (shape, np.float32 if name.endswith("weights") else np.int32)
+            for name, shape in shapes.items()}
 
 
 def mask_batch(examples: list[dict], options: MaskingOptions, max_seq_length: int,
-               seed: int, first_position: int) -> dict[str, np.ndarray]:
-    """Pads and masks stored instances into BERT's fixed-shape features.
+               seed: int, first_position: int, instances_per_row: int = 1
+               ) -> dict[str, np.ndarray]:
+    """Pads and masks stored examples into BERT's fixed-shape features (see `pad`).
 
-    `examples[r]` holds `input_ids`, `word_starts`, `a_length`, `next_sentence_label`;
-    row r is stream position `first_position + r`.
+    `examples[r]` holds `input_ids`, `word_starts`, `a_length`, `next_sentence_label` (or,
+    packed, `lengths`, `a_lengths`, `next_sentence_labels`); row r is stream position
+    `first_position + r`. A packed row is masked as one sequence: 15% of its tokens.
     """
-    padded = pad(examples, max_seq_length)
+    padded = pad(examples, max_seq_length, instances_per_row)
     ids = padded.pop("input_ids")
     starts = padded.pop("word_starts")
     keys, actions, replacements = stream_randoms(seed, first_position, len(examples),

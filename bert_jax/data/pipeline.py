@@ -37,20 +37,24 @@ def loader(config: ml_collections.ConfigDict, prepared: dataset.Prepared, split:
         vocab_size=tokenizer.vocab_size, special_ids=frozenset(tokenizer.special_ids))
     return Loader(prepared.data_source(split), masking,
                   global_batch_size=config.train.global_batch_size, seed=config.train.seed,
-                  max_seq_length=data.max_seq_length, rows=rows, shuffle=split == "train")
+                  max_seq_length=data.max_seq_length, rows=rows, shuffle=split == "train",
+                  instances_per_row=data.instances_per_row)
 
 
 def describe_row(batch: dict[str, np.ndarray], row: int, tokenizer) -> str:
-    """One masked row as text: tokens with [MASK] shown, `(label)` after each prediction,
-    `|` between segments, and the NSP label."""
-    length = int(batch["input_mask"][row].sum())
+    """One masked row as text: the NSP label of each instance in the row, then the tokens
+    with [MASK] shown and `(label)` after each prediction."""
+    length = int((batch["input_mask"][row] > 0).sum())
     tokens = tokenizer.id_to_token(batch["input_ids"][row, :length].tolist())
     weights = batch["masked_lm_weights"][row] > 0
     labels = tokenizer.id_to_token(batch["masked_lm_ids"][row][weights].tolist())
     for position, label in zip(batch["masked_lm_positions"][row][weights], labels):
         tokens[position] = f"{tokens[position]}({label})"
-    nsp = "random next" if batch["next_sentence_labels"][row] else "is next"
-    return f"[{nsp}] " + " ".join(tokens)
+    nsp = np.atleast_1d(batch["next_sentence_labels"][row])
+    if "next_sentence_weights" in batch:
+        nsp = nsp[batch["next_sentence_weights"][row] > 0]
+    return "[" + ", ".join("random next" if label else "is next" for label in nsp) + "] " + \
+        " ".join(tokens)
 
 
 def measure_throughput(loader: Loader, steps: int) -> dict:

@@ -1,0 +1,44 @@
+"""Packing several instances into each row, for long sequences where many instances are short.
+
+At length 512 a corpus of short documents leaves much of each row padding, which the
+model computes on anyway. A packed row holds up to K whole instances back to back, each
+still `[CLS] A [SEP] B [SEP]`; the model keeps them apart (attention within an instance,
+positions restarting at its [CLS], one NSP prediction each: `model._Bert._encode`), so
+packing changes how many instances a step sees, not what each one computes.
+
+Rows are filled by best-fit decreasing: instances longest first, each into the open row it
+fills most tightly. It is deterministic (ties keep the stored order) and leaves little
+room: most rows come out full, and the loader shuffles rows, not their order here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def pack(lengths: np.ndarray, capacity: int, max_per_row: int) -> list[list[int]]:
+    """Rows of instance indices: each row's lengths sum to at most `capacity`, with at most
+    `max_per_row` instances; every instance in exactly one row."""
+    lengths = np.asarray(lengths, int)
+    if len(lengths) and (lengths.min() < 1 or lengths.max() > capacity):
+        raise ValueError(f"instance lengths {lengths.min()}..{lengths.max()}: expected 1.."
+                         f"{capacity}")
+    rows: list[list[int]] = []
+    open_rows: list[list[int]] = [[] for _ in range(capacity + 1)]  # by room left
+    has_room = np.zeros(capacity + 1, bool)  # has_room[r]: some open row has r left
+    for index in np.argsort(-lengths, kind="stable"):
+        length = int(lengths[index])
+        fitting = np.flatnonzero(has_room[length:])
+        if len(fitting):  # the tightest open row it fits
+            room = length + int(fitting[0])
+            row = open_rows[room].pop()
+            has_room[room] = bool(open_rows[room])
+        else:
+            room, row = capacity, len(rows)
+            rows.append([])
+        rows[row].append(int(index))
+        room -= length
+        if room > 0 and len(rows[row]) < max_per_row:
+            open_rows[room].append(row)
+            has_room[room] = True
+    return rows
