@@ -294,11 +294,7 @@ class _Bert(nnx.Module):
             mask_b1qs = attention_mask.astype(bool)[:, None, None, :]
             position_ids_bs = None
         else:
-            mask_b1qs = ((attention_mask[:, None, :, None] == attention_mask[:, None, None, :])
-                         & (attention_mask[:, None, None, :] > 0))
-            instance_starts_bs = jnp.take_along_axis(
-                cls_positions_bk, jnp.maximum(attention_mask - 1, 0), axis=1)
-            position_ids_bs = jnp.maximum(jnp.arange(input_ids.shape[1]) - instance_starts_bs, 0)
+            mask_b1qs, position_ids_bs = _packed_rows(attention_mask, cls_positions_bk)
         x_bsd = self.embeddings(input_ids, token_type_ids, embed_key, position_ids_bs)
         if positions_bp is not None:  # the [CLS] positions first, for the pooler
             positions_bp = jnp.concatenate([cls_positions_bk, positions_bp], axis=1)
@@ -325,6 +321,16 @@ class _Bert(nnx.Module):
         _check_integer("token_type_ids", token_type_ids)
         attention_mask = _like_ids("attention_mask", attention_mask, input_ids, 1)
         return input_ids, token_type_ids, attention_mask
+
+
+def _packed_rows(instances_bs, cls_positions_bk):
+    """The attention mask [B, 1, S, S] and position ids [B, S] of packed rows, from each
+    token's instance number (0: padding) and each instance's [CLS] position: a token sees
+    the tokens of its own instance (padding sees padding, so no row of the mask is empty),
+    and counts its position from its instance's [CLS]."""
+    mask_b1ss = instances_bs[:, None, :, None] == instances_bs[:, None, None, :]
+    starts_bs = jnp.take_along_axis(cls_positions_bk, jnp.maximum(instances_bs - 1, 0), axis=1)
+    return mask_b1ss, jnp.arange(instances_bs.shape[1]) - starts_bs
 
 
 # The parameter subtrees of `_Bert`: what fine-tuning takes from a pretrained model.

@@ -6,7 +6,7 @@ import pytest
 from bert_jax import losses
 from bert_jax.data import masking, packing
 from bert_jax.model import create
-from test_model import SMALL
+from test_model import SMALL, _with
 
 
 def _instance(rng, length):
@@ -18,8 +18,9 @@ def _instance(rng, length):
     return ids, types
 
 
-def test_a_packed_row_computes_what_its_instances_compute_alone():
-    model = create(SMALL, seed=3)
+@pytest.mark.parametrize("scan", [False, True])
+def test_a_packed_row_computes_what_its_instances_compute_alone(scan):
+    model = _with(create(SMALL, seed=3), scan_layers=scan)
     rng = np.random.default_rng(0)
     length, lengths = 20, [(7, 5, 6), (9,)]  # row 0: three instances and 2 pads; row 1: one
     instances = [[_instance(rng, n) for n in row] for row in lengths]
