@@ -81,7 +81,7 @@ def compile_train_step(config: ml_collections.ConfigDict, accelerator_type: str,
                                  phase.max_predictions_per_seq)
     batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
              for name, (shape, dtype) in batch_shapes(
-                 rows, length, predictions, config.data.instances_per_row).items()}
+                 rows, length, predictions, phase.instances_per_row).items()}
     step = train.jit_train_step(spec, tx, learning_rate_schedule(config.train), mesh,
                                 phase.grad_accum_steps)
     started = time.perf_counter()

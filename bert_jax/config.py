@@ -187,8 +187,9 @@ def default_config(size: str = "tiny") -> ml_collections.ConfigDict:
         on_nonfinite="rollback", nonfinite_patience=10, max_rollbacks=3,
         # Dropout PRNG: threefry2x32 is the same under every sharding; rbg is faster.
         rng_impl="threefry2x32",
-        # ((start_step, max_seq_length, max_predictions_per_seq, global_batch_size), ...);
-        # empty: one phase with the data lengths and train.global_batch_size.
+        # ((start_step, max_seq_length, max_predictions_per_seq, global_batch_size[,
+        # grad_accum_steps[, instances_per_row]]), ...); empty: one phase with the data
+        # lengths and train.global_batch_size (`train.phases`).
         phases=()))
     config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3,
                                                        async_save=True))

@@ -282,11 +282,11 @@ class _Bert(nnx.Module):
         """(sequence output, pooled output); with `positions_bp`, the sequence output is
         [B, P, D] at those positions only, and the last layer runs only there and at [CLS].
 
-        With `cls_positions_bk`, rows are packed: K instances per row, each starting with its
-        [CLS] at those positions, `attention_mask` numbering each token's instance (1, 2, ...;
-        0 for padding). Tokens attend within their instance only, position ids restart at
-        each [CLS], and the pooled output is [B, K, D], one per instance; a packed row
-        computes what its instances would alone."""
+        With `cls_positions_bk` (and `positions_bp`: training), rows are packed: K instances
+        per row, each starting with its [CLS] at those positions, `attention_mask` numbering
+        each token's instance (1, 2, ...; 0 for padding). Tokens attend within their
+        instance only, position ids restart at each [CLS], and the pooled output is
+        [B, K, D], one per instance: without dropout, what each instance gives alone."""
         embed_key, encoder_key = _split(dropout_key, 2)
         packed = cls_positions_bk is not None
         if not packed:
@@ -302,8 +302,8 @@ class _Bert(nnx.Module):
         k = cls_positions_bk.shape[1]
         if positions_bp is not None:
             cls_bkd, x_bsd = x_bsd[:, :k], x_bsd[:, k:]
-        else:
-            cls_bkd = _at_positions(x_bsd, cls_positions_bk) if packed else x_bsd[:, :1]
+        else:  # unpacked: [CLS] is position 0
+            cls_bkd = x_bsd[:, :1]
         pooled_bkd = jnp.tanh(self.pooler(cls_bkd))
         return x_bsd, (pooled_bkd if packed else pooled_bkd[:, 0])
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from bert_jax import distributed, flops, losses, preflight, sharding
 from bert_jax.checkpoint import Checkpointer
-from bert_jax.config import DataConfig, ModelConfig
+from bert_jax.config import DataConfig, ModelConfig, default_config
 from bert_jax.data import pipeline
 from bert_jax.export import keep_tokenizer, open_checkpoints
 from bert_jax.metrics import MetricsWriter
@@ -113,7 +113,7 @@ def train_step(state: dict, batch: dict, *, graphdef, tx, schedule, accum_steps:
 
     The loss is the objective's summed losses over the whole batch's denominators (for
     pretraining: the sum of MLM losses / the MLM weight of the batch + the sum of NSP losses
-    / its rows), so the micro-batches' gradients add up to the whole batch's.
+    / its NSP instances), so the micro-batches' gradients add up to the whole batch's.
     A non-finite loss or gradient norm skips the update (parameters and optimizer state are
     kept; the step and the data move on) and is counted in `state["nonfinite"]`.
     Returns the new state and the step's metrics (float32 scalars).
@@ -188,34 +188,44 @@ class Phase:
     max_predictions_per_seq: int
     global_batch_size: int
     grad_accum_steps: int
+    instances_per_row: int
 
 
 def phases(config: ml_collections.ConfigDict) -> list[Phase]:
     """`config.train.phases`: ((start_step, max_seq_length, max_predictions, batch[,
-    grad_accum_steps]), ...); empty means one phase of `config.data` lengths and
-    `train.global_batch_size`. Accumulation defaults to `train.grad_accum_steps` (long
-    sequences often need more micro-batches than short ones)."""
+    grad_accum_steps[, instances_per_row]]), ...); empty means one phase of `config.data`
+    lengths and `train.global_batch_size`. Accumulation defaults to `train.grad_accum_steps`
+    (long sequences often need more micro-batches than short ones), packing to
+    `data.instances_per_row` (BERT's 512-token phase gains from it, the 128 one hardly)."""
     train = config.train
     rows = tuple(train.phases) or ((0, config.data.max_seq_length,
                                     config.data.max_predictions_per_seq,
                                     train.global_batch_size),)
     starts = [int(row[0]) for row in rows]
     if (starts[0] != 0 or starts != sorted(set(starts)) or starts[-1] >= train.num_steps
-            or any(len(row) not in (4, 5) for row in rows)):
+            or any(len(row) not in (4, 5, 6) for row in rows)):
         raise ValueError(f"train.phases={tuple(train.phases)}: expected rows (start, "
-                         f"max_seq_length, max_predictions, batch[, grad_accum_steps]) with "
-                         f"start steps rising from 0 and below train.num_steps="
-                         f"{train.num_steps}")
+                         f"max_seq_length, max_predictions, batch[, grad_accum_steps[, "
+                         f"instances_per_row]]) with start steps rising from 0 and below "
+                         f"train.num_steps={train.num_steps}")
     ends = starts[1:] + [int(train.num_steps)]
-    return [Phase(int(row[0]), end, int(row[1]), int(row[2]), int(row[3]),
-                  int(row[4]) if len(row) == 5 else int(train.grad_accum_steps))
-            for row, end in zip(rows, ends)]
+    defaults = (train.grad_accum_steps, config.data.instances_per_row)
+    result = []
+    for row, end in zip(rows, ends):
+        accumulation, per_row = (*row[4:], *defaults[len(row) - 4:])  # given, else defaults
+        if len(row) == 6 and int(per_row) < 1:  # (data.instances_per_row: by DataConfig)
+            raise ValueError(f"train.phases row {tuple(row)}: instances_per_row={per_row}: "
+                             f"expected a positive integer")
+        result.append(Phase(int(row[0]), end, int(row[1]), int(row[2]), int(row[3]),
+                            int(accumulation), int(per_row)))
+    return result
 
 
 def phase_config(config: ml_collections.ConfigDict, phase: Phase) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(config.to_dict())
     config.data.max_seq_length = phase.max_seq_length
     config.data.max_predictions_per_seq = phase.max_predictions_per_seq
+    config.data.instances_per_row = phase.instances_per_row
     config.train.global_batch_size = phase.global_batch_size
     config.train.grad_accum_steps = phase.grad_accum_steps
     return config
@@ -315,12 +325,15 @@ def check_resumable(saved: dict, config: ml_collections.ConfigDict, fixed=_FIXED
                     changeable=_CHANGEABLE_ON_RESUME) -> None:
     """A resumed run must be the saved run continued: a clear error otherwise, rather than a
     shape mismatch or a silently different data order or schedule. `fixed` names the fields
-    that must not change by section (None: all of the section's but those in `changeable`)."""
+    that must not change by section (None: all of the section's but those in `changeable`).
+    A field that a checkpoint lacks (saved before the field existed) had its default."""
+    defaults = default_config()
     for section, keys in fixed.items():
-        for key in keys or saved[section]:
+        for key in keys or {*saved[section], *config[section]}:
             if key in changeable:
                 continue
-            value, now = saved[section].get(key), config[section].get(key)
+            value = saved[section].get(key, defaults[section].get(key))
+            now = config[section].get(key)
             if isinstance(now, (tuple, list)) or isinstance(value, (tuple, list)):
                 value, now = _as_tuples(value), _as_tuples(now)
             if now != value:

@@ -1,5 +1,6 @@
 """Packed rows (several NSP instances per row): each instance computes what it would alone."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -18,9 +19,14 @@ def _instance(rng, length):
     return ids, types
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_a_packed_row_computes_what_its_instances_compute_alone(scan):
+@pytest.mark.parametrize("scan, explicit_attention", [(False, False), (True, False),
+                                                      (False, True)])
+def test_a_packed_row_computes_what_its_instances_compute_alone(scan, explicit_attention):
     model = _with(create(SMALL, seed=3), scan_layers=scan)
+    packed_model, key = model, None
+    if explicit_attention:  # attention dropout of 1e-9 drops nothing but takes that path
+        packed_model = _with(model, attention_dropout_rate=1e-9, hidden_dropout_rate=0.0)
+        key = jax.random.key(0)
     rng = np.random.default_rng(0)
     length, lengths = 20, [(7, 5, 6), (9,)]  # row 0: three instances and 2 pads; row 1: one
     instances = [[_instance(rng, n) for n in row] for row in lengths]
@@ -36,7 +42,7 @@ def test_a_packed_row_computes_what_its_instances_compute_alone(scan):
             start = end
     # Row 0 predicts in every instance; row 1's unused instance slots point at [CLS].
     positions = np.array([[1, 8, 13, 17], [3, 4, 8, 0]], np.int32)
-    mlm, nsp = model(ids, types, numbers, positions, cls)
+    mlm, nsp = packed_model(ids, types, numbers, positions, cls, dropout_key=key)
     assert mlm.shape == (2, 4, SMALL.vocab_size) and nsp.shape == (2, 3, 2)
 
     for r, row in enumerate(instances):
@@ -86,6 +92,9 @@ def test_packed_rows_pad_to_what_each_instance_pads_to_alone():
             np.testing.assert_array_equal(packed[name][0, start:start + n], alone[name][0, :n])
         assert (packed["input_mask"][0, start:start + n] == number + 1).all()
         assert packed["next_sentence_labels"][0, number] == alone["next_sentence_labels"][0]
+    with pytest.raises(ValueError, match="holds 3 instances: expected at most "
+                                         "instances_per_row=2"):
+        masking.pad([row], 32, instances_per_row=2)
 
 
 def test_packed_nsp_loss_is_the_mean_over_the_instances_present():

@@ -160,7 +160,12 @@ def test_phases_cover_the_steps_and_bad_phases_are_refused():
     config.train.grad_accum_steps = 2
     config.train.phases = ((0, 128, 20, 32), (90, 512, 80, 8, 4))
     assert [p.grad_accum_steps for p in train.phases(config)] == [2, 4]
-    for bad in [((10, 128, 20, 32),), ((0, 128, 20),), ((0, 128, 20, 32, 1, 1),)]:
+    config.data.instances_per_row = 2
+    config.train.phases = ((0, 128, 20, 32), (90, 512, 80, 8, 4, 3))
+    assert [(p.grad_accum_steps, p.instances_per_row) for p in train.phases(config)] == [
+        (2, 2), (4, 3)]
+    assert train.phase_config(config, train.phases(config)[1]).data.instances_per_row == 3
+    for bad in [((10, 128, 20, 32),), ((0, 128, 20),), ((0, 128, 20, 32, 1, 1, 1),)]:
         config.train.phases = bad
         with pytest.raises(ValueError, match="train.phases"):
             train.phases(config)
@@ -172,13 +177,16 @@ def test_phases_cover_the_steps_and_bad_phases_are_refused():
 @pytest.mark.slow
 def test_two_phase_run_switches_length_and_batch_carrying_the_state(straight_run, tmp_path):
     _, data_dir, _ = straight_run
-    # On packed rows (2 instances at most): the whole run, data to export, takes them.
+    # Phase two on packed rows (2 instances at most): the run, data to export, takes them.
     args = overrides(data_dir, **{"train.num_steps": 8, "train.phases":
-                                  "((0, 32, 5, 16), (5, 64, 10, 8))",
-                                  "data.instances_per_row": 2})
+                                  "((0, 32, 5, 16), (5, 64, 10, 8, 1, 2))"})
     result = pretrain(tmp_path, args)
     assert result.returncode == 0, result.stderr
     assert "exported to" in result.stdout
+    packing = {(i["max_seq_length"], i.get("instances_per_row", 1)) for i in (
+        json.loads(path.read_text())["identity"]
+        for path in data_dir.glob("bert_pretraining/*/*/metadata.json"))}
+    assert {(32, 1), (64, 2)} <= packing and (32, 2) not in packing
     records = [m for m in read_metrics(tmp_path) if "split" not in m]
     assert [m["step"] for m in records] == list(range(1, 9))
     validation = [m for m in read_metrics(tmp_path) if m.get("split") == "validation"]
@@ -198,6 +206,13 @@ def test_resuming_another_run_is_refused_with_both_values():
     saved["data"]["data_dir"] = "/elsewhere"
     saved["train"]["phases"] = [[0, 128, 20, 256]]  # as JSON gives it back
     train.check_resumable(saved, config)
+    # A field newer than the checkpoint had its default then.
+    del saved["data"]["instances_per_row"]
+    train.check_resumable(saved, config)
+    config.data.instances_per_row = 3
+    with pytest.raises(ValueError, match="data.instances_per_row=1 but the config has 3"):
+        train.check_resumable(saved, config)
+    config.data.instances_per_row = 1
     for section, key, value, shown in [("model", "num_layers", 4, "model.num_layers=4"),
                                        ("train", "seed", 7, "train.seed=7"),
                                        ("data", "max_seq_length", 512, "data.max_seq_length=512")]:

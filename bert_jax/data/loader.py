@@ -40,6 +40,9 @@ class Loader:
         if not 0 <= rows.start < rows.stop <= global_batch_size or rows.step not in (None, 1):
             raise ValueError(f"rows {rows.start}:{rows.stop}: expected a contiguous range of "
                              f"the {global_batch_size} rows of a global batch")
+        if instances_per_row < 1:
+            raise ValueError(f"instances_per_row={instances_per_row}: expected a positive "
+                             f"integer")
         if len(source) == 0:
             raise ValueError("the dataset split has no examples: expected a non-empty split")
         self.source = source

@@ -88,12 +88,8 @@ def pad(examples: list[dict], max_seq_length: int,
         length = len(example["input_ids"])
         ids[row, :length] = example["input_ids"]
         starts[row, :length] = example["word_starts"]
-        if instances_per_row == 1:
-            lengths, a_lengths = [length], [int(example["a_length"])]
-            labels[row, 0] = int(example["next_sentence_label"])
-        else:
-            lengths, a_lengths = example["lengths"], example["a_lengths"]
-            labels[row, :len(lengths)] = example["next_sentence_labels"]
+        lengths, a_lengths, nsp_labels = _instances(example, instances_per_row)
+        labels[row, :len(nsp_labels)] = nsp_labels
         start = 0
         for number, (size, a_length) in enumerate(zip(lengths, a_lengths)):
             instance_mask[row, start:start + size] = number + 1
@@ -107,6 +103,18 @@ def pad(examples: list[dict], max_seq_length: int,
     return {"input_ids": ids, "word_starts": starts, "input_mask": instance_mask,
             "segment_ids": segment_ids, "next_sentence_labels": labels,
             "next_sentence_positions": cls_positions, "next_sentence_weights": weights}
+
+
+def _instances(example: dict, instances_per_row: int):
+    """(lengths, lengths of A, NSP labels) of the instances of a stored example."""
+    if "lengths" not in example:  # unpacked
+        return ([len(example["input_ids"])], [int(example["a_length"])],
+                [int(example["next_sentence_label"])])
+    if len(example["lengths"]) > instances_per_row:
+        raise ValueError(f"a stored row holds {len(example['lengths'])} instances: expected at "
+                         f"most instances_per_row={instances_per_row}, as the dataset was "
+                         f"prepared")
+    return example["lengths"], example["a_lengths"], example["next_sentence_labels"]
 
 
 def batch_shapes(rows: int, length: int, predictions: int,

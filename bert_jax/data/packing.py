@@ -4,11 +4,14 @@ At length 512 a corpus of short documents leaves much of each row padding, which
 model computes on anyway. A packed row holds up to K whole instances back to back, each
 still `[CLS] A [SEP] B [SEP]`; the model keeps them apart (attention within an instance,
 positions restarting at its [CLS], one NSP prediction each: `model._Bert._encode`), so
-packing changes how many instances a step sees, not what each one computes.
+without dropout each instance's logits are what they would be alone. What changes is how
+many instances a step sees, and masking, which picks 15% of a row's tokens, not of each
+instance's.
 
 Rows are filled by best-fit decreasing: instances longest first, each into the open row it
-fills most tightly. It is deterministic (ties keep the stored order) and leaves little
-room: most rows come out full, and the loader shuffles rows, not their order here.
+fills most tightly. It is deterministic and leaves little room: most rows come out full.
+Rows are returned in the order of their first instance, so a split keeps its stored order
+(evaluation reads it in that order; training shuffles).
 """
 
 from __future__ import annotations
@@ -41,4 +44,4 @@ def pack(lengths: np.ndarray, capacity: int, max_per_row: int) -> list[list[int]
         if room > 0 and len(rows[row]) < max_per_row:
             open_rows[room].append(row)
             has_room[room] = True
-    return rows
+    return sorted(rows, key=min)
