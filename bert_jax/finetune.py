@@ -146,7 +146,7 @@ def finetune(config: ml_collections.ConfigDict, workdir, *, init: Init | None = 
                                 async_save=config.checkpoint.async_save)
     if checkpointer.latest_step() is not None:
         train.check_resumable(checkpointer.restore_metadata()["config"], config,
-                              _FIXED_ON_RESUME, _CHANGEABLE_ON_RESUME)
+                              _FIXED_ON_RESUME, _CHANGEABLE_ON_RESUME, default_config())
         state, _, start = checkpointer.restore(spec.abstract)
         log(f"resumed from {workdir / 'checkpoints'} at step {start}")
     else:

@@ -322,12 +322,13 @@ def _roll_back(diverged: _Diverged, train_config, checkpointer: Checkpointer, sp
 
 
 def check_resumable(saved: dict, config: ml_collections.ConfigDict, fixed=_FIXED_ON_RESUME,
-                    changeable=_CHANGEABLE_ON_RESUME) -> None:
+                    changeable=_CHANGEABLE_ON_RESUME, defaults=None) -> None:
     """A resumed run must be the saved run continued: a clear error otherwise, rather than a
     shape mismatch or a silently different data order or schedule. `fixed` names the fields
     that must not change by section (None: all of the section's but those in `changeable`).
-    A field that a checkpoint lacks (saved before the field existed) had its default."""
-    defaults = default_config()
+    A field that a checkpoint lacks (saved before the field existed) had its value in
+    `defaults` (default: pretraining's `default_config()`)."""
+    defaults = default_config() if defaults is None else defaults
     for section, keys in fixed.items():
         for key in keys or {*saved[section], *config[section]}:
             if key in changeable:
