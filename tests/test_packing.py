@@ -1,4 +1,5 @@
-"""Packed rows (several NSP instances per row): each instance computes what it would alone."""
+"""Packed rows (several NSP instances per row): the packing, the padding, the NSP loss, and
+logits equal to those of each instance run alone (without dropout)."""
 
 import jax
 import numpy as np
