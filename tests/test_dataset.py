@@ -188,6 +188,13 @@ def test_building_is_deterministic_and_reused(topics, tmp_path):
     assert (rebuilt.path / "dataset_info.json").stat().st_mtime == mtime
 
 
+def test_dataset_names_stay_those_of_the_datasets_on_disk():
+    # The default config's dataset name as the code before packing gave it: a new DataConfig
+    # field must leave existing names alone (unpacked datasets omit instances_per_row).
+    assert dataset.dataset_name(dataset.identity(DataConfig(), "fingerprint")) == \
+        "seq128_4867d2cd7c955f8a"
+
+
 def test_a_changed_config_gets_another_dataset_and_a_mismatch_is_caught(topics, tmp_path):
     config, prepared = topics
     data = DataConfig.from_dict(config.data)
