@@ -130,7 +130,8 @@ def _pretrain(args, config) -> None:
     if train_metrics:
         print(f"  train       loss {train_metrics['loss']:.3f}  "
               f"mlm_accuracy {train_metrics['mlm_accuracy']:.3f}  "
-              f"{train_metrics['seq_per_s']:.0f} seq/s")
+              f"{train_metrics['seq_per_s']:.0f} seq/s  "
+              f"{train_metrics['real_tokens_per_s']:.0f} tokens/s (padding not counted)")
         if train_metrics["nonfinite_total"] or summary["rollbacks"]:
             print(f"  non-finite  {train_metrics['nonfinite_total']:.0f} steps skipped, "
                   f"{summary['rollbacks']} rollbacks")

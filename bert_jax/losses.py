@@ -78,7 +78,10 @@ class PretrainingObjective:
                                        batch["input_mask"], batch["masked_lm_positions"],
                                        batch.get("next_sentence_positions"),
                                        dropout_key=dropout_key)
-        return pretraining_sums(mlm_logits, nsp_logits, batch)
+        # The tokens that are not padding (`input_mask` > 0, packed rows included): the
+        # training log's real tokens per second.
+        return {**pretraining_sums(mlm_logits, nsp_logits, batch),
+                "tokens": jnp.sum(batch["input_mask"] > 0, dtype=jnp.float32)}
 
     @staticmethod
     def denominators(batch) -> dict[str, Array]:
@@ -88,7 +91,9 @@ class PretrainingObjective:
                                         1.0),
                 "nsp_loss": jnp.maximum(jnp.sum(_nsp_weights(batch)), 1.0)}
 
-    metrics = staticmethod(metrics_from_sums)
+    @staticmethod
+    def metrics(sums: dict[str, Array]) -> dict[str, Array]:
+        return {**metrics_from_sums(sums), "tokens": sums["tokens"]}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -464,14 +464,15 @@ def _train_phase(config, phase: Phase, start: int, stop: int, state: dict, step_
     """Steps [start, stop) of one phase, on the phase's batches from `start` on plus those
     skipped by rollbacks. A step's metrics are read after the next step is dispatched, so the
     device never waits for the host; that is also when too many non-finite steps in a row
-    raise `_Diverged`."""
+    raise `_Diverged`. The steps' real token counts (devices' scalars) are summed at the
+    log."""
     data = DataConfig.from_dict(config.data)
     flops_per_sequence = flops.train_flops_per_sequence(model_config, data.max_seq_length,
                                                         data.max_predictions_per_seq)
     device = jax.devices()[0]
     log_every = config.train.log_every
     pending = watched = None
-    last = {}
+    last, tokens = {}, []
     timer = (start, time.perf_counter())
     progress = tqdm(total=stop - start, initial=0, desc=f"train (length {phase.max_seq_length})",
                     unit="step", disable=not is_main)
@@ -481,6 +482,7 @@ def _train_phase(config, phase: Phase, start: int, stop: int, state: dict, step_
         step = index - offset + phase.start
         batch = sharding.global_batch(local, mesh, phase.global_batch_size)
         state, metrics = step_fn(state, batch)
+        tokens.append(metrics["tokens"])
         if watched is not None:
             _check_finite(*watched, patience, phase)
         if pending is not None:
@@ -491,7 +493,7 @@ def _train_phase(config, phase: Phase, start: int, stop: int, state: dict, step_
         watched = (done, metrics)
         progress.update(1)
         if done % log_every == 0 or done == stop:
-            pending = (done, metrics)
+            pending, tokens = (done, metrics, tokens), []
         if checkpointer.should_save(done) and done != stop:
             checkpointer.save(done, state, _checkpoint_metadata(config, skipped))
         if preemption.reached(done):
@@ -505,15 +507,19 @@ def _train_phase(config, phase: Phase, start: int, stop: int, state: dict, step_
     return state, stop, last
 
 
-def _log_train(step, metrics, timer, writer, progress, phase: Phase, flops_per_sequence,
-               device) -> dict:
-    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+def _log_train(step, metrics, tokens, timer, writer, progress, phase: Phase,
+               flops_per_sequence, device) -> dict:
+    """Logs the metrics of `step` and the speed since the last log: `tokens_per_s` counts
+    row positions, padding included; `real_tokens_per_s` the tokens that are not padding,
+    in all the steps since the last log (packing raises this one, not `tokens_per_s`)."""
+    values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "tokens"}
     steps = step - timer[0]
     seconds = max(time.perf_counter() - timer[1], 1e-9)
     seq_per_s = steps * phase.global_batch_size / seconds
     values.update(
         step_ms=1000 * seconds / steps, seq_per_s=seq_per_s,
         tokens_per_s=seq_per_s * phase.max_seq_length,
+        real_tokens_per_s=float(sum(jax.device_get(tokens))) / seconds,
         mfu=flops.mfu(seq_per_s, flops_per_sequence, device.device_kind, jax.device_count()))
     writer.write(step, values)
     progress.set_postfix(loss=f"{values['loss']:.3f}", mlm_acc=f"{values['mlm_accuracy']:.3f}")

@@ -18,6 +18,7 @@ import transformers
 import bert_jax
 from bert_jax import export, sharding, train
 from bert_jax.config import default_config, preset
+from bert_jax.data import masking
 from bert_jax.data.synthetic import synthetic_batch
 from bert_jax.metrics import read_metrics
 from bert_jax.optim import learning_rate_schedule, make_optimizer
@@ -25,8 +26,8 @@ from pretrain_runs import PRETRAIN, assert_same_run, one_process_env, overrides,
 
 
 def _run_steps(config, mesh, batches, accum_steps=1, initial=None):
-    """Losses and final parameters of steps on `batches`, from `initial` (resharded onto
-    `mesh`) or a fresh state."""
+    """Metrics (floats) and final parameters of steps on `batches`, from `initial` (resharded
+    onto `mesh`) or a fresh state."""
     model_config = preset(config.model_size, **config.overrides)
     train_config = default_config().train
     train_config.update(num_steps=10, warmup_steps=2, learning_rate=1e-3)
@@ -40,11 +41,15 @@ def _run_steps(config, mesh, batches, accum_steps=1, initial=None):
                    in_shardings=(spec.shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(spec.shardings, None))
     first = jax.device_get(state)
-    losses = []
+    records = []
     for batch in batches:
         state, metrics = step(state, sharding.global_batch(batch, mesh, len(batch["input_ids"])))
-        losses.append(float(metrics["loss"]))
-    return np.array(losses), jax.device_get(state["params"]), first
+        records.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+    return records, jax.device_get(state["params"]), first
+
+
+def _losses(records):
+    return np.array([r["loss"] for r in records])
 
 
 class _Case:
@@ -67,8 +72,9 @@ def test_sharded_meshes_give_the_single_device_losses():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # small dimensions replicated, with a warning
             # The same initial values (sharded init is tested by the resume tests).
-            losses, _, _ = _run_steps(case, mesh, batches, initial=initial)
-        np.testing.assert_allclose(losses, single, rtol=1e-5, err_msg=str(shape))
+            records, _, _ = _run_steps(case, mesh, batches, initial=initial)
+        np.testing.assert_allclose(_losses(records), _losses(single), rtol=1e-5,
+                                   err_msg=str(shape))
 
 
 def test_indivisible_dimensions_are_replicated_with_a_warning():
@@ -84,16 +90,42 @@ def test_indivisible_dimensions_are_replicated_with_a_warning():
     assert mu.spec == up.spec  # optimizer state sharded like its parameter
 
 
-def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
+def _packed_batch(seed, rows, length, instances_per_row, vocab_size, max_predictions):
+    """Rows of 1..instances_per_row random instances ([CLS] A [SEP] B [SEP]), masked."""
+    rng = np.random.default_rng(seed)
+    examples = []
+    for _ in range(rows):
+        lengths = rng.integers(5, length // instances_per_row + 1,
+                               rng.integers(1, instances_per_row + 1))
+        ids = rng.integers(5, vocab_size, lengths.sum()).astype(np.int32)
+        starts = np.cumsum(lengths) - lengths
+        a_lengths = [int(rng.integers(1, n - 3)) for n in lengths]
+        ids[starts] = 2
+        ids[starts + a_lengths + 1] = ids[starts + lengths - 1] = 3
+        examples.append({"input_ids": ids, "word_starts": np.ones(len(ids), bool),
+                         "lengths": lengths, "a_lengths": a_lengths,
+                         "next_sentence_labels": rng.integers(0, 2, len(lengths))})
+    options = masking.MaskingOptions(max_predictions=max_predictions, vocab_size=vocab_size,
+                                     special_ids=frozenset(range(5)))
+    return masking.mask_batch(examples, options, length, seed, 0, instances_per_row)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_gradient_accumulation_equals_one_step_on_the_whole_batch(packed):
     case = _Case("tiny", **NO_DROPOUT)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 1}, devices=jax.devices()[:4])
-    batches = [synthetic_batch(i, 16, 32, 512, 5) for i in range(2)]
-    whole_losses, whole, initial = _run_steps(case, mesh, batches)
-    accumulated_losses, accumulated, _ = _run_steps(case, mesh, batches, accum_steps=4,
-                                                    initial=initial)
-    np.testing.assert_allclose(accumulated_losses, whole_losses, rtol=1e-5)
+    batches = [_packed_batch(i, 16, 32, 3, 512, 5) if packed else
+               synthetic_batch(i, 16, 32, 512, 5) for i in range(2)]
+    whole_records, whole, initial = _run_steps(case, mesh, batches)
+    accumulated_records, accumulated, _ = _run_steps(case, mesh, batches, accum_steps=4,
+                                                     initial=initial)
+    np.testing.assert_allclose(_losses(accumulated_records), _losses(whole_records), rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  accumulated, whole)
+    # The tokens that are not padding, for the log's real tokens per second.
+    for records in (whole_records, accumulated_records):
+        assert [r["tokens"] for r in records] == [np.count_nonzero(b["input_mask"])
+                                                  for b in batches]
 
 
 @pytest.mark.slow
@@ -194,6 +226,7 @@ def test_two_phase_run_switches_length_and_batch_carrying_the_state(straight_run
     # Tokens per step: 16 x 32 in phase one, 8 x 64 in phase two; learning continues.
     assert all(m["tokens_per_s"] / m["seq_per_s"] == pytest.approx(32) for m in records[:5])
     assert all(m["tokens_per_s"] / m["seq_per_s"] == pytest.approx(64) for m in records[5:])
+    assert all(0 < m["real_tokens_per_s"] <= m["tokens_per_s"] for m in records)
     assert records[5]["learning_rate"] > 0 and (tmp_path / "tensorboard").is_dir()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
