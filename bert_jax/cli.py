@@ -268,8 +268,19 @@ def _fill_mask(args, config) -> None:
 
 def _prepare_data(args, config) -> None:
     from bert_jax.data import pipeline
+    from bert_jax.train import phase_config, phases
 
-    prepared = pipeline.prepare(config)
+    # Each phase's dataset (BERT's 128 and 512 phases have one each), so that a run, or a
+    # pod's workers, find them all built.
+    printed = set()
+    for phase in phases(config):
+        prepared = pipeline.prepare(phase_config(config, phase))
+        if prepared.path not in printed:
+            printed.add(prepared.path)
+            _print_dataset(prepared)
+
+
+def _print_dataset(prepared) -> None:
     summary = prepared.metadata["summary"]
     instances = ", ".join(f"{n:,} {split}" for split, n in summary["instances"].items())
     per_row = prepared.metadata["identity"].get("instances_per_row", 1)
@@ -293,7 +304,10 @@ def _inspect_data(args, config) -> None:
     from bert_jax.train import phase_config, phases
 
     # The phase of the first step decides lengths and batch size, as in training.
-    phase = next(p for p in phases(config) if p.start <= args.start_step < p.end)
+    phase = next((p for p in phases(config) if p.start <= args.start_step < p.end), None)
+    if phase is None:
+        raise UsageError(f"--start-step={args.start_step}: expected a step below "
+                         f"train.num_steps={config.train.num_steps}")
     if args.start_step + args.steps > phase.end:
         raise UsageError(f"steps {args.start_step}..{args.start_step + args.steps - 1} cross the "
                          f"phase boundary at step {phase.end}: inspect one phase at a time")
@@ -408,18 +422,20 @@ def build_parser() -> argparse.ArgumentParser:
                False)
     fill.add_argument("path", help="a workdir or an exported Hugging Face directory")
     fill.add_argument("text", help='text with [MASK], e.g. "Return a new [MASK]."')
-    fill.add_argument("--top-k", type=int, default=5)
+    fill.add_argument("--top-k", type=_positive, default=5)
     add("prepare-data", _prepare_data, "build the tokenizer and dataset of a corpus",
         "Reads config.data.corpus, trains a SentencePiece vocabulary unless "
         "config.data.vocab_file is set, creates NSP/SOP instances and writes them as a TFDS "
-        "ArrayRecord dataset under config.data.data_dir (reused when it exists).")
+        "ArrayRecord dataset under config.data.data_dir (reused when it exists): one for each "
+        "phase of config.train.phases whose lengths or packing differ.")
     inspect = add("inspect-data", _inspect_data, "print masked batches as text",
                   "Prints the masked batches that training steps would see, decoded to text "
                   "([MASK] shown, labels in parentheses); --out saves them exactly.")
     inspect.add_argument("--steps", type=_positive, default=1, help="number of steps (default 1)")
     inspect.add_argument("--start-step", type=_non_negative, default=0,
                          help="first step (default 0)")
-    inspect.add_argument("--rows", type=int, default=2, help="rows printed per step (default 2)")
+    inspect.add_argument("--rows", type=_positive, default=2,
+                         help="rows printed per step (default 2)")
     inspect.add_argument("--split", default="train", help="train or validation")
     inspect.add_argument("--out", metavar="FILE.npz",
                          help="save the batches (features stacked over steps) to this file")

@@ -57,9 +57,7 @@ class ModelConfig:
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads",
                      "intermediate_size", "max_position_embeddings", "type_vocab_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"model.{name}={value!r}: expected a positive integer")
+            check_int(f"model.{name}", getattr(self, name))
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"model.hidden_size={self.hidden_size} is not divisible by "
@@ -114,9 +112,7 @@ class DataConfig:
     def __post_init__(self):
         for name in ("vocab_size", "max_seq_length", "max_predictions_per_seq", "dupe_factor",
                      "instances_per_row"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"data.{name}={value!r}: expected a positive integer")
+            check_int(f"data.{name}", getattr(self, name))
         if not 0.0 < self.masked_lm_prob < 1.0:
             raise ValueError(f"data.masked_lm_prob={self.masked_lm_prob!r}: expected (0, 1)")
         for name in ("short_seq_prob", "validation_fraction"):
@@ -146,14 +142,22 @@ def _check_choice(section, name, value, choices):
 NONFINITE_POLICIES = ("rollback", "stop")
 
 
+def check_int(name: str, value, least: int = 1) -> None:
+    """A config integer (True is not one) of at least `least`, or a one-line error naming
+    the field."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        expected = "a positive integer" if least == 1 else f"an integer >= {least}"
+        raise ValueError(f"{name}={value!r}: expected {expected}")
+
+
 def check_train(train: ml_collections.ConfigDict) -> None:
-    """The `train` fields a run reads only after hours (the non-finite policy), checked up
-    front."""
+    """The `train` counts, and fields a run reads only after hours (the non-finite policy),
+    checked up front."""
     _check_choice("train", "on_nonfinite", train.on_nonfinite, NONFINITE_POLICIES)
-    for name, least in (("nonfinite_patience", 1), ("max_rollbacks", 0)):
-        value = train[name]
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise ValueError(f"train.{name}={value!r}: expected an integer >= {least}")
+    for name, least in (("num_steps", 1), ("global_batch_size", 1), ("grad_accum_steps", 1),
+                        ("log_every", 1), ("eval_steps", 0), ("stop_at_step", 0),
+                        ("nonfinite_patience", 1), ("max_rollbacks", 0)):
+        check_int(f"train.{name}", train[name], least)
 
 
 def preset(name: str, **overrides) -> ModelConfig:

@@ -33,7 +33,7 @@ from flax import nnx
 
 from bert_jax import losses, preflight, scores, sharding, tasks, train
 from bert_jax.checkpoint import Checkpointer
-from bert_jax.config import ModelConfig
+from bert_jax.config import ModelConfig, check_int
 from bert_jax.data.checks import check_batch_topology
 from bert_jax.export import keep_tokenizer, write_export
 from bert_jax.metrics import MetricsWriter
@@ -201,6 +201,7 @@ def resolve(config: ml_collections.ConfigDict, train_examples: int,
         train_config.learning_rate = next(rate for width, rate in LEARNING_RATES
                                           if width is None or hidden_size <= width)
     batch = train_config.global_batch_size
+    check_int("train.global_batch_size", batch)
     if train_examples < batch:
         raise ValueError(f"the task has {train_examples} training examples, fewer than "
                          f"train.global_batch_size={batch}: lower the batch size")
@@ -214,10 +215,9 @@ def resolve(config: ml_collections.ConfigDict, train_examples: int,
         train_config.warmup_steps = int(train_config.warmup_fraction * train_config.num_steps)
     if not train_config.eval_every:
         train_config.eval_every = min(steps_per_epoch, train_config.num_steps)
-    for name in ("num_steps", "eval_every", "log_every", "eval_batch_size"):
-        value = train_config[name]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"train.{name}={value!r}: expected a positive integer")
+    for name in ("num_steps", "eval_every", "log_every", "eval_batch_size",
+                 "grad_accum_steps", "nonfinite_patience"):
+        check_int(f"train.{name}", train_config[name])
     return config
 
 
@@ -255,13 +255,13 @@ def _permutation(seed: int, epoch: int, count: int) -> np.ndarray:
 def _loop(config, state, start, step_fn, train_data, mesh, evaluate, writer, checkpointer,
           metadata, preemption, summary, is_main):
     """Steps [start, num_steps): a step's metrics are read after the next step is dispatched,
-    so the device never waits for the host; evaluations (and checkpoints) every
-    `train.eval_every` steps."""
+    so the device never waits for the host (its non-finite count at every step, the rest at
+    log steps); evaluations (and checkpoints) every `train.eval_every` steps."""
     train_config = config.train
     batch_size, num_steps = train_config.global_batch_size, train_config.num_steps
     stop = min(train_config.stop_at_step or num_steps, num_steps)
     rows = sharding.process_rows(mesh, batch_size)
-    pending = None
+    pending = watched = None
     timer = (start, time.perf_counter())
     done = start
     progress = tqdm(total=num_steps, initial=start, desc=f"finetune {summary['task']}",
@@ -269,36 +269,41 @@ def _loop(config, state, start, step_fn, train_data, mesh, evaluate, writer, che
     for step in range(start, stop):
         local = _train_batch(train_data, step, batch_size, train_config.seed, rows)
         state, metrics = step_fn(state, sharding.global_batch(local, mesh, batch_size))
+        if watched is not None:
+            _check_finite(*watched, train_config.nonfinite_patience)
         if pending is not None:
-            summary["train"] = _log_train(*pending, timer, batch_size, writer, progress,
-                                          train_config.nonfinite_patience)
+            summary["train"] = _log_train(*pending, timer, batch_size, writer, progress)
             timer, pending = (pending[0], time.perf_counter()), None
         done = step + 1
+        watched = (done, metrics)
         progress.update(1)
         if done % train_config.log_every == 0 or done == stop:
             pending = (done, metrics)
         if done % train_config.eval_every == 0 or done == num_steps:
             if pending is not None:
-                summary["train"] = _log_train(*pending, timer, batch_size, writer, progress,
-                                              train_config.nonfinite_patience)
+                summary["train"] = _log_train(*pending, timer, batch_size, writer, progress)
                 timer, pending = (pending[0], time.perf_counter()), None
             _log_validation(evaluate(state["params"]), done, writer, summary, evaluate.task)
             checkpointer.save(done, state, metadata)
         if preemption.reached(done):
             break
+    if watched is not None:
+        _check_finite(*watched, train_config.nonfinite_patience)
     if pending is not None:
-        summary["train"] = _log_train(*pending, timer, batch_size, writer, progress,
-                                      train_config.nonfinite_patience)
+        summary["train"] = _log_train(*pending, timer, batch_size, writer, progress)
     progress.close()
     return state, done
 
 
-def _log_train(step, metrics, timer, batch_size, writer, progress, patience) -> dict:
-    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if values["nonfinite_consecutive"] >= patience:
+def _check_finite(step: int, metrics: dict, patience: int) -> None:
+    if int(metrics["nonfinite_consecutive"]) >= patience:
         raise train.NonFiniteError(
             f"non-finite loss or gradients in {patience} steps in a row up to step {step}: "
             f"lower train.learning_rate or check the data")
+
+
+def _log_train(step, metrics, timer, batch_size, writer, progress) -> dict:
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     seconds = max(time.perf_counter() - timer[1], 1e-9)
     values.update(step_ms=1000 * seconds / (step - timer[0]),
                   seq_per_s=(step - timer[0]) * batch_size / seconds)

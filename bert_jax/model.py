@@ -455,7 +455,7 @@ def _dropout(rate: float, x, key) -> Array:
 
 def new_model(config: ModelConfig, seed: int = 0, num_labels: int | None = None) -> _Bert:
     """A pretraining model, or with `num_labels` a sequence classifier, initialized from
-    `seed` (eagerly: call it under `jax.jit`, as `create` does)."""
+    `seed` (eagerly: call it under `jax.jit`, as `create` and `train.init_state` do)."""
     rngs = nnx.Rngs(params=seed)
     if num_labels is None:
         return BertForPreTraining(config, rngs=rngs)

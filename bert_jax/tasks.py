@@ -150,6 +150,10 @@ def _load_files(name: str, task_config) -> tuple[Task, dict[str, Examples]]:
         labels = ()
     else:
         labels = declared or _sorted_labels({label for _, _, label, _ in rows["train"]})
+        if len(labels) < 2:
+            source = "task.labels" if declared else files["train"]
+            raise ValueError(f"task {name} has the one class {list(labels)} in {source}: "
+                             f"expected at least 2 classes to tell apart")
     task = Task(name, pair, labels,
                 REGRESSION_METRICS if regression else CLASSIFICATION_METRICS)
     splits = {split: _examples(task, rows[split], files[split], bool(declared))

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from bert_jax import distributed, flops, losses, preflight, sharding
 from bert_jax.checkpoint import Checkpointer
-from bert_jax.config import DataConfig, ModelConfig, default_config
+from bert_jax.config import DataConfig, ModelConfig, check_train, default_config
 from bert_jax.data import pipeline
 from bert_jax.export import keep_tokenizer, open_checkpoints
 from bert_jax.metrics import MetricsWriter
@@ -176,6 +176,12 @@ def eval_step(params: dict, batch: dict, *, graphdef) -> dict:
     return PRETRAINING.sums(nnx.merge(graphdef, params), batch, None)
 
 
+def jit_eval_step(spec: StateSpec, mesh):
+    """`eval_step` jitted for `mesh`: parameters in their shardings, batch rows split."""
+    return jax.jit(functools.partial(eval_step, graphdef=spec.graphdef),
+                   in_shardings=(spec.shardings["params"], sharding.batch_sharding(mesh)))
+
+
 # --- the loop ------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +204,7 @@ def phases(config: ml_collections.ConfigDict) -> list[Phase]:
     (long sequences often need more micro-batches than short ones), packing to
     `data.instances_per_row` (BERT's 512-token phase gains from it, the 128 one hardly)."""
     train = config.train
+    check_train(train)
     rows = tuple(train.phases) or ((0, config.data.max_seq_length,
                                     config.data.max_predictions_per_seq,
                                     train.global_batch_size),)
@@ -213,12 +220,19 @@ def phases(config: ml_collections.ConfigDict) -> list[Phase]:
     result = []
     for row, end in zip(rows, ends):
         accumulation, per_row = (*row[4:], *defaults[len(row) - 4:])  # given, else defaults
-        if len(row) == 6 and int(per_row) < 1:  # (data.instances_per_row: by DataConfig)
-            raise ValueError(f"train.phases row {tuple(row)}: instances_per_row={per_row}: "
-                             f"expected a positive integer")
+        for name, value in zip(("batch", "grad_accum_steps", "instances_per_row"), row[3:]):
+            if int(value) < 1:  # (the defaults: by check_train and DataConfig)
+                raise ValueError(f"train.phases row {tuple(row)}: {name}={value}: expected a "
+                                 f"positive integer")
         result.append(Phase(int(row[0]), end, int(row[1]), int(row[2]), int(row[3]),
                             int(accumulation), int(per_row)))
     return result
+
+
+def phase_of(train_phases: list[Phase], step: int) -> Phase:
+    """The phase a model that has taken `step` steps last trained in (the first at step 0):
+    the lengths to evaluate it at."""
+    return next((p for p in train_phases if p.start < step <= p.end), train_phases[0])
 
 
 def phase_config(config: ml_collections.ConfigDict, phase: Phase) -> ml_collections.ConfigDict:
@@ -383,8 +397,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) ->
 
     step_fns = {accum: jit_train_step(spec, tx, schedule, mesh, accum)
                 for accum in {phase.grad_accum_steps for phase in train_phases}}
-    eval_fn = jax.jit(functools.partial(eval_step, graphdef=spec.graphdef),
-                      in_shardings=(spec.shardings["params"], sharding.batch_sharding(mesh)))
+    eval_fn = jit_eval_step(spec, mesh)
     writer = MetricsWriter(workdir, enabled=is_main, start_step=start)
     if is_main:
         (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
@@ -425,7 +438,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) ->
             writer.rewind(step)
             writer.write(step, {"rollbacks": summary["rollbacks"]}, split="events")
         if not preemption.requested and step == stop:
-            summary["validation"] = evaluate(config, train_phases[-1], state, eval_fn, mesh)
+            summary["validation"] = evaluate(config, phase_of(train_phases, step), state,
+                                             eval_fn, mesh)
             writer.write(step, summary["validation"], split="validation")
         checkpointer.save(step, state, _checkpoint_metadata(config, skipped), force=True)
         checkpointer.wait()
@@ -554,7 +568,6 @@ def evaluate_workdir(workdir, step: int | None = None) -> dict:
         state, _, restored_step = checkpointer.restore(spec.abstract, step)
     finally:
         checkpointer.close()
-    eval_fn = jax.jit(functools.partial(eval_step, graphdef=spec.graphdef),
-                      in_shardings=(spec.shardings["params"], sharding.batch_sharding(mesh)))
-    metrics = evaluate(config, phases(config)[-1], state, eval_fn, mesh)
+    metrics = evaluate(config, phase_of(phases(config), restored_step), state,
+                       jit_eval_step(spec, mesh), mesh)
     return {"step": restored_step, "split": "validation", **metrics}

@@ -151,6 +151,15 @@ def test_sharded_and_resumed_finetuning_equals_one_run_and_exports_for_transform
     assert np.mean(predicted == inputs["labels"]) == pytest.approx(accuracy)
 
 
+def test_nonfinite_steps_stop_finetuning_at_once_not_at_the_next_log(tmp_path, straight_run):
+    # A learning rate of 1e30 makes step 2's loss non-finite, and every one after it.
+    with pytest.raises(SystemExit) as stopped:  # the CLI's one line, exit code 1
+        _finetune(tmp_path / "run", straight_run[0], _pair_files(tmp_path),
+                  "--config.train.learning_rate=1e30", "--config.train.nonfinite_patience=2",
+                  "--config.train.log_every=8")
+    assert "non-finite loss or gradients in 2 steps in a row up to step 3" in stopped.value.code
+
+
 def test_random_init_keeps_the_architecture_but_not_the_weights(straight_run):
     config = finetune.default_config()
     config.init.path = str(straight_run[0])
@@ -184,18 +193,25 @@ def test_finetune_eval_scores_each_checkpoint_once(tmp_path, straight_run, capsy
 @pytest.mark.parametrize("args, message", [
     (["--task=sentiment"], "unknown task 'sentiment'"),
     (["--task=pair-classification"], "has single texts"),
-    (["--task=classification", "--labels=yes"], "label 'no' is not one of the declared"),
+    (["--task=classification", "--labels=yes,maybe"], "label 'no' is not one of the declared"),
     (["--task=classification", "--train-file=UNLABELED"], "has no 'label' column"),
     (["--init=/nonexistent"], "does not exist"),
+    (["--task=classification", "--labels=yes"], "has the one class ['yes'] in task.labels"),
+    (["--train-file=ONECLASS"], "has the one class ['yes'] in "),
+    (["--config.train.global_batch_size=0"],
+     "train.global_batch_size=0: expected a positive integer"),
 ])
 def test_bad_finetune_input_is_one_line_exit_2(tmp_path, straight_run, capsys, args, message):
     good = tmp_path / "good.csv"
     good.write_text("text,label\na b c,yes\nd e f,no\n")
     unlabeled = tmp_path / "unlabeled.csv"
     unlabeled.write_text("text\na b c\n")
+    one_class = tmp_path / "one_class.csv"
+    one_class.write_text("text,label\na b c,yes\nd e f,yes\n")
     argv = ["finetune", f"--init={straight_run[0]}", f"--workdir={tmp_path / 'run'}",
             f"--train-file={good}", f"--validation-file={good}",
-            *[a.replace("UNLABELED", str(unlabeled)) for a in args]]
+            *[a.replace("UNLABELED", str(unlabeled)).replace("ONECLASS", str(one_class))
+              for a in args]]
     if not any(a.startswith("--task") for a in args):
         argv.append("--task=classification")
     assert cli.main(argv) == 2

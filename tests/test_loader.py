@@ -1,7 +1,10 @@
+import threading
+import time
+
 import numpy as np
 import pytest
 
-from bert_jax.data.loader import Loader
+from bert_jax.data.loader import Loader, _prefetched
 from bert_jax.data.masking import MaskingOptions
 
 OPTIONS = MaskingOptions(max_predictions=4, masked_lm_prob=0.15, mask_id=4, vocab_size=50,
@@ -68,6 +71,20 @@ def test_prefetching_changes_nothing_and_errors_reach_the_consumer():
     with pytest.raises((ValueError, KeyError)):
         for _ in _loader(broken, batch=37).iterate(0, 3, prefetch=2):
             pass
+
+
+def test_a_consumer_that_stops_early_releases_the_prefetch_thread():
+    def prefetching():
+        return {t for t in threading.enumerate() if t.name == "bert-jax-prefetch"}
+
+    before = prefetching()
+    batches = _prefetched(iter([0, 1]), 1)
+    assert next(batches) == 0
+    (thread,) = prefetching() - before
+    time.sleep(0.5)  # the thread has queued 1 and waits for room for the end marker
+    batches.close()  # as a preemption's break or a rollback leaves the loop
+    thread.join(timeout=5)
+    assert not thread.is_alive()
 
 
 def test_unshuffled_reading_is_in_stored_order():

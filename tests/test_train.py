@@ -197,7 +197,11 @@ def test_phases_cover_the_steps_and_bad_phases_are_refused():
     assert [(p.grad_accum_steps, p.instances_per_row) for p in train.phases(config)] == [
         (2, 2), (4, 3)]
     assert train.phase_config(config, train.phases(config)[1]).data.instances_per_row == 3
-    for bad in [((10, 128, 20, 32),), ((0, 128, 20),), ((0, 128, 20, 32, 1, 1, 1),)]:
+    # Evaluation runs at the lengths of the phase the last step was in.
+    assert [train.phase_of([first, second], step) for step in (0, 1, 90, 91, 100)] == [
+        first, first, first, second, second]
+    for bad in [((10, 128, 20, 32),), ((0, 128, 20),), ((0, 128, 20, 32, 1, 1, 1),),
+                ((0, 128, 20, 0),), ((0, 128, 20, 32, 0),), ((0, 128, 20, 32, 1, 0),)]:
         config.train.phases = bad
         with pytest.raises(ValueError, match="train.phases"):
             train.phases(config)
@@ -206,12 +210,31 @@ def test_phases_cover_the_steps_and_bad_phases_are_refused():
     assert (only.end, only.max_seq_length) == (100, config.data.max_seq_length)
 
 
+@pytest.mark.parametrize("field, value, expected", [
+    ("num_steps", 0, "a positive integer"), ("global_batch_size", -64, "a positive integer"),
+    ("grad_accum_steps", 0, "a positive integer"), ("log_every", 0, "a positive integer"),
+    ("eval_steps", -1, "an integer >= 0"),
+    ("nonfinite_patience", True, "a positive integer")])
+def test_bad_train_counts_are_refused_before_anything_runs(field, value, expected):
+    config = default_config()
+    config.train[field] = value
+    with pytest.raises(ValueError, match=f"^train.{field}={value!r}: expected {expected}$"):
+        train.phases(config)
+
+
 @pytest.mark.slow
 def test_two_phase_run_switches_length_and_batch_carrying_the_state(straight_run, tmp_path):
     _, data_dir, _ = straight_run
     # Phase two on packed rows (2 instances at most): the run, data to export, takes them.
     args = overrides(data_dir, **{"train.num_steps": 8, "train.phases":
                                   "((0, 32, 5, 16), (5, 64, 10, 8, 1, 2))"})
+    prepared = subprocess.run([*PRETRAIN[:-1], "prepare-data", *args], capture_output=True,
+                              text=True, timeout=600, env=one_process_env())
+    assert prepared.returncode == 0, prepared.stderr
+    built = [line.split("/")[-2] for line in prepared.stdout.splitlines()
+             if line.startswith("dataset: ")]
+    assert [name[:6] for name in built] == ["seq32_", "seq64_"]  # each phase's
+    assert "packed into rows of up to 2" in prepared.stdout
     result = pretrain(tmp_path, args)
     assert result.returncode == 0, result.stderr
     assert "exported to" in result.stdout

@@ -114,20 +114,24 @@ def _prefetched(items: Iterator, size: int) -> Iterator:
     buffer: queue.Queue = queue.Queue(maxsize=size)
     stop = threading.Event()
 
+    def put(value) -> bool:
+        """Waits for room, unless the consumer has stopped (False): never blocks for good."""
+        while not stop.is_set():
+            try:
+                buffer.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce():
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        buffer.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            buffer.put(_DONE)
+            put(_DONE)
         except BaseException as error:  # handed to the consumer, raised there
-            buffer.put(error)
+            put(error)
 
     thread = threading.Thread(target=produce, daemon=True, name="bert-jax-prefetch")
     thread.start()
