@@ -253,7 +253,8 @@ def _benchmark(args, config) -> None:
     from bert_jax import benchmark
 
     run_config = benchmark.benchmark_config(args.model, args.batch, args.seq, args.dtype,
-                                            args.attention, args.scan, args.remat)
+                                            args.attention, args.scan, args.remat,
+                                            args.instances_per_row)
     print(json.dumps(benchmark.run(run_config, args.steps)))
 
 
@@ -448,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "Times full train steps (forward, backward, AdamW) of BERT-SIZE with BERT's "
                 "vocabulary and dropout on synthetic batches with 15% of the tokens masked, on "
                 "all local devices, and prints one JSON line: median step_ms, seq_per_s, "
-                "tokens_per_s, mfu (null where the peak is unknown, e.g. CPU), compile_s, "
+                "tokens_per_s (row positions), real_tokens_per_s (padding not counted), mfu "
+                "(null where the peak is unknown, e.g. CPU), compile_s, "
                 "peak_memory_bytes, the device and the settings. Needs no dataset.", False)
     bench.add_argument("--model", default="small", choices=list(PRESETS),
                        help="model size (default small)")
@@ -462,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--scan", action="store_true", help="run the layers with lax.scan")
     bench.add_argument("--remat", default="none", choices=list(REMAT_POLICIES),
                        help="rematerialization policy (default none)")
+    bench.add_argument("--instances-per-row", type=_positive, default=1,
+                       help="pack up to this many instances into each row, cutting rows of the "
+                            "unpacked rows' lengths (default 1: unpacked)")
     task_options = _Parser(add_help=False)
     group = task_options.add_argument_group(
         "task", "builtin (made from the built-in corpus), glue/NAME (TFDS, prepared in "

@@ -9,6 +9,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from bert_jax import benchmark, flops
@@ -58,16 +59,22 @@ def test_benchmark_prints_one_json_line_with_every_figure():
     program = ("import sys; from bert_jax import cli; code = cli.main(sys.argv[1:]); "
                "assert 'tensorflow' not in sys.modules, 'imported tensorflow'; sys.exit(code)")
     result = subprocess.run([sys.executable, "-c", program, "benchmark", "--model=tiny",
-                             "--batch=8", "--seq=32", "--steps=2", "--scan"],
+                             "--batch=8", "--seq=32", "--steps=2", "--scan",
+                             "--instances-per-row=3"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     for name in ("step_ms", "seq_per_s", "tokens_per_s", "compile_s", "peak_memory_bytes"):
         assert figures[name] > 0, name
     assert figures["tokens_per_s"] == pytest.approx(figures["seq_per_s"] * 32, rel=0.01)
+    # The two batches' tokens that are not padding, over the median step.
+    real = np.mean([np.count_nonzero(synthetic_batch(seed, 8, 32, 30522, 5, instances_per_row=3)
+                                     ["input_mask"]) for seed in (0, 1)])
+    assert figures["real_tokens_per_s"] == pytest.approx(real / figures["step_ms"] * 1000,
+                                                         rel=0.01)
     assert figures["mfu"] is None and figures["device"] == "cpu"  # no known CPU peak
-    assert (figures["batch"], figures["seq"], figures["predictions"], figures["scan"]) == (
-        8, 32, 5, True)
+    assert (figures["batch"], figures["seq"], figures["predictions"], figures["scan"],
+            figures["instances_per_row"]) == (8, 32, 5, True, 3)
 
 
 def _fusions(hlo: str) -> list[tuple[str, set[str], bool]]:

@@ -18,7 +18,6 @@ import transformers
 import bert_jax
 from bert_jax import export, sharding, train
 from bert_jax.config import default_config, preset
-from bert_jax.data import masking
 from bert_jax.data.synthetic import synthetic_batch
 from bert_jax.metrics import read_metrics
 from bert_jax.optim import learning_rate_schedule, make_optimizer
@@ -90,32 +89,12 @@ def test_indivisible_dimensions_are_replicated_with_a_warning():
     assert mu.spec == up.spec  # optimizer state sharded like its parameter
 
 
-def _packed_batch(seed, rows, length, instances_per_row, vocab_size, max_predictions):
-    """Rows of 1..instances_per_row random instances ([CLS] A [SEP] B [SEP]), masked."""
-    rng = np.random.default_rng(seed)
-    examples = []
-    for _ in range(rows):
-        lengths = rng.integers(5, length // instances_per_row + 1,
-                               rng.integers(1, instances_per_row + 1))
-        ids = rng.integers(5, vocab_size, lengths.sum()).astype(np.int32)
-        starts = np.cumsum(lengths) - lengths
-        a_lengths = [int(rng.integers(1, n - 3)) for n in lengths]
-        ids[starts] = 2
-        ids[starts + a_lengths + 1] = ids[starts + lengths - 1] = 3
-        examples.append({"input_ids": ids, "word_starts": np.ones(len(ids), bool),
-                         "lengths": lengths, "a_lengths": a_lengths,
-                         "next_sentence_labels": rng.integers(0, 2, len(lengths))})
-    options = masking.MaskingOptions(max_predictions=max_predictions, vocab_size=vocab_size,
-                                     special_ids=frozenset(range(5)))
-    return masking.mask_batch(examples, options, length, seed, 0, instances_per_row)
-
-
 @pytest.mark.parametrize("packed", [False, True])
 def test_gradient_accumulation_equals_one_step_on_the_whole_batch(packed):
     case = _Case("tiny", **NO_DROPOUT)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 1}, devices=jax.devices()[:4])
-    batches = [_packed_batch(i, 16, 32, 3, 512, 5) if packed else
-               synthetic_batch(i, 16, 32, 512, 5) for i in range(2)]
+    batches = [synthetic_batch(i, 16, 32, 512, 5, instances_per_row=3 if packed else 1)
+               for i in range(2)]
     whole_records, whole, initial = _run_steps(case, mesh, batches)
     accumulated_records, accumulated, _ = _run_steps(case, mesh, batches, accum_steps=4,
                                                      initial=initial)
