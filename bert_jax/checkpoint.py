@@ -26,6 +26,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from bert_jax import files
+
 STATE = "state"
 METADATA = "metadata"
 
@@ -39,8 +41,8 @@ class Checkpointer:
     writes what. Usable as a context manager (closing waits for pending saves).
 
     Args:
-      directory: local path (relative ones are made absolute) or `gs://...`; created if
-        missing.
+      directory: local path (`~` expanded, relative ones made absolute: TensorStore wants
+        absolute paths) or `gs://...`; created if missing.
       keep: how many of the newest checkpoints to keep.
       every_steps: `should_save` is true at multiples of this.
       async_save: False blocks in `save` until the checkpoint is committed.
@@ -60,11 +62,8 @@ class Checkpointer:
             # JAX's preemption sync point; ours saves at multiples of `every_steps` only (the
             # training loop saves on preemption itself, asking JAX once per step).
             save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(every_steps))
-        directory = epath.Path(directory)
-        if "://" not in str(directory):
-            directory = directory.absolute()  # TensorStore wants absolute local paths
         self._manager = ocp.CheckpointManager(
-            directory, options=options,
+            files.path(directory), options=options,
             item_handlers={STATE: ocp.StandardCheckpointHandler(),
                            METADATA: ocp.JsonCheckpointHandler()})
         # Restores bypass the manager (see `_read_newest`); these handlers read one item each.

@@ -14,14 +14,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
+import safetensors.numpy
+from etils import epath
 from flax import traverse_util
-from safetensors.numpy import load_file, save_file
 
+from bert_jax import files
 from bert_jax.config import ModelConfig
 
 CONFIG_FILE = "config.json"
@@ -252,29 +251,16 @@ def save(out_dir, config: ModelConfig, flat_params: dict[str, np.ndarray],
          head: str = "pretraining", labels: tuple[str, ...] = ()) -> None:
     """Writes config.json and model.safetensors (`head`, `labels`: as in `to_hf` and
     `config_to_hf`); each file appears whole or not at all."""
-    out_dir = Path(out_dir)
+    out_dir = epath.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = to_hf(flat_params, config, head)
-    _atomic_write(out_dir / WEIGHTS_FILE,
-                  lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    hf_config = config_to_hf(config, head, labels)
-    _atomic_write(out_dir / CONFIG_FILE,
-                  lambda p: Path(p).write_text(json.dumps(hf_config, indent=2) + "\n"))
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    weights = safetensors.numpy.save(to_hf(flat_params, config, head), metadata={"format": "pt"})
+    files.write_atomically(out_dir / WEIGHTS_FILE, weights)
+    hf_config = json.dumps(config_to_hf(config, head, labels), indent=2) + "\n"
+    files.write_atomically(out_dir / CONFIG_FILE, hf_config.encode())
 
 
 def read_config(path) -> ModelConfig:
-    config_path = Path(path) / CONFIG_FILE
+    config_path = epath.Path(path) / CONFIG_FILE
     if not config_path.is_file():
         raise ValueError(f"{config_path} does not exist: expected a Hugging Face model directory")
     return config_from_hf(json.loads(config_path.read_text()))
@@ -283,7 +269,7 @@ def read_config(path) -> ModelConfig:
 def read_labels(path) -> tuple[str, ...]:
     """The class names of a sequence classification directory's config.json (in id order);
     none for a regression model."""
-    values = json.loads((Path(path) / CONFIG_FILE).read_text())
+    values = json.loads((epath.Path(path) / CONFIG_FILE).read_text())
     id2label = values.get("id2label") or {}
     if values.get("problem_type") == "regression" or len(id2label) == 1:  # as transformers
         return ()
@@ -292,25 +278,34 @@ def read_labels(path) -> tuple[str, ...]:
 
 def read_tensors(path) -> dict[str, np.ndarray]:
     """The tensors of a Hugging Face directory: safetensors (single or sharded), else `.bin`."""
-    path = Path(path)
+    path = epath.Path(path)
     if (path / WEIGHTS_FILE).is_file():
-        return load_file(path / WEIGHTS_FILE)
+        return _read_safetensors(path / WEIGHTS_FILE)
     if (path / WEIGHTS_INDEX_FILE).is_file():
         shards = sorted(set(json.loads((path / WEIGHTS_INDEX_FILE).read_text())["weight_map"]
                             .values()))
-        return {k: v for shard in shards for k, v in load_file(path / shard).items()}
+        return {k: v for shard in shards for k, v in _read_safetensors(path / shard).items()}
     if (path / TORCH_WEIGHTS_FILE).is_file():
         return _read_torch_weights(path / TORCH_WEIGHTS_FILE)
     raise ValueError(f"{path} has no {WEIGHTS_FILE}, {WEIGHTS_INDEX_FILE} or "
                      f"{TORCH_WEIGHTS_FILE}: expected a Hugging Face model directory")
 
 
-def _read_torch_weights(path: Path) -> dict[str, np.ndarray]:
+def _read_safetensors(path: epath.Path) -> dict[str, np.ndarray]:
+    # safetensors memory-maps local files only. An object (gs://...) is read into memory
+    # first, holding its bytes beside the arrays for a moment: local files avoid that.
+    if files.is_url(path):
+        return safetensors.numpy.load(path.read_bytes())
+    return safetensors.numpy.load_file(path)
+
+
+def _read_torch_weights(path: epath.Path) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as e:
         raise ValueError(f"{path} is a PyTorch file: install torch to read it, or convert "
                          f"it to {WEIGHTS_FILE}") from e
     # weights_only=True refuses pickled code: a checkpoint cannot run anything on load.
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    with path.open("rb") as f:  # a file object, as torch.load reads no URLs
+        state = torch.load(f, map_location="cpu", weights_only=True)
     return {k: v.float().numpy() for k, v in state.items()}

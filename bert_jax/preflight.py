@@ -13,8 +13,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from bert_jax import files
 from bert_jax.config import DataConfig, ModelConfig, check_train
-from bert_jax.data.checks import check_batch_topology, check_data_against_model
+from bert_jax.data.checks import check_batch_topology, check_data_against_model, vocab_file
 from bert_jax.tokenizer import load_tokenizer
 
 
@@ -43,16 +44,13 @@ def _tokenizer_size(data: DataConfig) -> int:
     """The vocabulary the data will have: the given file's, or the size a trained one gets."""
     if not data.vocab_file:
         return data.vocab_size
-    if not Path(data.vocab_file).expanduser().is_file():
-        raise ValueError(f"data.vocab_file={data.vocab_file!r} does not exist: expected a "
-                         f"WordPiece vocab.txt or a SentencePiece .model")
-    return load_tokenizer(Path(data.vocab_file).expanduser(), lowercase=data.lowercase).vocab_size
+    return load_tokenizer(vocab_file(data), lowercase=data.lowercase).vocab_size
 
 
 def check_workdir(workdir, checkpoint_bytes: int, keep: int) -> None:
     """A local workdir must be writable with room for `keep` checkpoints plus the one being
     written. (Object stores, `gs://...`, have no disk to fill; their first write checks them.)"""
-    if "://" in str(workdir):
+    if files.is_url(workdir):
         return
     path = Path(workdir).absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())

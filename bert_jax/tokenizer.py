@@ -14,16 +14,18 @@ import io
 import itertools
 import json
 import os
-import uuid
+import tempfile
 from collections.abc import Iterable
-from pathlib import Path
 
 import numpy as np
 import sentencepiece
 import tokenizers
+from etils import epath
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import Unigram, WordPiece
+
+from bert_jax import files
 
 PAD, UNK, CLS, SEP, MASK = SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -60,7 +62,7 @@ _MODEL_INPUT_NAMES = ["input_ids", "token_type_ids", "attention_mask"]
 
 
 def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_path, *,
-                        seed: int = 0) -> Path:
+                        seed: int = 0) -> epath.Path:
     """Trains a SentencePiece unigram model on `sentences` and writes it to `model_path`.
 
     The vocabulary holds [PAD] [UNK] [CLS] [SEP] [MASK] at ids 0..4 and exactly `vocab_size`
@@ -78,7 +80,7 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_path, *
     Returns:
       `model_path` (a `.model` file, written whole or not at all).
     """
-    model_path = Path(model_path)
+    model_path = epath.Path(model_path)
     if model_path.suffix != ".model":
         raise ValueError(f"{model_path}: a SentencePiece model path must end in .model")
     sample = _sample(sentences, MAX_TRAINING_SENTENCES, seed)
@@ -93,7 +95,7 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_path, *
         raise ValueError(f"cannot train a SentencePiece vocabulary of {vocab_size} pieces on "
                          f"this corpus: {e}") from e
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(model_path, model.getvalue())
+    files.write_atomically(model_path, model.getvalue())
     return model_path
 
 
@@ -182,17 +184,17 @@ class Tokenizer:
         vocabulary and `do_lower_case`). Each file is written whole or not at all.
         `model_max_length` (the model's maximum positions) lets `transformers` truncate.
         """
-        out_dir = Path(out_dir)
+        out_dir = epath.Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         config = {**self._hf_config, **_SPECIAL_TOKENS_MAP, "model_input_names": _MODEL_INPUT_NAMES,
                   "clean_up_tokenization_spaces": False}
         if model_max_length is not None:
             config["model_max_length"] = model_max_length
-        files = {TOKENIZER_FILE: self._backend.to_str(pretty=True).encode(),
-                 TOKENIZER_CONFIG_FILE: _json_bytes(config),
-                 SPECIAL_TOKENS_MAP_FILE: _json_bytes(_SPECIAL_TOKENS_MAP), **self._hf_files}
-        for name, content in files.items():
-            _write_atomically(out_dir / name, content)
+        contents = {TOKENIZER_FILE: self._backend.to_str(pretty=True).encode(),
+                    TOKENIZER_CONFIG_FILE: _json_bytes(config),
+                    SPECIAL_TOKENS_MAP_FILE: _json_bytes(_SPECIAL_TOKENS_MAP), **self._hf_files}
+        for name, content in contents.items():
+            files.write_atomically(out_dir / name, content)
 
 
 def load_tokenizer(vocab_file, *, lowercase: bool = True) -> Tokenizer:
@@ -206,7 +208,7 @@ def load_tokenizer(vocab_file, *, lowercase: bool = True) -> Tokenizer:
     Raises ValueError naming the path when the file is missing or unreadable, is not a
     vocabulary of that kind, or lacks one of [PAD] [UNK] [CLS] [SEP] [MASK].
     """
-    path = Path(vocab_file)
+    path = epath.Path(vocab_file)
     try:
         content = path.read_bytes()
     except OSError as e:
@@ -215,7 +217,7 @@ def load_tokenizer(vocab_file, *, lowercase: bool = True) -> Tokenizer:
         kind, backend = "sentencepiece", _sentencepiece_backend(path, content)
         hf_config, hf_files = {"tokenizer_class": "PreTrainedTokenizerFast"}, {}
     else:
-        kind, backend = "wordpiece", _wordpiece_backend(path, lowercase)
+        kind, backend = "wordpiece", _wordpiece_backend(path, content, lowercase)
         hf_config = {"tokenizer_class": "BertTokenizer", "do_lower_case": lowercase,
                      "strip_accents": None, "tokenize_chinese_chars": True}
         hf_files = {VOCAB_FILE: content}
@@ -226,7 +228,7 @@ def load_tokenizer(vocab_file, *, lowercase: bool = True) -> Tokenizer:
                      hf_files=hf_files)
 
 
-def _is_sentencepiece(path: Path, content: bytes) -> bool:
+def _is_sentencepiece(path: epath.Path, content: bytes) -> bool:
     # A SentencePiece model is not UTF-8 in practice: every piece's score is stored as the
     # four raw bytes of a float. So content decides, whatever the file's name.
     try:
@@ -236,7 +238,7 @@ def _is_sentencepiece(path: Path, content: bytes) -> bool:
     return False
 
 
-def _sentencepiece_backend(path: Path, content: bytes) -> tokenizers.Tokenizer:
+def _sentencepiece_backend(path: epath.Path, content: bytes) -> tokenizers.Tokenizer:
     """A `tokenizers` Unigram pipeline that encodes as SentencePiece does, but for three cases.
 
     Normalization is NFKC, then SentencePiece's own character map (NFKC plus NMT rules), then
@@ -282,12 +284,19 @@ def _sentencepiece_backend(path: Path, content: bytes) -> tokenizers.Tokenizer:
     return backend
 
 
-def _wordpiece_backend(path: Path, lowercase: bool) -> tokenizers.Tokenizer:
-    """The pipeline of `transformers.BertTokenizerFast` for this vocabulary and casing."""
-    try:
-        vocab = WordPiece.read_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception on undecodable files
-        raise ValueError(f"cannot read the WordPiece vocabulary {path}: {e}") from e
+def _wordpiece_backend(path: epath.Path, content: bytes,
+                       lowercase: bool) -> tokenizers.Tokenizer:
+    """The pipeline of `transformers.BertTokenizerFast` for this vocabulary (`content`, read
+    from `path`) and casing."""
+    # `tokenizers` parses vocabularies from local files only; `path` may be a URL.
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, VOCAB_FILE)
+        with open(local, "wb") as f:
+            f.write(content)
+        try:
+            vocab = WordPiece.read_file(local)
+        except Exception as e:  # tokenizers raises a bare Exception on undecodable files
+            raise ValueError(f"cannot read the WordPiece vocabulary {path}: {e}") from e
     if vocab and max(vocab.values()) + 1 != len(vocab):
         raise ValueError(f"{path} repeats tokens: {max(vocab.values()) + 1} lines hold "
                          f"{len(vocab)} distinct tokens, so ids would not match lines")
@@ -301,7 +310,7 @@ def _wordpiece_backend(path: Path, lowercase: bool) -> tokenizers.Tokenizer:
     return backend
 
 
-def _add_bert_special_tokens(backend: tokenizers.Tokenizer, path: Path) -> None:
+def _add_bert_special_tokens(backend: tokenizers.Tokenizer, path: epath.Path) -> None:
     """Makes the special tokens atomic and adds the [CLS] a [SEP] (b [SEP]) template."""
     vocab = backend.get_vocab()
     missing = [token for token in SPECIAL_TOKENS if token not in vocab]
@@ -327,14 +336,3 @@ def _ids_and_word_starts(encoding: tokenizers.Encoding) -> tuple[np.ndarray, np.
 def _json_bytes(value: dict) -> bytes:
     return (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode()
 
-
-def _write_atomically(path: Path, content: bytes) -> None:
-    # Not tempfile.mkstemp: its files are private (0600), and os.replace would keep that.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(content)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -43,3 +43,39 @@ def straight_run(tmp_path_factory, worker_id):
             assert result.returncode == 0, result.stderr
             stdout.write_text(result.stdout)
     return root / "run", root / "data", stdout.read_text()
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+    """`gs://bucket/...` served from a local folder through `etils.epath` (GCS is not
+    reachable from tests); returns that folder. Only code that goes through `epath` reaches
+    it: the working directory is an empty folder checked at the end, so code that took a URL
+    for a local path (leaving a `gs:` folder there) fails the test."""
+    from etils.epath import gpath, testing
+
+    root, cwd = tmp_path / "bucket", tmp_path / "cwd"
+    root.mkdir()
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    # With TensorFlow installed, epath sends gs:// to tf.io.gfile, past mock_epath's backend.
+    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
+
+    def local(path):
+        path = os.fspath(path)
+        if path.startswith("gs://"):
+            bucket_name, _, key = path.removeprefix("gs://").partition("/")
+            assert bucket_name == "bucket", path
+            return str(root / key)
+        return path
+
+    def one(original, path, *args, **kwargs):
+        return original(local(path), *args, **kwargs)
+
+    def two(original, path, destination, **kwargs):
+        return original(local(path), local(destination), **kwargs)
+
+    with testing.mock_epath(
+            open=one, exists=one, isdir=one, listdir=one, glob=one, walk=one, makedirs=one,
+            mkdir=one, remove=one, rmtree=one, stat=one, copy=two, rename=two, replace=two):
+        yield root
+    assert not list(cwd.iterdir()), "a gs:// path was written as a local path"

@@ -1,8 +1,18 @@
-"""An interrupted export leaves nothing that looks complete; a previous export stays whole."""
+"""An interrupted export leaves nothing that looks complete; a previous export stays whole.
+Exports are readable by others, and written to gs:// as to local folders."""
 
+import os
+import stat
+
+import numpy as np
 import pytest
 
 from bert_jax import export
+from bert_jax.config import preset
+from bert_jax.model import create
+from bert_jax.pretrained import Pretrained
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat"]
 
 
 class Interrupted(Exception):
@@ -34,3 +44,37 @@ def test_interrupted_export_leaves_no_directory_and_keeps_the_previous_one(strai
             export.write_export(pretrained, workdir, out, config.data.lowercase)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == complete
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no partial left either
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A tiny model and a folder holding its vocabulary, as a workdir does."""
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    (workdir / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    config = preset("tiny", vocab_size=len(VOCAB), num_layers=1)
+    return Pretrained.from_model(create(config)), workdir
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_exported_files_get_the_modes_the_umask_gives(tiny, tmp_path, umask):
+    pretrained, workdir = tiny
+    old = os.umask(umask)
+    try:
+        out = export.write_export(pretrained, workdir, tmp_path / "export", lowercase=True)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "vocab.txt"} <= set(modes)
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
+
+
+def test_export_to_a_bucket_loads_back(tiny, bucket):
+    pretrained, workdir = tiny
+    export.write_export(pretrained, workdir, "gs://bucket/runs/export", lowercase=True)
+    assert {"model.safetensors", "config.json", "tokenizer.json", "vocab.txt"} <= {
+        p.name for p in (bucket / "runs" / "export").iterdir()}
+    loaded, tokenizer = export.load_with_tokenizer("gs://bucket/runs/export")
+    ids = np.array([[2, 5, 6, 4, 3]])
+    np.testing.assert_array_equal(loaded.logits(ids)[0], pretrained.logits(ids)[0])
+    assert tokenizer.encode("the cat") == [5, 6]

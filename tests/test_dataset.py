@@ -1,5 +1,6 @@
 """The prepared TFDS dataset, end to end: corpus -> tokenizer -> ArrayRecord -> masked batches."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import tensorflow_datasets as tfds
 
 from bert_jax.config import DataConfig, default_config
 from bert_jax.data import dataset, masking, pipeline
+from bert_jax.tokenizer import load_tokenizer
 
 SEQ = 64
 
@@ -183,9 +185,9 @@ def test_building_is_deterministic_and_reused(topics, tmp_path):
     assert rebuilt.path != prepared.path
     for a, b in zip(_all(prepared, "train"), _all(rebuilt, "train")):
         np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
-    mtime = (rebuilt.path / "dataset_info.json").stat().st_mtime
+    mtime = os.stat(rebuilt.path / "dataset_info.json").st_mtime
     assert pipeline.prepare(again).path == rebuilt.path  # reused, not rebuilt
-    assert (rebuilt.path / "dataset_info.json").stat().st_mtime == mtime
+    assert os.stat(rebuilt.path / "dataset_info.json").st_mtime == mtime
 
 
 def test_dataset_names_stay_those_of_the_datasets_on_disk():
@@ -262,3 +264,21 @@ def test_tfds_catalog_corpus_on_mock_data(tmp_path):
         corpus, stats = dataset.tokenize_corpus(data, vocab)
     assert stats.documents == 60 and corpus.num_documents == 60
     assert len(corpus.ids) >= 60 and corpus.ids.max() < 150
+
+
+def test_tokenizer_files_in_a_bucket(tmp_path, bucket, monkeypatch):
+    """A gs:// data_dir caches the trained tokenizer there (not in a local `gs:` folder), and
+    a gs:// vocab_file is found there."""
+    corpus = _write_topics(tmp_path, files=1)
+    data = DataConfig.from_dict(_config(tmp_path, corpus, vocab_size=300,
+                                        data_dir="gs://bucket/data").data)
+    vocab = dataset.tokenizer_file(data)
+    assert str(vocab).startswith("gs://bucket/data/tokenizers/spm_300_")
+    assert [p.name for p in (bucket / "data" / "tokenizers").iterdir()] == [vocab.name]
+    monkeypatch.setattr(dataset, "_train_tokenizer", None)  # cached: not trained again
+    assert dataset.tokenizer_file(data) == vocab
+    assert load_tokenizer(vocab).vocab_size == 300
+    given = DataConfig(vocab_file=str(vocab))
+    assert dataset.tokenizer_file(given) == vocab
+    with pytest.raises(ValueError, match="gs://bucket/missing.txt.*does not exist"):
+        dataset.tokenizer_file(DataConfig(vocab_file="gs://bucket/missing.txt"))

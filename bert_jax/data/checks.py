@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+from etils import epath
+
+from bert_jax import files
 from bert_jax.config import DataConfig, ModelConfig
+
+
+def vocab_file(data: DataConfig) -> epath.Path:
+    """The configured `data.vocab_file`; ValueError when it does not exist (found before data
+    preparation or training starts, not in their middle)."""
+    path = files.path(data.vocab_file)
+    if not path.is_file():
+        raise ValueError(f"data.vocab_file={data.vocab_file!r} does not exist: expected a "
+                         f"WordPiece vocab.txt or a SentencePiece .model")
+    return path
 
 
 def check_data_against_model(data: DataConfig, model: ModelConfig, tokenizer_vocab_size: int):

@@ -2,7 +2,8 @@
 
 `prepare(data_config)` turns a corpus into `DATA_DIR/bert_pretraining/NAME/VERSION/`, where
 NAME hashes everything that determines the instances (corpus, tokenizer fingerprint, lengths,
-probabilities, seed), so a changed config never reuses a stale dataset. The directory also
+probabilities, seed), so a changed config never reuses a stale dataset. DATA_DIR is a local
+folder or a `gs://` URL (where every host of a pod reads it). The directory also
 holds the tokenizer file and, in TFDS metadata, that identity and the build summary.
 TFDS builds into an `incomplete` directory and renames it at the end: an interrupted build
 never looks complete. Instances store no masks (masking is dynamic, in the loader).
@@ -17,24 +18,23 @@ import hashlib
 import json
 import multiprocessing
 import os
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 from tqdm import tqdm
 
+from bert_jax import files
 from bert_jax import tokenizer as tokenization
 from bert_jax.config import DataConfig
+from bert_jax.data import checks
 from bert_jax.data import corpus as corpora
 from bert_jax.data import packing
 from bert_jax.data.instances import (InstanceOptions, TokenizedCorpus,
                                      create_instances_from_document, document_rng)
 
 VERSION = "1.0.0"
-BUILDER_NAME = "bert_pretraining"
 # Fields of DataConfig that do not change the instances.
 _NOT_IDENTITY = {"data_dir", "workers", "max_predictions_per_seq", "masked_lm_prob",
                  "whole_word_masking", "tfds_data_dir"}
@@ -83,8 +83,9 @@ class BertPretraining(tfds.core.GeneratorBasedBuilder):
         instances = {name: create_instances(corpus.subset(docs), options, data.seed,
                                             data.dupe_factor, tokenizer, data.workers)
                      for name, docs in splits.items()}
-        shutil.copy(config.tokenizer_file,
-                    Path(self.data_dir) / tokenizer_file_name(config.tokenizer_file))
+        epath.Path(config.tokenizer_file).copy(
+            epath.Path(self.data_dir) / tokenizer_file_name(config.tokenizer_file),
+            overwrite=True)
         rows = {name: (packing.pack([len(i.input_ids) for i in examples], data.max_seq_length,
                                     data.instances_per_row)
                        if data.instances_per_row > 1 else None)
@@ -268,24 +269,21 @@ def _summary(stats, corpus: TokenizedCorpus, instances: dict, rows: dict,
 
 # --- the tokenizer, trained on the corpus when no vocabulary file is given ----------------
 
-def tokenizer_file(data: DataConfig) -> Path:
+def tokenizer_file(data: DataConfig) -> epath.Path:
     """The vocabulary file to use: the configured one, or a SentencePiece model trained on the
     corpus once and cached under `data_dir/tokenizers/`."""
     if data.vocab_file:
-        path = Path(data.vocab_file).expanduser()
-        if not path.is_file():
-            raise ValueError(f"data.vocab_file={data.vocab_file!r} does not exist: expected a "
-                             f"WordPiece vocab.txt or a SentencePiece .model")
-        return path
+        return checks.vocab_file(data)
     key = json.dumps([data.corpus, data.vocab_size, data.seed, data.text_field])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    path = Path(data.data_dir) / "tokenizers" / f"spm_{data.vocab_size}_{digest}.model"
+    path = files.path(data.data_dir) / "tokenizers" / f"spm_{data.vocab_size}_{digest}.model"
     if not path.is_file():
         _train_tokenizer(data, path)
     return path
 
 
-def _train_tokenizer(data: DataConfig, path: Path) -> None:
+def _train_tokenizer(data: DataConfig, path: epath.Path) -> None:
+    """Trains the SentencePiece model of `data` into `path` (written whole or not at all)."""
     def sentences():
         for source in tqdm(corpora.list_sources(data.corpus), desc="reading for the tokenizer",
                            unit="source"):
@@ -293,11 +291,7 @@ def _train_tokenizer(data: DataConfig, path: Path) -> None:
                                                 tfds_data_dir=data.tfds_data_dir or None):
                 yield from document
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        trained = tokenization.train_sentencepiece(sentences(), data.vocab_size,
-                                                   Path(tmp) / path.name, seed=data.seed)
-        os.replace(trained, path)  # appears whole or not at all
+    tokenization.train_sentencepiece(sentences(), data.vocab_size, path, seed=data.seed)
 
 
 # --- building and opening -----------------------------------------------------------------
@@ -306,7 +300,7 @@ def _train_tokenizer(data: DataConfig, path: Path) -> None:
 class Prepared:
     """A prepared dataset: its directory, tokenizer and metadata."""
 
-    path: Path
+    path: epath.Path
     tokenizer: tokenization.Tokenizer
     metadata: dict
 
@@ -327,15 +321,15 @@ def prepare(data: DataConfig) -> Prepared:
     builder = BertPretraining(
         config=BertPretrainingConfig(name=dataset_name(values), data_config=data,
                                      tokenizer_file=str(vocab)),
-        data_dir=str(Path(data.data_dir).expanduser().absolute()))
-    if not (Path(builder.data_dir) / "dataset_info.json").is_file():
+        data_dir=str(files.path(data.data_dir)))
+    if not (epath.Path(builder.data_dir) / "dataset_info.json").is_file():
         builder.download_and_prepare(file_format=tfds.core.FileFormat.ARRAY_RECORD)
     return open_prepared(builder.data_dir, expected=values)
 
 
 def open_prepared(path, expected: dict | None = None) -> Prepared:
     """Opens a prepared dataset directory; with `expected`, checks its identity matches."""
-    path = Path(path)
+    path = epath.Path(path)
     if not (path / "dataset_info.json").is_file():
         raise ValueError(f"{path} is not a prepared dataset: run `bert-jax prepare-data`")
     metadata = json.loads((path / "metadata.json").read_text())
