@@ -27,6 +27,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from bert_jax import files
+from bert_jax.config import check_int
 
 STATE = "state"
 METADATA = "metadata"
@@ -51,8 +52,7 @@ class Checkpointer:
     def __init__(self, directory, *, keep: int = 3, every_steps: int = 1000,
                  async_save: bool = True):
         for name, value in (("keep", keep), ("every_steps", every_steps)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"checkpoint.{name}={value!r}: expected a positive integer")
+            check_int(f"checkpoint.{name}", value)
         self._name_format = ocp.step.standard_name_format()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
