@@ -18,19 +18,6 @@ from bert_jax.distributed import DEFAULT_HEARTBEAT_TIMEOUT_S
 DESCRIPTION = """\
 BERT pretraining in JAX/Flax NNX.
 
-subcommands:
-  prepare-data  corpus -> tokenizer + TFDS dataset of NSP instances (cached), with a summary
-  inspect-data  show masked batches as text; --out saves the exact batches of steps
-  benchmark-data  time reading + masking batches (sequences per second)
-  pretrain      train BERT with MLM + NSP, checkpointing, evaluating and exporting
-  eval          evaluate a workdir's checkpoint on the validation split
-  export        write a Hugging Face directory (weights + tokenizer) from a workdir
-  fill-mask     predict the [MASK] tokens of a text with a workdir or export
-  finetune      fine-tune a pretrained model on a classification or regression task
-  finetune-eval  fine-tune each checkpoint of a pretraining run briefly: task score vs step
-  compile       compile the train step for a TPU slice here (no TPU needed): memory per chip
-  benchmark     time full train steps on synthetic batches (one JSON line)
-
 pretrain and the data subcommands take --config=FILE (a Python file with get_config();
 default: the built-in tiny config on the built-in corpus) and overrides such as
 --config.data.corpus=GLOB; finetune and finetune-eval take the same, over the fine-tuning
@@ -216,7 +203,8 @@ def _export(args, config) -> None:
     from bert_jax import export
 
     out = export.export(args.workdir, args.out, args.step)
-    print(f"exported {args.workdir} to {out}")
+    step = "" if args.step is None else f" (step {args.step})"
+    print(f"exported {args.workdir}{step} to {out}")
 
 
 def _compile(args, config) -> None:
@@ -304,6 +292,8 @@ def _inspect_data(args, config) -> None:
 
     from bert_jax.train import phase_config, phases
 
+    if args.out and not Path(args.out).absolute().parent.is_dir():
+        raise UsageError(f"--out={args.out}: its folder does not exist: create it first")
     # The phase of the first step decides lengths and batch size, as in training.
     phase = next((p for p in phases(config) if p.start <= args.start_step < p.end), None)
     if phase is None:
@@ -396,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=run, distributed=distributed)
         return sub
 
-    pretrain = add("pretrain", _pretrain, "pretrain BERT (MLM + NSP)",
+    pretrain = add("pretrain", _pretrain,
+                   "train BERT with MLM + NSP, checkpointing, evaluating and exporting",
                    "Pretrain BERT on config.data.corpus: prepares the data (once), trains with "
                    "checkpoints every config.checkpoint.every_steps, evaluates, and exports to "
                    "WORKDIR/export. A workdir with a checkpoint is resumed, on any number of "
@@ -409,27 +400,34 @@ def build_parser() -> argparse.ArgumentParser:
                    "Prints MLM/NSP loss and accuracy of a checkpoint on the validation split as "
                    "one JSON line (the run's own config, from the checkpoint).", False,
                    distributed=True)
-    evaluate.add_argument("--workdir", required=True)
+    evaluate.add_argument("--workdir", required=True, help="a bert-jax pretrain workdir")
     evaluate.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-    export_parser = add("export", _export, "write a Hugging Face directory from a workdir",
+    export_parser = add("export", _export,
+                        "write a Hugging Face directory (weights + tokenizer) from a workdir",
                         "Writes config.json, model.safetensors and tokenizer files that "
                         "transformers.BertForPreTraining.from_pretrained and "
                         "AutoTokenizer.from_pretrained load.", False)
-    export_parser.add_argument("--workdir", required=True)
-    export_parser.add_argument("--out", required=True, help="output directory")
+    export_parser.add_argument("--workdir", required=True, help="a bert-jax pretrain workdir")
+    export_parser.add_argument("--out", required=True,
+                               help="output directory: new, empty or an earlier export (which "
+                                    "it replaces)")
     export_parser.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-    fill = add("fill-mask", _fill_mask, "predict [MASK] tokens with a trained model",
+    fill = add("fill-mask", _fill_mask,
+               "predict the [MASK] tokens of a text with a workdir or export",
                "Prints the most likely tokens for each [MASK] in TEXT, with probabilities.",
                False)
     fill.add_argument("path", help="a workdir or an exported Hugging Face directory")
     fill.add_argument("text", help='text with [MASK], e.g. "Return a new [MASK]."')
-    fill.add_argument("--top-k", type=_positive, default=5)
-    add("prepare-data", _prepare_data, "build the tokenizer and dataset of a corpus",
+    fill.add_argument("--top-k", type=_positive, default=5,
+                      help="predictions shown per [MASK] (default 5)")
+    add("prepare-data", _prepare_data,
+        "corpus -> tokenizer + TFDS dataset of NSP instances (cached), with a summary",
         "Reads config.data.corpus, trains a SentencePiece vocabulary unless "
         "config.data.vocab_file is set, creates NSP/SOP instances and writes them as a TFDS "
         "ArrayRecord dataset under config.data.data_dir (reused when it exists): one for each "
         "phase of config.train.phases whose lengths or packing differ.")
-    inspect = add("inspect-data", _inspect_data, "print masked batches as text",
+    inspect = add("inspect-data", _inspect_data,
+                  "show masked batches as text; --out saves the exact batches of steps",
                   "Prints the masked batches that training steps would see, decoded to text "
                   "([MASK] shown, labels in parentheses); --out saves them exactly.")
     inspect.add_argument("--steps", type=_positive, default=1, help="number of steps (default 1)")
@@ -440,12 +438,14 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--split", default="train", help="train or validation")
     inspect.add_argument("--out", metavar="FILE.npz",
                          help="save the batches (features stacked over steps) to this file")
-    benchmark = add("benchmark-data", _benchmark_data, "time masked batches from the dataset",
+    benchmark = add("benchmark-data", _benchmark_data,
+                    "time reading + masking batches (sequences per second)",
                     "Times reading and masking train batches in this process (no prefetch "
                     "thread), printing one JSON line with sequences per second.")
     benchmark.add_argument("--steps", type=_positive, default=50,
                            help="batches timed (default 50)")
-    bench = add("benchmark", _benchmark, "time train steps on synthetic batches",
+    bench = add("benchmark", _benchmark,
+                "time full train steps on synthetic batches (one JSON line)",
                 "Times full train steps (forward, backward, AdamW) of BERT-SIZE with BERT's "
                 "vocabulary and dropout on synthetic batches with 15% of the tokens masked, on "
                 "all local devices, and prints one JSON line: median step_ms, seq_per_s, "
@@ -481,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "training file's labels, sorted); a label outside them is an error")
 
     tune = add(
-        "finetune", _finetune, "fine-tune a pretrained model on a classification task",
+        "finetune", _finetune,
+        "fine-tune a pretrained model on a classification or regression task",
         "Fine-tunes a pretrained BERT (a pretraining workdir or a Hugging Face directory) with "
         "a classification (or regression) head on the pooled [CLS] output: AdamW with warmup "
         "and linear decay, sharded like pretraining; evaluates every epoch (accuracy, F1, "
@@ -496,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--workdir", default="runs/finetune",
                       help="checkpoints, metrics and export (default runs/finetune)")
     tune_eval = add(
-        "finetune-eval", _finetune_eval, "score each pretraining checkpoint on a task",
+        "finetune-eval", _finetune_eval,
+        "fine-tune each checkpoint of a pretraining run briefly: task score vs step",
         "Fine-tunes each checkpoint of a pretraining workdir briefly on a task (the finetune "
         "settings, in a scratch directory) and logs the validation scores against the "
         "pretraining step to WORKDIR/finetune-eval/TASK (metrics.jsonl, TensorBoard). "
@@ -509,7 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="keep waiting for new checkpoints until the last step")
     tune_eval.add_argument("--poll-seconds", type=_positive, default=60,
                            help="how often --follow looks for new checkpoints (default 60)")
-    compile_parser = add("compile", _compile, "compile the train step for a TPU slice",
+    compile_parser = add("compile", _compile,
+                         "compile the train step for a TPU slice here (no TPU needed): memory per chip",
                          "Compiles each phase's train step for a Cloud TPU slice on this "
                          "machine (no TPU needed; needs the libtpu package, the 'tpu' extra) "
                          "and prints XLA's memory per chip: whether a config fits before "

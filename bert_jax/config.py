@@ -156,8 +156,11 @@ def check_train(train: ml_collections.ConfigDict) -> None:
     _check_choice("train", "on_nonfinite", train.on_nonfinite, NONFINITE_POLICIES)
     for name, least in (("num_steps", 1), ("global_batch_size", 1), ("grad_accum_steps", 1),
                         ("log_every", 1), ("eval_steps", 0), ("stop_at_step", 0),
-                        ("nonfinite_patience", 1), ("max_rollbacks", 0)):
+                        ("warmup_steps", 0), ("nonfinite_patience", 1), ("max_rollbacks", 0)):
         check_int(f"train.{name}", train[name], least)
+    if not train.learning_rate > 0:
+        raise ValueError(f"train.learning_rate={train.learning_rate!r}: expected a positive "
+                         f"number")
 
 
 def preset(name: str, **overrides) -> ModelConfig:

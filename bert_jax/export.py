@@ -15,6 +15,8 @@ import ml_collections
 import numpy as np
 from etils.epath import Path  # local paths and gs:// alike
 
+from bert_jax import hf
+from bert_jax import tokenizer as tokenization
 from bert_jax.checkpoint import Checkpointer
 from bert_jax.config import ModelConfig
 from bert_jax.pretrained import Classifier, Pretrained
@@ -22,6 +24,10 @@ from bert_jax.tokenizer import Tokenizer, load_tokenizer
 
 CHECKPOINTS = "checkpoints"
 TOKENIZER_FILES = ("tokenizer.model", "vocab.txt")
+# What `write_export` writes (Hugging Face's model and tokenizer files, the vocabulary).
+EXPORT_FILES = {hf.CONFIG_FILE, hf.WEIGHTS_FILE, tokenization.TOKENIZER_FILE,
+                tokenization.TOKENIZER_CONFIG_FILE, tokenization.SPECIAL_TOKENS_MAP_FILE,
+                *TOKENIZER_FILES}
 
 
 def is_workdir(path) -> bool:
@@ -69,6 +75,17 @@ def open_checkpoints(workdir) -> Checkpointer:
     return checkpointer
 
 
+def pretraining_config(checkpointer: Checkpointer, workdir,
+                       step: int | None = None) -> ml_collections.ConfigDict:
+    """The run config saved with a pretraining checkpoint (a clear error for a fine-tuning
+    workdir, whose checkpoints hold another model)."""
+    config = ml_collections.ConfigDict(checkpointer.restore_metadata(step)["config"])
+    if "task" in config:
+        raise ValueError(f"{workdir} is a fine-tuning workdir: expected a pretraining one (a "
+                         f"fine-tuned model is in {Path(workdir) / 'export'})")
+    return config
+
+
 def load_workdir(workdir, step: int | None = None) -> tuple[Pretrained, ml_collections.ConfigDict]:
     """The parameters of a workdir's checkpoint (`step`, default the latest) on the host."""
     from bert_jax import sharding, train  # training machinery only when a workdir is read
@@ -76,10 +93,7 @@ def load_workdir(workdir, step: int | None = None) -> tuple[Pretrained, ml_colle
 
     checkpointer = open_checkpoints(workdir)
     try:
-        config = ml_collections.ConfigDict(checkpointer.restore_metadata(step)["config"])
-        if "task" in config:
-            raise ValueError(f"{workdir} is a fine-tuning workdir: expected a pretraining "
-                             f"one (a fine-tuned model is in {Path(workdir) / 'export'})")
+        config = pretraining_config(checkpointer, workdir, step)
         model_config = ModelConfig.from_dict(config.model)
         one_device = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
                                         devices=jax.local_devices()[:1])
@@ -94,13 +108,30 @@ def load_workdir(workdir, step: int | None = None) -> tuple[Pretrained, ml_colle
 
 def export(workdir, out_dir, step: int | None = None) -> Path:
     """Writes a Hugging Face directory: config.json, model.safetensors, tokenizer files."""
+    check_export_dir(out_dir)  # before the checkpoint is read
     pretrained, config = load_workdir(workdir, step)
     return write_export(pretrained, workdir, out_dir, config.data.lowercase)
 
 
+def check_export_dir(out_dir) -> None:
+    """An export replaces only an earlier export: `out_dir` must be new, empty, or hold
+    nothing but export files, so that no file, folder or workdir is ever deleted for it."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ValueError(f"--out={out_dir} is a file: expected a new directory, an empty one "
+                         f"or an earlier export")
+    others = sorted(p.name for p in out_dir.iterdir() if p.name not in EXPORT_FILES)
+    if others:
+        raise ValueError(f"--out={out_dir} holds {others[0]!r}, which is not an export's: "
+                         f"expected a new directory, an empty one or an earlier export")
+
+
 def write_export(weights: Pretrained | Classifier, workdir, out_dir, lowercase: bool) -> Path:
     """`export` of weights already in memory (the end of pretraining or fine-tuning), with
-    the workdir's tokenizer."""
+    the workdir's tokenizer, replacing an earlier export at `out_dir` (`check_export_dir`)."""
+    check_export_dir(out_dir)
     tokenizer = load_tokenizer_of(workdir, lowercase)
     out_dir = Path(out_dir)
     # Written under a temporary name, then renamed: an interrupted export leaves no directory

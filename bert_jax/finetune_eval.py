@@ -6,11 +6,13 @@ after) and the task's validation scores are logged against the *pretraining* ste
 `PRETRAIN_DIR/finetune-eval/TASK/metrics.jsonl` and TensorBoard, so a pretraining run shows
 whether its checkpoints get better at a real task, as TF Model Garden's continuous
 fine-tuning does. Steps already logged there are skipped, so the command can be run again,
-or left running beside pretraining with `follow`.
+or left running beside pretraining with `follow`; with other fine-tuning settings it
+refuses, rather than mix their scores into one log.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 
@@ -21,6 +23,7 @@ from bert_jax import export, finetune
 from bert_jax.metrics import MetricsWriter, read_metrics
 
 OUTPUT = "finetune-eval"
+SETTINGS = "config.json"  # the fine-tuning config the scores in a task's folder came from
 
 
 def output_dir(pretrain_workdir, task_name: str) -> Path:
@@ -35,17 +38,16 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, pretrain_workdir, *,
     With `follow`, waits for new checkpoints (polling every `poll_seconds`) until the
     pretraining run's last step is scored. Returns the records written by this call.
     """
+    steps, last = _checkpoints(pretrain_workdir)  # a wrong workdir: nothing written
     out = output_dir(pretrain_workdir, config.task.name)
+    _check_same_settings(out, config)
     done = {record["step"] for record in read_metrics(out)} if (out / "metrics.jsonl").exists() \
         else set()
     writer = MetricsWriter(out, start_step=None)
+    (out / SETTINGS).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     written = []
     try:
         while True:
-            checkpointer = export.open_checkpoints(pretrain_workdir)
-            steps = checkpointer.all_steps()
-            last = checkpointer.restore_metadata()["config"]["train"]["num_steps"]
-            checkpointer.close()
             todo = [s for s in steps if s not in done and (s % every == 0 or s == last)]
             for step in todo:
                 record = _score_checkpoint(config, pretrain_workdir, step, log)
@@ -57,8 +59,47 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, pretrain_workdir, *,
             if not follow or last in done:
                 return written
             time.sleep(poll_seconds)
+            steps, last = _checkpoints(pretrain_workdir)
     finally:
         writer.close()
+
+
+def _checkpoints(pretrain_workdir) -> tuple[list[int], int]:
+    """The steps of a pretraining workdir's checkpoints, and its run's last step."""
+    checkpointer = export.open_checkpoints(pretrain_workdir)
+    try:
+        run_config = checkpointer.restore_metadata()["config"]
+        if "task" in run_config:
+            raise ValueError(f"{pretrain_workdir} is a fine-tuning workdir: expected the "
+                             f"workdir of a pretraining run")
+        return checkpointer.all_steps(), run_config["train"]["num_steps"]
+    finally:
+        checkpointer.close()
+
+
+def _check_same_settings(out, config: ml_collections.ConfigDict) -> None:
+    """Scores already in `out` count as done only if they came from the same fine-tuning
+    settings: other settings give other scores, which one log must not mix."""
+    if not (out / SETTINGS).exists():
+        return
+    saved = _flat(json.loads((out / SETTINGS).read_text()))
+    now = _flat(json.loads(json.dumps(config.to_dict())))  # tuples as JSON gives them back
+    changed = next((key for key in sorted({*saved, *now}) if saved.get(key) != now.get(key)),
+                   None)
+    if changed is not None:
+        raise ValueError(f"{out} holds scores of {changed}={saved.get(changed)!r}, not "
+                         f"{now.get(changed)!r}: use the same settings, or move {out} away "
+                         f"to score with new ones")
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _score_checkpoint(config, pretrain_workdir, step: int, log) -> dict | None:

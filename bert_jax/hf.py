@@ -266,6 +266,11 @@ def read_config(path) -> ModelConfig:
     return config_from_hf(json.loads(config_path.read_text()))
 
 
+def architectures(path) -> list[str]:
+    """The model classes a Hugging Face directory's config.json names (may be none)."""
+    return json.loads((epath.Path(path) / CONFIG_FILE).read_text()).get("architectures") or []
+
+
 def read_labels(path) -> tuple[str, ...]:
     """The class names of a sequence classification directory's config.json (in id order);
     none for a regression model."""

@@ -48,8 +48,9 @@ def _tokenizer_size(data: DataConfig) -> int:
 
 
 def check_workdir(workdir, checkpoint_bytes: int, keep: int) -> None:
-    """A local workdir must be writable with room for `keep` checkpoints plus the one being
-    written. (Object stores, `gs://...`, have no disk to fill; their first write checks them.)"""
+    """A local workdir must be writable (or creatable) with room for `keep` checkpoints plus
+    the one being written. (Object stores, `gs://...`, have no disk to fill; their first
+    write checks them.)"""
     if files.is_url(workdir):
         return
     path = Path(workdir).absolute()
@@ -63,8 +64,9 @@ def check_workdir(workdir, checkpoint_bytes: int, keep: int) -> None:
                 f"about {needed / 2**30:.2f} GiB (checkpoint.keep={keep} + 1 being written, "
                 f"{checkpoint_bytes / 2**30:.2f} GiB each): free space, lower checkpoint.keep "
                 f"or choose another --workdir")
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".bert-jax-write-test-{jax.process_index()}"
+        # Probed in the deepest folder that exists: nothing is left behind, and a workdir
+        # that a failed check never got to start is not created.
+        probe = existing / f".bert-jax-write-test-{jax.process_index()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
+from etils.epath import Path
+
 from bert_jax import hf
 from bert_jax.config import ModelConfig
 from bert_jax.model import ENCODER_PARAMS, BertForPreTraining, abstract
@@ -87,7 +89,13 @@ def load(path) -> Pretrained:
 
     if export.is_workdir(path):
         return export.load_workdir(path)[0]
+    if not Path(path).exists():
+        raise ValueError(f"{path} does not exist: expected a bert-jax workdir or a Hugging "
+                         f"Face BERT directory")
     config = hf.read_config(path)
+    if "BertForSequenceClassification" in hf.architectures(path):
+        raise ValueError(f"{path} holds a sequence classifier: load it with "
+                         f"bert_jax.load_classifier (fill-mask needs a pretraining model)")
     flat = hf.from_hf(hf.read_tensors(path), config, param_shapes(config))
     return Pretrained(config, hf.unflatten(flat))
 

@@ -93,7 +93,8 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_path, *
             input_sentence_size=0, num_threads=_TRAINING_THREADS, minloglevel=1)
     except RuntimeError as e:
         raise ValueError(f"cannot train a SentencePiece vocabulary of {vocab_size} pieces on "
-                         f"this corpus: {e}") from e
+                         f"this corpus ({str(e).strip().splitlines()[-1]}): lower "
+                         f"data.vocab_size or give a larger corpus") from e
     model_path.parent.mkdir(parents=True, exist_ok=True)
     files.write_atomically(model_path, model.getvalue())
     return model_path

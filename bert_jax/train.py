@@ -30,7 +30,7 @@ from bert_jax import distributed, flops, losses, preflight, sharding
 from bert_jax.checkpoint import Checkpointer
 from bert_jax.config import DataConfig, ModelConfig, check_train, default_config
 from bert_jax.data import pipeline
-from bert_jax.export import keep_tokenizer, open_checkpoints
+from bert_jax.export import keep_tokenizer, open_checkpoints, pretraining_config
 from bert_jax.metrics import MetricsWriter
 from bert_jax.model import abstract, new_model
 from bert_jax.optim import learning_rate_schedule, make_optimizer
@@ -342,6 +342,12 @@ def check_resumable(saved: dict, config: ml_collections.ConfigDict, fixed=_FIXED
     that must not change by section (None: all of the section's but those in `changeable`).
     A field that a checkpoint lacks (saved before the field existed) had its value in
     `defaults` (default: pretraining's `default_config()`)."""
+    def kind(run_config) -> str:
+        return "fine-tuning" if "task" in run_config else "pretraining"
+
+    if kind(saved) != kind(config):
+        raise ValueError(f"the workdir holds a {kind(saved)} run, not a {kind(config)} one: "
+                         f"use another workdir")
     defaults = default_config() if defaults is None else defaults
     for section, keys in fixed.items():
         for key in keys or {*saved[section], *config[section]}:
@@ -381,6 +387,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) ->
     preflight.check_run(config, workdir, spec.abstract,
                         [phase_config(config, p) for p in train_phases],
                         sharding.data_parallel_size(mesh))
+    # Every phase's data before the workdir is touched: a corpus that cannot be read or a
+    # vocabulary that cannot be trained fails a run that has written nothing.
+    datasets = {phase: prepare_data(phase_config(config, phase), f"phase-{phase.start}")
+                for phase in train_phases}
 
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
                                 every_steps=config.checkpoint.every_steps,
@@ -410,7 +420,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) ->
             if step >= min(phase.end, stop):
                 continue
             run_config = phase_config(config, phase)
-            prepared = prepare_data(run_config, f"phase-{phase.start}")
+            prepared = datasets[phase]
             if is_main:
                 keep_tokenizer(workdir, prepared.path / prepared.metadata["tokenizer_file"])
             loader = pipeline.loader(run_config, prepared, "train",
@@ -560,7 +570,7 @@ def evaluate_workdir(workdir, step: int | None = None) -> dict:
     """Validation metrics of a workdir's checkpoint, under the config it was trained with."""
     checkpointer = open_checkpoints(workdir)
     try:
-        config = ml_collections.ConfigDict(checkpointer.restore_metadata(step)["config"])
+        config = pretraining_config(checkpointer, workdir, step)
         model_config = ModelConfig.from_dict(config.model)
         mesh = sharding.make_mesh(config.mesh.to_dict())
         tx = make_optimizer(config.train)

@@ -78,3 +78,23 @@ def test_export_to_a_bucket_loads_back(tiny, bucket):
     ids = np.array([[2, 5, 6, 4, 3]])
     np.testing.assert_array_equal(loaded.logits(ids)[0], pretrained.logits(ids)[0])
     assert tokenizer.encode("the cat") == [5, 6]
+
+
+def test_an_export_replaces_nothing_but_an_earlier_export(tiny, tmp_path):
+    pretrained, workdir = tiny
+    out = export.write_export(pretrained, workdir, tmp_path / "export", lowercase=True)
+    export.write_export(pretrained, workdir, out, lowercase=True)  # an earlier export: replaced
+    (tmp_path / "empty").mkdir()
+    export.write_export(pretrained, workdir, tmp_path / "empty", lowercase=True)
+    notes, a_file = tmp_path / "notes", tmp_path / "a.txt"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep")
+    a_file.write_text("keep")
+    (workdir / "checkpoints").mkdir()  # as a workdir has
+    for target, message in [(notes, "holds 'todo.txt', which is not an export's"),
+                            (a_file, "is a file"), (workdir, "holds 'checkpoints'"),
+                            (tmp_path, "holds 'a.txt'")]:
+        with pytest.raises(ValueError, match=f"--out={target} {message}"):
+            export.write_export(pretrained, workdir, target, lowercase=True)
+    assert (notes / "todo.txt").read_text() == a_file.read_text() == "keep"
+    assert sorted(p.name for p in workdir.iterdir()) == ["checkpoints", "vocab.txt"]

@@ -35,10 +35,12 @@ def test_help_explains_every_subcommand():
     (["pretrain", "--config.train.optimizer=sgd"], ["train.optimizer='sgd'", "adamw"]),
     (["prepare-data", "--config.data.corpus=/nowhere/*.txt"], ["/nowhere/*.txt"]),
     (["prepare-data", "--config.data.masked_lm_prob=1.5"], ["masked_lm_prob=1.5"]),
+    (["prepare-data", "--config.data.corpus=tfds:no_such_dataset"],
+     ["TFDS has no dataset 'no_such_dataset'"]),
     (["eval", "--workdir=/nowhere"], ["/nowhere", "no checkpoint"]),
     (["export", "--workdir=/nowhere", "--out=/tmp/x", "--config.data.seed=1"],
      ["--config.data.seed=1", "saved in the workdir"]),
-    (["fill-mask", "/nowhere", "a [MASK]"], ["/nowhere"]),
+    (["fill-mask", "/nowhere", "a [MASK]"], ["/nowhere does not exist", "workdir"]),
     (["inspect-data", "--steps=0"], ["--steps", "'0'", "positive integer"]),
     (["inspect-data", "--config.train.phases=((0, 64, 10, 8), (5, 128, 20, 8))",
       "--config.train.num_steps=10", "--start-step=3", "--steps=4"],
@@ -46,6 +48,7 @@ def test_help_explains_every_subcommand():
     (["inspect-data", "--config.train.num_steps=10", "--start-step=10"],
      ["--start-step=10", "below train.num_steps=10"]),
     (["inspect-data", "--rows=-1"], ["--rows", "'-1'", "positive integer"]),
+    (["inspect-data", "--out=/nowhere/x.npz"], ["--out=/nowhere/x.npz", "does not exist"]),
     (["fill-mask", "/nowhere", "a [MASK]", "--top-k=0"], ["--top-k", "'0'"]),
     (["pretrain", "--workdir=/tmp/bert-jax-never-created", "--config.train.grad_accum_steps=0"],
      ["train.grad_accum_steps=0: expected a positive integer"]),
@@ -81,6 +84,15 @@ def test_preflight_refuses_a_model_vocabulary_unlike_the_tokenizer_before_writin
         "bert-jax pretrain: error: the tokenizer has 31 tokens but model.vocab_size=4096: set "
         "--config.data.vocab_size=31"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vocab.txt"]  # nothing written
+
+
+def test_a_corpus_that_cannot_be_read_fails_before_anything_is_written(tmp_path):
+    result = _bert_jax("pretrain", f"--workdir={tmp_path / 'run'}",
+                       "--config.data.corpus=/nowhere/*.txt",
+                       f"--config.data.data_dir={tmp_path / 'data'}")
+    assert result.returncode == 2, result.stderr
+    assert "/nowhere/*.txt" in result.stderr and result.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_debug_shows_the_traceback():

@@ -13,6 +13,7 @@ import torch
 import transformers
 from flax import nnx
 
+import bert_jax
 from bert_jax import cli, finetune, finetune_eval, hf, tasks
 from bert_jax.export import load_tokenizer_of
 from bert_jax.metrics import read_metrics
@@ -48,6 +49,9 @@ def test_classifier_export_equals_transformers(tmp_path, labels):
     again = load_classifier(tmp_path)
     assert again.labels == tuple(labels)
     np.testing.assert_array_equal(again.logits(ids, types, mask), logits)
+    with pytest.raises(ValueError, match="holds a sequence classifier: load it with "
+                                         "bert_jax.load_classifier"):
+        bert_jax.load(tmp_path)  # as fill-mask does
 
 
 @pytest.mark.parametrize("architecture", ["BertModel", "BertForSequenceClassification"])
@@ -188,6 +192,14 @@ def test_finetune_eval_scores_each_checkpoint_once(tmp_path, straight_run, capsy
     assert cli.main(args) == 0  # nothing new to score
     assert read_metrics(out) == records
     assert (out / "tensorboard").is_dir()
+    # Other settings would give other scores: refused, not mixed into the same log.
+    assert cli.main([*args, "--config.train.learning_rate=0.5"]) == 2
+    assert "holds scores of train.learning_rate=" in capsys.readouterr().err
+    assert read_metrics(out) == records
+    # Not a pretraining workdir: refused before anything is written there.
+    assert cli.main(["finetune-eval", f"--workdir={tmp_path / 'nowhere'}"]) == 2
+    assert "has no checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "nowhere").exists()
 
 
 @pytest.mark.parametrize("args, message", [

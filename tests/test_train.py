@@ -192,7 +192,8 @@ def test_phases_cover_the_steps_and_bad_phases_are_refused():
 @pytest.mark.parametrize("field, value, expected", [
     ("num_steps", 0, "a positive integer"), ("global_batch_size", -64, "a positive integer"),
     ("grad_accum_steps", 0, "a positive integer"), ("log_every", 0, "a positive integer"),
-    ("eval_steps", -1, "an integer >= 0"),
+    ("eval_steps", -1, "an integer >= 0"), ("warmup_steps", -1, "an integer >= 0"),
+    ("learning_rate", -1.0, "a positive number"),
     ("nonfinite_patience", True, "a positive integer")])
 def test_bad_train_counts_are_refused_before_anything_runs(field, value, expected):
     config = default_config()
@@ -248,6 +249,8 @@ def test_resuming_another_run_is_refused_with_both_values():
     with pytest.raises(ValueError, match="data.instances_per_row=1 but the config has 3"):
         train.check_resumable(saved, config)
     config.data.instances_per_row = 1
+    with pytest.raises(ValueError, match="holds a fine-tuning run, not a pretraining one"):
+        train.check_resumable({**saved, "task": {"name": "builtin"}}, config)
     for section, key, value, shown in [("model", "num_layers", 4, "model.num_layers=4"),
                                        ("train", "seed", 7, "train.seed=7"),
                                        ("data", "max_seq_length", 512, "data.max_seq_length=512")]:

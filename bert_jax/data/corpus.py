@@ -387,7 +387,11 @@ def _read_tfds(source: str, stats: ReadStats, text_field: str,
     import tensorflow_datasets as tfds  # heavy, and needed on this path only
 
     name, split = _parse_tfds(source)
-    builder = tfds.builder(name, data_dir=data_dir)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:  # its message lists every dataset
+        raise ValueError(f"corpus {source!r}: TFDS has no dataset {name!r}: expected a TFDS "
+                         f"name, such as '{TFDS_PREFIX}wikipedia/20230601.en:train'") from None
     try:
         dataset = builder.as_dataset(split=split, shuffle_files=False)
     except AssertionError as error:  # how TFDS says the data directory lacks the dataset
