@@ -160,8 +160,12 @@ def test_unsupported_configs_are_refused(tmp_path, tiny_checkpoint):
         bad = _write(tmp_path / key, tensors, json.dumps({**values, key: value}))
         with pytest.raises(ValueError, match=f"{key}='{value}'"):
             bert_jax.load(bad)
-    with pytest.raises(ValueError, match="config.json"):
+    with pytest.raises(ValueError, match="nowhere does not exist: expected a bert-jax "
+                                         "workdir or a Hugging Face BERT directory"):
         bert_jax.load(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="config.json does not exist"):
+        bert_jax.load(tmp_path / "empty")
 
 
 def test_pytorch_bin_loads_and_pickled_code_is_refused(tmp_path, tiny_checkpoint):

@@ -99,6 +99,7 @@ def list_sources(spec: str) -> list[str]:
         return _builtin_sources()
     if spec.startswith(TFDS_PREFIX):
         name, split = _parse_tfds(spec)
+        _check_tfds_name(spec, name)
         return [f"{TFDS_PREFIX}{name}:{split}"]
     return _file_sources(spec)
 
@@ -382,16 +383,23 @@ def _parse_tfds(spec: str) -> tuple[str, str]:
     return name.strip(), split.strip() or DEFAULT_TFDS_SPLIT
 
 
+def _check_tfds_name(spec: str, name: str) -> None:
+    """A TFDS corpus must name a dataset TFDS knows (checked before any reading starts)."""
+    import tensorflow_datasets as tfds
+
+    try:
+        tfds.builder_cls(name.split("/")[0])
+    except tfds.core.registered.DatasetNotFoundError:  # its message lists every dataset
+        raise ValueError(f"corpus {spec!r}: TFDS has no dataset {name!r}: expected a TFDS "
+                         f"name, such as '{TFDS_PREFIX}wikipedia/20230601.en:train'") from None
+
+
 def _read_tfds(source: str, stats: ReadStats, text_field: str,
                data_dir: str | None) -> Iterator[list[str]]:
     import tensorflow_datasets as tfds  # heavy, and needed on this path only
 
     name, split = _parse_tfds(source)
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:  # its message lists every dataset
-        raise ValueError(f"corpus {source!r}: TFDS has no dataset {name!r}: expected a TFDS "
-                         f"name, such as '{TFDS_PREFIX}wikipedia/20230601.en:train'") from None
+    builder = tfds.builder(name, data_dir=data_dir)
     try:
         dataset = builder.as_dataset(split=split, shuffle_files=False)
     except AssertionError as error:  # how TFDS says the data directory lacks the dataset
