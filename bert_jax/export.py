@@ -120,12 +120,13 @@ def check_export_dir(out_dir) -> None:
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
-        raise ValueError(f"--out={out_dir} is a file: expected a new directory, an empty one "
-                         f"or an earlier export")
+        raise ValueError(f"export directory {out_dir} is a file: expected a new directory, an "
+                         f"empty one or an earlier export")
     others = sorted(p.name for p in out_dir.iterdir() if p.name not in EXPORT_FILES)
     if others:
-        raise ValueError(f"--out={out_dir} holds {others[0]!r}, which is not an export's: "
-                         f"expected a new directory, an empty one or an earlier export")
+        raise ValueError(f"export directory {out_dir} holds {others[0]!r}, which is not an "
+                         f"export's: expected a new directory, an empty one or an earlier "
+                         f"export")
 
 
 def write_export(weights: Pretrained | Classifier, workdir, out_dir, lowercase: bool) -> Path:

@@ -16,6 +16,7 @@ import numpy as np
 from bert_jax import files
 from bert_jax.config import DataConfig, ModelConfig, check_train
 from bert_jax.data.checks import check_batch_topology, check_data_against_model, vocab_file
+from bert_jax.export import check_export_dir
 from bert_jax.tokenizer import load_tokenizer
 
 
@@ -49,8 +50,10 @@ def _tokenizer_size(data: DataConfig) -> int:
 
 def check_workdir(workdir, checkpoint_bytes: int, keep: int) -> None:
     """A local workdir must be writable (or creatable) with room for `keep` checkpoints plus
-    the one being written. (Object stores, `gs://...`, have no disk to fill; their first
-    write checks them.)"""
+    the one being written, and `WORKDIR/export` something the run's export may replace (not
+    found out after hours of training). (Object stores, `gs://...`, have no disk to fill;
+    their first write checks them.)"""
+    check_export_dir(files.path(workdir) / "export")
     if files.is_url(workdir):
         return
     path = Path(workdir).absolute()

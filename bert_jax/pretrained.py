@@ -7,9 +7,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, traverse_util
-
 from etils.epath import Path
+from flax import nnx, traverse_util
 
 from bert_jax import hf
 from bert_jax.config import ModelConfig

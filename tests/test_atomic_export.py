@@ -94,7 +94,7 @@ def test_an_export_replaces_nothing_but_an_earlier_export(tiny, tmp_path):
     for target, message in [(notes, "holds 'todo.txt', which is not an export's"),
                             (a_file, "is a file"), (workdir, "holds 'checkpoints'"),
                             (tmp_path, "holds 'a.txt'")]:
-        with pytest.raises(ValueError, match=f"--out={target} {message}"):
+        with pytest.raises(ValueError, match=f"export directory {target} {message}"):
             export.write_export(pretrained, workdir, target, lowercase=True)
     assert (notes / "todo.txt").read_text() == a_file.read_text() == "keep"
     assert sorted(p.name for p in workdir.iterdir()) == ["checkpoints", "vocab.txt"]

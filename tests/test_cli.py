@@ -95,6 +95,18 @@ def test_a_corpus_that_cannot_be_read_fails_before_anything_is_written(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_workdir_whose_export_holds_other_files_is_refused_before_training(tmp_path):
+    export = tmp_path / "run" / "export"
+    export.mkdir(parents=True)
+    (export / "notes.txt").write_text("mine")
+    result = _bert_jax("pretrain", f"--workdir={tmp_path / 'run'}",
+                       f"--config.data.data_dir={tmp_path / 'data'}")
+    assert result.returncode == 2, result.stderr
+    assert f"export directory {export} holds 'notes.txt'" in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no data built either
+    assert (export / "notes.txt").read_text() == "mine"
+
+
 def test_debug_shows_the_traceback():
     result = _bert_jax("pretrain", "--debug", "--config.train.optimizer=sgd")
     assert result.returncode != 0
