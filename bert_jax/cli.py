@@ -512,7 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune_eval.add_argument("--poll-seconds", type=_positive, default=60,
                            help="how often --follow looks for new checkpoints (default 60)")
     compile_parser = add("compile", _compile,
-                         "compile the train step for a TPU slice here (no TPU needed): memory per chip",
+                         "compile the train step for a TPU slice here (no TPU needed): "
+                         "memory per chip",
                          "Compiles each phase's train step for a Cloud TPU slice on this "
                          "machine (no TPU needed; needs the libtpu package, the 'tpu' extra) "
                          "and prints XLA's memory per chip: whether a config fits before "
