@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import time
@@ -35,6 +36,10 @@ from bert_jax.data.instances import (InstanceOptions, TokenizedCorpus,
                                      create_instances_from_document, document_rng)
 
 VERSION = "1.0.0"
+# Every bert-jax dataset is a custom builder config (its name hashes the data config), which
+# TFDS warns about at each build and open; by design here, so the warning is not shown.
+logging.getLogger("absl").addFilter(
+    lambda record: not record.getMessage().startswith("Using custom data configuration"))
 # Fields of DataConfig that do not change the instances.
 _NOT_IDENTITY = {"data_dir", "workers", "max_predictions_per_seq", "masked_lm_prob",
                  "whole_word_masking", "tfds_data_dir"}
