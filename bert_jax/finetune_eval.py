@@ -68,11 +68,8 @@ def _checkpoints(pretrain_workdir) -> tuple[list[int], int]:
     """The steps of a pretraining workdir's checkpoints, and its run's last step."""
     checkpointer = export.open_checkpoints(pretrain_workdir)
     try:
-        run_config = checkpointer.restore_metadata()["config"]
-        if "task" in run_config:
-            raise ValueError(f"{pretrain_workdir} is a fine-tuning workdir: expected the "
-                             f"workdir of a pretraining run")
-        return checkpointer.all_steps(), run_config["train"]["num_steps"]
+        run_config = export.pretraining_config(checkpointer, pretrain_workdir)
+        return checkpointer.all_steps(), run_config.train.num_steps
     finally:
         checkpointer.close()
 
