@@ -12,6 +12,7 @@ import os
 import sys
 from etils.epath import Path  # local paths and gs:// alike
 
+from bert_jax import malloc
 from bert_jax.config import ATTENTION_IMPLEMENTATIONS, DTYPES, PRESETS, REMAT_POLICIES
 from bert_jax.distributed import DEFAULT_HEARTBEAT_TIMEOUT_S
 
@@ -549,5 +550,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `bert-jax` command: `main` on this process's arguments, in a process whose malloc
+    suits XLA:CPU (`bert_jax.malloc`; it re-executes the command once)."""
+    malloc.reexec_with_huge_pages()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
