@@ -6,7 +6,9 @@ every step faults its buffers in again, 4 KB at a time: about 165,000 page fault
 15% of that train step on a 2-core CPU. glibc's `glibc.malloc.hugetlb=1` tunable (glibc
 2.35+) has malloc ask the kernel for transparent huge pages, 2 MB a fault (about 900 faults
 a step; docs/performance.md). Tunables are read only when a process starts, so the command
-re-executes itself once with the tunable set.
+re-executes itself once with the tunable set, where it helps: glibc 2.35+ and transparent
+huge pages in `madvise` mode (the default of Debian and Ubuntu; in `always` mode malloc gets
+huge pages anyway).
 
 Tried: TCMalloc through `LD_PRELOAD` does as well but is a system package not every host has;
 glibc with one arena and no mmap reuses freed blocks without any fault, but its heap grew by
@@ -17,16 +19,41 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
-HUGE_PAGES = "glibc.malloc.hugetlb=1"
+HUGETLB = "glibc.malloc.hugetlb"
+# Set for the re-executed process: glibc strips tunables from the environment of setuid
+# programs, so the tunable itself cannot tell that the re-execution happened.
+_REEXECUTED = "BERT_JAX_MALLOC_REEXECUTED"
+_THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def huge_pages_would_help() -> bool:
+    """glibc 2.35+ (which has the tunable) and transparent huge pages on request (`madvise`
+    mode; in `always` mode malloc gets them anyway, in `never` mode not at all)."""
+    try:
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+        mode = _THP_MODE.read_text()
+    except (AttributeError, ValueError, OSError):  # not Linux, not glibc, no THP
+        return False
+    return (name == "glibc" and tuple(map(int, version.split(".")[:2])) >= (2, 35)
+            and "[madvise]" in mode)
 
 
 def reexec_with_huge_pages() -> None:
-    """Re-executes this process's command line with `HUGE_PAGES` added to `GLIBC_TUNABLES`,
-    unless a hugetlb tunable is set already (the re-executed process, or the user's choice)
-    or this is not Linux. Call it first thing: whatever ran before runs again."""
+    """Re-executes this process's command line with `HUGETLB=1` added to `GLIBC_TUNABLES`
+    where that helps (`huge_pages_would_help`), once, and unless the user set a hugetlb
+    tunable. Call it first thing: whatever ran before runs again. If the executable cannot
+    be run again, this process goes on as it is."""
     tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if not sys.platform.startswith("linux") or "glibc.malloc.hugetlb" in tunables:
+    if (_REEXECUTED in os.environ or HUGETLB in tunables or not sys.executable
+            or not huge_pages_would_help()):
         return
-    os.environ["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, HUGE_PAGES]))
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    environment = {**os.environ, _REEXECUTED: "1",
+                   "GLIBC_TUNABLES": ":".join(filter(None, [tunables, f"{HUGETLB}=1"]))}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment)
+    except OSError:
+        pass  # go on without the tunable
