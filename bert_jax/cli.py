@@ -339,6 +339,10 @@ def _non_negative(text: str) -> int:
     return int(text)
 
 
+_PRETRAINING_DEFAULT = "the built-in one: BERT-tiny on the built-in corpus"
+_FINETUNING_DEFAULT = "the fine-tuning defaults"
+
+
 class _Parser(argparse.ArgumentParser):
     """Argument errors as one line (no usage dump), exit code 2."""
 
@@ -350,12 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bert-jax", description=DESCRIPTION,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
-    config_options = _Parser(add_help=False)
-    config_options.add_argument(
-        "--config", metavar="FILE",
-        help="Python config file with get_config() (default: the built-in one: BERT-tiny on the "
-             "built-in corpus, or for finetune the fine-tuning defaults); any field can be "
-             "overridden as --config.FIELD=VALUE, e.g. --config.train.seed=1")
+
+    def config_options(default: str) -> argparse.ArgumentParser:
+        """--config, its help naming the subcommand's `default` config."""
+        options = _Parser(add_help=False)
+        options.add_argument(
+            "--config", metavar="FILE",
+            help=f"Python config file with get_config() (default: {default}); any field can be "
+                 "overridden as --config.FIELD=VALUE, e.g. --config.train.seed=1")
+        return options
 
     distributed_options = _Parser(add_help=False)
     group = distributed_options.add_argument_group(
@@ -378,9 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     common_options.add_argument("--debug", action="store_true",
                                 help="on an error, show the full traceback, not one line")
 
-    def add(name, run, help_text, description, takes_config=True, distributed=False,
-            more_options=()):
-        parents = [common_options] + ([config_options] if takes_config else []) + (
+    def add(name, run, help_text, description, config_default=_PRETRAINING_DEFAULT,
+            distributed=False, more_options=()):
+        parents = [common_options] + ([config_options(config_default)] if config_default
+                                      else []) + (
             [distributed_options] if distributed else []) + list(more_options)
         sub = subparsers.add_parser(name, parents=parents, help=help_text,
                                     description=description)
@@ -399,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="checkpoints, metrics and export (default runs/default)")
     evaluate = add("eval", _eval, "evaluate a workdir's checkpoint on the validation split",
                    "Prints MLM/NSP loss and accuracy of a checkpoint on the validation split as "
-                   "one JSON line (the run's own config, from the checkpoint).", False,
+                   "one JSON line (the run's own config, from the checkpoint).", None,
                    distributed=True)
     evaluate.add_argument("--workdir", required=True, help="a bert-jax pretrain workdir")
     evaluate.add_argument("--step", type=int, help="checkpoint step (default: latest)")
@@ -407,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "write a Hugging Face directory (weights + tokenizer) from a workdir",
                         "Writes config.json, model.safetensors and tokenizer files that "
                         "transformers.BertForPreTraining.from_pretrained and "
-                        "AutoTokenizer.from_pretrained load.", False)
+                        "AutoTokenizer.from_pretrained load.", None)
     export_parser.add_argument("--workdir", required=True, help="a bert-jax pretrain workdir")
     export_parser.add_argument("--out", required=True,
                                help="output directory: new, empty or an earlier export (which "
@@ -416,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     fill = add("fill-mask", _fill_mask,
                "predict the [MASK] tokens of a text with a workdir or export",
                "Prints the most likely tokens for each [MASK] in TEXT, with probabilities.",
-               False)
+               None)
     fill.add_argument("path", help="a workdir or an exported Hugging Face directory")
     fill.add_argument("text", help='text with [MASK], e.g. "Return a new [MASK]."')
     fill.add_argument("--top-k", type=_positive, default=5,
@@ -452,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "all local devices, and prints one JSON line: median step_ms, seq_per_s, "
                 "tokens_per_s (row positions), real_tokens_per_s (padding not counted), mfu "
                 "(null where the peak is unknown, e.g. CPU), compile_s, "
-                "peak_memory_bytes, the device and the settings. Needs no dataset.", False)
+                "peak_memory_bytes, the device and the settings. Needs no dataset.", None)
     bench.add_argument("--model", default="small", choices=list(PRESETS),
                        help="model size (default small)")
     bench.add_argument("--batch", type=_positive, default=16, help="global batch (default 16)")
@@ -489,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and linear decay, sharded like pretraining; evaluates every epoch (accuracy, F1, "
         "Matthews, Pearson/Spearman as the task asks), checkpoints, resumes a workdir, and "
         "exports WORKDIR/export for transformers.BertForSequenceClassification.",
-        distributed=True, more_options=[task_options])
+        _FINETUNING_DEFAULT, distributed=True, more_options=[task_options])
     tune.add_argument("--init", metavar="PATH",
                       help="pretraining workdir (latest checkpoint; --config.init.step=N for "
                            "another) or Hugging Face BERT directory, with its tokenizer")
@@ -504,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
         "settings, in a scratch directory) and logs the validation scores against the "
         "pretraining step to WORKDIR/finetune-eval/TASK (metrics.jsonl, TensorBoard). "
         "Checkpoints already scored are skipped; --follow waits for new ones until the run's "
-        "last step.", more_options=[task_options])
+        "last step.", _FINETUNING_DEFAULT, more_options=[task_options])
     tune_eval.add_argument("--workdir", required=True, help="the pretraining workdir")
     tune_eval.add_argument("--every", type=_positive, default=1, metavar="STEPS",
                            help="score checkpoints at multiples of this step (and the last)")

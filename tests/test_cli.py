@@ -23,6 +23,19 @@ def test_help_explains_every_subcommand():
         assert sub.returncode == 0 and len(sub.stdout.splitlines()) > 4, name
 
 
+@pytest.mark.parametrize("name, default, other", [
+    ("prepare-data", "(default: the built-in one: BERT-tiny", "fine-tuning"),
+    ("finetune", "(default: the fine-tuning defaults)", "BERT-tiny"),
+])
+def test_config_help_names_the_subcommands_own_default(capsys, name, default, other):
+    from bert_jax import cli
+
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args([name, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert default in text and other not in text
+
+
 @pytest.mark.parametrize("args, words", [
     (["pretrain", "--config.model.num_heads=3"], ["hidden_size=128", "num_heads=3"]),
     (["pretrain", "--config.model.bogus=1"], ["bogus"]),
