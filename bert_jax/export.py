@@ -67,7 +67,8 @@ def load_tokenizer_of(path, lowercase: bool | None = None) -> Tokenizer:
 def open_checkpoints(workdir) -> Checkpointer:
     """The checkpoints of an existing workdir (nothing is created for a wrong path)."""
     if not is_workdir(workdir):
-        raise ValueError(f"{workdir} has no checkpoint: expected a workdir of bert-jax pretrain")
+        found = "has no checkpoint" if Path(workdir).exists() else "does not exist"
+        raise ValueError(f"{workdir} {found}: expected a workdir of bert-jax pretrain")
     checkpointer = Checkpointer(Path(workdir) / CHECKPOINTS)
     if checkpointer.latest_step() is None:
         checkpointer.close()

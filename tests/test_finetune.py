@@ -198,7 +198,7 @@ def test_finetune_eval_scores_each_checkpoint_once(tmp_path, straight_run, capsy
     assert read_metrics(out) == records
     # Not a pretraining workdir: refused before anything is written there.
     assert cli.main(["finetune-eval", f"--workdir={tmp_path / 'nowhere'}"]) == 2
-    assert "has no checkpoint" in capsys.readouterr().err
+    assert "nowhere does not exist" in capsys.readouterr().err
     assert not (tmp_path / "nowhere").exists()
 
 

@@ -216,6 +216,7 @@ def test_two_phase_run_switches_length_and_batch_carrying_the_state(straight_run
     assert [name[:6] for name in built] == ["seq32_", "seq64_"]  # each phase's
     assert "packed into rows of up to 2" in prepared.stdout
     assert "custom data configuration" not in prepared.stderr  # TFDS's warning, by design
+    assert "Downloading" not in prepared.stdout  # TFDS's line, though nothing is downloaded
     result = pretrain(tmp_path, args)
     assert result.returncode == 0, result.stderr
     assert "exported to" in result.stdout

@@ -12,9 +12,11 @@ never looks complete. Instances store no masks (masking is dynamic, in the loade
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import logging
 import multiprocessing
@@ -328,7 +330,11 @@ def prepare(data: DataConfig) -> Prepared:
                                      tokenizer_file=str(vocab)),
         data_dir=str(files.path(data.data_dir)))
     if not (epath.Path(builder.data_dir) / "dataset_info.json").is_file():
-        builder.download_and_prepare(file_format=tfds.core.FileFormat.ARRAY_RECORD)
+        # TFDS prints "Downloading and preparing dataset Unknown size ..." and "... downloaded
+        # and prepared" to stdout whatever the builder; nothing is downloaded here, and the
+        # command's own summary says where the data went.
+        with contextlib.redirect_stdout(io.StringIO()):
+            builder.download_and_prepare(file_format=tfds.core.FileFormat.ARRAY_RECORD)
     return open_prepared(builder.data_dir, expected=values)
 
 
