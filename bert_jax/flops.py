@@ -1,5 +1,6 @@
 """Training FLOPs per sequence and MFU: the usual count (6 FLOPs per weight and token for
-forward + backward, plus attention's two s x s products), shared by every report here."""
+forward + backward, plus attention's two s x s products), shared by every report here. It is
+ARCHITECTURE.md's formula with the MLP's width read from the config (4 d there)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ def train_flops_per_sequence(config: ModelConfig, seq_length: int, predictions: 
     """Forward + backward FLOPs of one sequence: encoder, MLM head at `predictions` masked
     positions (transform + tied decoder), pooler and NSP."""
     layers, d, vocab = config.num_layers, config.hidden_size, config.vocab_size
-    encoder = seq_length * (72 * layers * d * d + 12 * layers * seq_length * d)
+    weights_per_layer = 4 * d * d + 2 * d * config.intermediate_size  # QKV, output, MLP
+    encoder = seq_length * layers * (6 * weights_per_layer + 12 * seq_length * d)
     mlm = predictions * 6 * (d * d + d * vocab)
     return encoder + mlm + 6 * (d * d + 2 * d)
 

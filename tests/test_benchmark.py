@@ -34,6 +34,14 @@ def test_flops_formula_matches_a_hand_count(size, seq, predictions, hand_count):
     assert flops.train_flops_per_sequence(config, seq, predictions) == hand_count
 
 
+def test_flops_formula_reads_the_mlp_width():
+    # BERT-base with a 1024-wide MLP, 128 tokens, 20 predictions. Per layer and token: QKV
+    # and output 4*768^2 = 2,359,296, MLP 2*768*1024 = 1,572,864, attention 196,608 MACs;
+    # x12 x128 = 6,341,787,648; MLM 480,614,400 and pooler + NSP 591,360 as above.
+    config = preset("base", vocab_size=30522, intermediate_size=1024)
+    assert flops.train_flops_per_sequence(config, 128, 20) == 6 * 6_822_993_408
+
+
 def test_forward_flops_are_within_5_percent_of_xlas_count():
     """XLA's cost analysis of the compiled forward pass is an outside count: the formula's
     forward third (matmuls only) must be close to it (XLA adds the elementwise work), less
