@@ -285,6 +285,7 @@ def _loop(config, state, start, step_fn, train_data, mesh, evaluate, writer, che
                 timer, pending = (pending[0], time.perf_counter()), None
             _log_validation(evaluate(state["params"]), done, writer, summary, evaluate.task)
             checkpointer.save(done, state, metadata)
+            timer = (done, time.perf_counter())  # training speed leaves out the evaluation
         if preemption.reached(done):
             break
     if watched is not None:
