@@ -321,7 +321,9 @@ def _benchmark_data(args, config) -> None:
     import json
 
     from bert_jax.data import pipeline
+    from bert_jax.train import phase_config, phases
 
+    config = phase_config(config, phases(config)[0])  # the first phase's length and batch
     prepared = pipeline.prepare(config)
     loader = pipeline.loader(config, prepared)
     print(json.dumps(pipeline.measure_throughput(loader, args.steps)))

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,16 @@ def test_bad_input_is_one_line_and_exit_code_2(args, words):
     assert len(lines) == 1, result.stderr
     for word in words:
         assert word in lines[0]
+
+
+def test_benchmark_data_reads_the_first_phase_as_training_does(tmp_path):
+    result = _bert_jax("benchmark-data", "--config.train.phases=((0, 32, 5, 16),)",
+                       "--config.train.num_steps=10", f"--config.data.data_dir={tmp_path}",
+                       "--steps=2")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (figures["max_seq_length"], figures["global_batch_size"]) == (32, 16)
+    assert [p.name[:6] for p in (tmp_path / "bert_pretraining").iterdir()] == ["seq32_"]
 
 
 def test_preflight_refuses_a_model_vocabulary_unlike_the_tokenizer_before_writing(tmp_path):
