@@ -23,7 +23,7 @@ from bert_jax.pretrained import Classifier, Pretrained
 from bert_jax.tokenizer import Tokenizer, load_tokenizer
 
 CHECKPOINTS = "checkpoints"
-TOKENIZER_FILES = ("tokenizer.model", "vocab.txt")
+TOKENIZER_FILES = (tokenization.SENTENCEPIECE_FILE, tokenization.VOCAB_FILE)
 # What `write_export` writes (Hugging Face's model and tokenizer files, the vocabulary).
 EXPORT_FILES = {hf.CONFIG_FILE, hf.WEIGHTS_FILE, tokenization.TOKENIZER_FILE,
                 tokenization.TOKENIZER_CONFIG_FILE, tokenization.SPECIAL_TOKENS_MAP_FILE,
@@ -36,7 +36,7 @@ def is_workdir(path) -> bool:
 
 def keep_tokenizer(workdir, vocabulary_file) -> None:
     """Copies the vocabulary file of the training data into the workdir."""
-    name = "vocab.txt" if str(vocabulary_file).endswith(".txt") else "tokenizer.model"
+    name = tokenization.kept_file_name(vocabulary_file)
     Path(workdir).mkdir(parents=True, exist_ok=True)
     (Path(workdir) / name).write_bytes(Path(vocabulary_file).read_bytes())
 

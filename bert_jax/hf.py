@@ -233,7 +233,7 @@ def config_to_hf(config: ModelConfig, head: str = "pretraining",
     return values
 
 
-def config_from_hf(values: dict, **overrides) -> ModelConfig:
+def config_from_hf(values: dict) -> ModelConfig:
     """`config.json` -> ModelConfig; rejects architectures this model does not implement."""
     requirements = {"model_type": ("bert",), "hidden_act": ("gelu",),
                     "position_embedding_type": ("absolute",)}
@@ -244,7 +244,7 @@ def config_from_hf(values: dict, **overrides) -> ModelConfig:
     if missing:
         raise ValueError(f"config.json lacks {missing[0]!r}: expected a BERT config with "
                          f"{sorted(_CONFIG_KEYS.values())}")
-    return ModelConfig(**{ours: values[hf] for ours, hf in _CONFIG_KEYS.items()}, **overrides)
+    return ModelConfig(**{ours: values[hf] for ours, hf in _CONFIG_KEYS.items()})
 
 
 def save(out_dir, config: ModelConfig, flat_params: dict[str, np.ndarray],

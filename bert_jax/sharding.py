@@ -98,8 +98,8 @@ def param_shardings(abstract_params: dict, names: dict, mesh: Mesh, rules=RULES)
 
 def like_params(tree, params_shardings: dict, mesh: Mesh):
     """Shardings for a tree (e.g. optimizer state) whose parameter-shaped subtrees mirror the
-    parameters: a leaf whose path ends with a parameter's path and has its shape gets that
-    parameter's sharding; anything else (counts, scalars) is replicated."""
+    parameters: a leaf whose path ends with a parameter's path gets that parameter's
+    sharding; anything else (counts, scalars) is replicated."""
     by_path = {tuple(_key(k) for k in path): leaf_sharding
                for path, leaf_sharding in jax.tree_util.tree_flatten_with_path(params_shardings)[0]}
     replicated = NamedSharding(mesh, PartitionSpec())

@@ -55,10 +55,17 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 VOCAB_FILE = "vocab.txt"
+SENTENCEPIECE_FILE = "tokenizer.model"
 _SPECIAL_TOKENS_MAP = {"pad_token": PAD, "unk_token": UNK, "cls_token": CLS,
                        "sep_token": SEP, "mask_token": MASK}
 # transformers 5 leaves token_type_ids out of a plain tokenizer.json's outputs unless told.
 _MODEL_INPUT_NAMES = ["input_ids", "token_type_ids", "attention_mask"]
+
+
+def kept_file_name(vocabulary_file) -> str:
+    """The name a vocabulary file is kept under beside data, workdirs and exports:
+    `vocab.txt` (WordPiece) or `tokenizer.model` (SentencePiece)."""
+    return VOCAB_FILE if str(vocabulary_file).endswith(".txt") else SENTENCEPIECE_FILE
 
 
 def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_path, *,

@@ -91,7 +91,7 @@ class BertPretraining(tfds.core.GeneratorBasedBuilder):
                                             data.dupe_factor, tokenizer, data.workers)
                      for name, docs in splits.items()}
         epath.Path(config.tokenizer_file).copy(
-            epath.Path(self.data_dir) / tokenizer_file_name(config.tokenizer_file),
+            epath.Path(self.data_dir) / tokenization.kept_file_name(config.tokenizer_file),
             overwrite=True)
         rows = {name: (packing.pack([len(i.input_ids) for i in examples], data.max_seq_length,
                                     data.instances_per_row)
@@ -99,7 +99,7 @@ class BertPretraining(tfds.core.GeneratorBasedBuilder):
                 for name, examples in instances.items()}
         self.info.metadata.update({
             "identity": identity(data, tokenizer.fingerprint),
-            "tokenizer_file": tokenizer_file_name(config.tokenizer_file),
+            "tokenizer_file": tokenization.kept_file_name(config.tokenizer_file),
             "summary": _summary(stats, corpus, instances, rows, data.max_seq_length,
                                 time.perf_counter() - started),
         })
@@ -137,10 +137,6 @@ def identity(data: DataConfig, tokenizer_fingerprint: str) -> dict:
 def dataset_name(identity_values: dict) -> str:
     digest = hashlib.sha256(json.dumps(identity_values, sort_keys=True).encode()).hexdigest()
     return f"seq{identity_values['max_seq_length']}_{digest[:16]}"
-
-
-def tokenizer_file_name(path) -> str:
-    return "vocab.txt" if str(path).endswith(".txt") else "tokenizer.model"
 
 
 def _run_parallel(function, items: list, workers: int, desc: str, unit: str,

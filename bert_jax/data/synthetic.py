@@ -6,7 +6,7 @@ import numpy as np
 
 from bert_jax.data import masking
 
-# Ids below this are reserved for special tokens in every bert-jax vocabulary.
+# Ids below this are the special tokens of the SentencePiece vocabularies bert-jax trains.
 FIRST_ORDINARY_ID = 5
 PAD_ID, CLS_ID, SEP_ID, MASK_ID = 0, 2, 3, 4
 SHORTEST_INSTANCE = 5  # [CLS] A [SEP] B [SEP] with one token each in A and B
