@@ -90,21 +90,12 @@ def pretraining_config(checkpointer: Checkpointer, workdir,
 def load_workdir(workdir, step: int | None = None) -> tuple[Pretrained, ml_collections.ConfigDict]:
     """The parameters of a workdir's checkpoint (`step`, default the latest) on the host."""
     from bert_jax import sharding, train  # training machinery only when a workdir is read
-    from bert_jax.optim import make_optimizer
 
-    checkpointer = open_checkpoints(workdir)
-    try:
-        config = pretraining_config(checkpointer, workdir, step)
-        model_config = ModelConfig.from_dict(config.model)
-        one_device = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
-                                        devices=jax.local_devices()[:1])
-        spec = train.state_spec(model_config, make_optimizer(config.train), config.train.seed,
-                                one_device, config.train.rng_impl)
-        state, _, _ = checkpointer.restore(spec.abstract, step)
-    finally:
-        checkpointer.close()
+    one_device = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
+                                    devices=jax.local_devices()[:1])
+    config, _, _, state, _ = train.restore_workdir(workdir, step, one_device)
     params = jax.tree.map(np.asarray, jax.device_get(state["params"]))
-    return Pretrained(model_config, params), config
+    return Pretrained(ModelConfig.from_dict(config.model), params), config
 
 
 def export(workdir, out_dir, step: int | None = None) -> Path:

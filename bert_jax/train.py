@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from bert_jax import distributed, flops, losses, preflight, sharding
@@ -566,18 +567,25 @@ def evaluate(config, phase: Phase, state: dict, eval_fn, mesh) -> dict:
     return {k: float(v) for k, v in jax.device_get(losses.metrics_from_sums(totals)).items()}
 
 
-def evaluate_workdir(workdir, step: int | None = None) -> dict:
-    """Validation metrics of a workdir's checkpoint, under the config it was trained with."""
+def restore_workdir(workdir, step: int | None = None, mesh: Mesh | None = None):
+    """A workdir's checkpoint (`step`, default the latest) under the config it was trained
+    with, on `mesh` (default: the run's own mesh over every device): (config, spec, mesh,
+    state, the step restored)."""
     checkpointer = open_checkpoints(workdir)
     try:
         config = pretraining_config(checkpointer, workdir, step)
-        model_config = ModelConfig.from_dict(config.model)
-        mesh = sharding.make_mesh(config.mesh.to_dict())
-        tx = make_optimizer(config.train)
-        spec = state_spec(model_config, tx, config.train.seed, mesh, config.train.rng_impl)
+        mesh = mesh or sharding.make_mesh(config.mesh.to_dict())
+        spec = state_spec(ModelConfig.from_dict(config.model), make_optimizer(config.train),
+                          config.train.seed, mesh, config.train.rng_impl)
         state, _, restored_step = checkpointer.restore(spec.abstract, step)
     finally:
         checkpointer.close()
+    return config, spec, mesh, state, restored_step
+
+
+def evaluate_workdir(workdir, step: int | None = None) -> dict:
+    """Validation metrics of a workdir's checkpoint, under the config it was trained with."""
+    config, spec, mesh, state, restored_step = restore_workdir(workdir, step)
     metrics = evaluate(config, phase_of(phases(config), restored_step), state,
                        jit_eval_step(spec, mesh), mesh)
     return {"step": restored_step, "split": "validation", **metrics}
