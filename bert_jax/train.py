@@ -574,7 +574,8 @@ def restore_workdir(workdir, step: int | None = None, mesh: Mesh | None = None):
     checkpointer = open_checkpoints(workdir)
     try:
         config = pretraining_config(checkpointer, workdir, step)
-        mesh = mesh or sharding.make_mesh(config.mesh.to_dict())
+        if mesh is None:
+            mesh = sharding.make_mesh(config.mesh.to_dict())
         spec = state_spec(ModelConfig.from_dict(config.model), make_optimizer(config.train),
                           config.train.seed, mesh, config.train.rng_impl)
         state, _, restored_step = checkpointer.restore(spec.abstract, step)
