@@ -3,9 +3,9 @@
 XLA:CPU allocates a step's buffers afresh every step (about 1 GB for the `small` model at
 batch 16 x 128). glibc gives blocks that large their own mmap and unmaps them when freed, so
 every step faults its buffers in again, 4 KB at a time: about 165,000 page faults a step,
-15% of that train step on a 2-core AVX2 CPU (on a 2-core AVX-512 Xeon the step did not change). glibc's `glibc.malloc.hugetlb=1` tunable (glibc
-2.35+) has malloc ask the kernel for transparent huge pages, 2 MB a fault (about 900 faults
-a step; docs/performance.md). Tunables are read only when a process starts, so the command
+15% of that train step on a 2-core AVX2 CPU (on a 2-core AVX-512 Xeon the step did not
+change). glibc's `glibc.malloc.hugetlb=1` tunable (glibc 2.35+) has malloc ask the kernel
+for transparent huge pages, 2 MB a fault (about 900 faults a step; docs/performance.md). Tunables are read only when a process starts, so the command
 re-executes itself once with the tunable set, where it helps: glibc 2.35+ and transparent
 huge pages in `madvise` mode (the default of Debian and Ubuntu; in `always` mode malloc gets
 huge pages anyway).
