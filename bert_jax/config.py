@@ -23,7 +23,8 @@ PRESETS = {
 }
 
 DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")  # auto: JAX picks
+# Attention kernels (bert_jax.attention); auto: the fused kernel of the platform.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "splash")
 # Rematerialization policies, by the name of the `jax.checkpoint_policies` entry they use.
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 
@@ -50,7 +51,7 @@ class ModelConfig:
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
     dtype: str = "float32"  # compute dtype; parameters are always float32
-    attention_impl: str = "auto"  # jax.nn.dot_product_attention's `implementation`
+    attention_impl: str = "auto"  # a kernel of bert_jax.attention
     scan_layers: bool = False
     remat_policy: str = "none"
 
@@ -235,11 +236,18 @@ def wikipedia_two_phase(size: str, *, num_steps: int, learning_rate: float, warm
     return config
 
 
-# Where pod configs run: chips (or GPUs) and their memory in GiB.
+# Where pod configs run: chips (or GPUs) and the memory of each in GiB (GPUs: GB as sold; CUDA
+# reports about as many GiB, 79.6 of an H100, 140.4 of an H200, of which JAX takes 90%:
+# launch/gpu_env.sh).
 POD_TARGETS = {"v4-32": (16, 32), "v5e-16": (16, 16), "v5e-64": (64, 16),
-               "v5p-128": (64, 95), "8xgpu": (8, 80)}
-# The global batch of each target: rows of LAMB's table (bigger slices, bigger batches).
-_POD_BATCH = {"v4-32": 8192, "v5e-16": 4096, "v5e-64": 16384, "v5p-128": 32768, "8xgpu": 4096}
+               "v5p-128": (64, 95),
+               "8xh100": (8, 80), "8xh200": (8, 141), "64xh200": (64, 141)}
+# GPU targets: one host of 8 GPUs (launch/gpu.sh or one SLURM node) or 8 nodes of 8 (SLURM).
+GPU_TARGETS = ("8xh100", "8xh200", "64xh200")
+# The global batch of each target: rows of LAMB's table (bigger slices, bigger batches), 256
+# or 512 rows per chip.
+_POD_BATCH = {"v4-32": 8192, "v5e-16": 4096, "v5e-64": 16384, "v5p-128": 32768,
+              "8xh100": 4096, "8xh200": 4096, "64xh200": 32768}
 # Rows of length 128 one chip holds per micro-batch, per 16 GiB (a quarter at length 512).
 _ROWS_PER_16GIB = {"base": 256, "large": 64}
 
@@ -258,7 +266,7 @@ def pod_config(size: str, target: str) -> ml_collections.ConfigDict:
     """BERT-`size` with LAMB on English Wikipedia, phases 128 -> 512, sized for `target`
     (a key of POD_TARGETS): the global batch of LAMB's table for the slice, gradient
     accumulation so a micro-batch fits each chip's memory, parameters and optimizer state
-    sharded (FSDP) for large, bfloat16 compute and rematerialized layers."""
+    sharded (FSDP) for large on TPUs, bfloat16 compute and rematerialized layers."""
     if target not in POD_TARGETS or size not in _ROWS_PER_16GIB:
         raise ValueError(f"pod config {size}:{target}: expected a size in "
                          f"{list(_ROWS_PER_16GIB)} and a target in {list(POD_TARGETS)}")
@@ -281,7 +289,12 @@ def pod_config(size: str, target: str) -> ml_collections.ConfigDict:
     # Recompute each layer in the backward pass: without it BERT-base at 256 rows of 128 per
     # v5e chip needs 25.5 GiB of temporaries; with it 3.3 (`bert-jax compile`).
     config.model.remat_policy = "full"
-    if size == "large":
+    # BERT-large's state (parameters, LAMB's two moments, gradients: 5.4 GB) fills a third of a
+    # 16 GiB TPU chip: sharded there (FSDP). A GPU of 80 GB or more holds it whole, so GPU runs
+    # stay data-parallel: one gradient all-reduce per step and no parameter all-gathers (FSDP
+    # gathers each layer's weights in the forward and again in the backward of every
+    # micro-batch).
+    if size == "large" and target not in GPU_TARGETS:
         config.mesh.update(data=1, fsdp=-1)
     config.checkpoint.every_steps = 500
     return config

@@ -336,8 +336,8 @@ class _Evaluator:
             logits = objective.logits(nnx.merge(spec.graphdef, params), batch)
             return logits, objective.sums_of_logits(logits, batch)
 
-        self._forward = jax.jit(forward, in_shardings=(spec.shardings["params"],
-                                                       sharding.batch_sharding(mesh)))
+        self._forward = sharding.MeshJit(forward, mesh, in_shardings=(
+            spec.shardings["params"], sharding.batch_sharding(mesh)))
 
     def __call__(self, params) -> dict:
         count = len(self._data["labels"])

@@ -73,9 +73,10 @@ def _step_of(line: str) -> int | None:
 
 
 def _plain(value):
-    """A JSON-able number (NaN and infinities as strings, which JSON lacks)."""
-    if value is None:
-        return None
+    """A JSON-able value: numbers (NaN and infinities as strings, which JSON lacks) and
+    words (a run's header: its devices and kernels)."""
+    if value is None or isinstance(value, str):
+        return value
     value = float(value)
     return value if math.isfinite(value) else str(value)
 

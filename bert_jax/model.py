@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bert_jax import attention
 from bert_jax.config import ModelConfig
 
 Array = jax.Array
@@ -77,41 +78,24 @@ class SelfAttention(nnx.Module):
         self.out = _linear(config, (h, k), config.hidden_size, ["heads", "kv"], ["embed"], rngs)
         self.norm = _layer_norm(config, rngs)
 
-    def __call__(self, x_bsd, mask_b1qs, dropout_key, query_positions_bq=None) -> Array:
-        """`mask_b1qs` says which keys each query sees: [B, 1, 1, S] (every query alike) or
-        [B, 1, S, S] (packed rows). With `query_positions_bq`, only those positions attend
-        (to all keys) and the output is [B, Q, D] at them."""
+    def __call__(self, x_bsd, segments: attention.Segments, dropout_key,
+                 query_positions_bq=None) -> Array:
+        """`segments` say which keys each query sees (`attention.Segments`). With
+        `query_positions_bq`, only those positions attend (to all keys) and the output is
+        [B, Q, D] at them."""
         attention_key, output_key = _split(dropout_key, 2)
         qkv_bs3hk = self.qkv(x_bsd)
         q_bshk, k_bshk, v_bshk = (qkv_bs3hk[:, :, i] for i in range(3))
+        rate = self.config.attention_dropout_rate
+        # Dropout on the probabilities needs them: only then the unfused softmax runs.
+        dropout = (None if attention_key is None or rate == 0.0 else
+                   lambda probs: _dropout(rate, probs, attention_key))
+        y_bshk = attention.attend(self.config.attention_impl, q_bshk, k_bshk, v_bshk, segments,
+                                  query_positions_bq, dropout)
         if query_positions_bq is not None:
             x_bsd = _at_positions(x_bsd, query_positions_bq)
-            q_bshk = _at_positions(q_bshk, query_positions_bq)
-            if mask_b1qs.shape[2] > 1:  # packed: each query's own row of the mask
-                mask_b1qs = jnp.take_along_axis(mask_b1qs, query_positions_bq[:, None, :, None],
-                                                axis=2)
-        y_bshk = _attention(self.config, q_bshk, k_bshk, v_bshk, mask_b1qs, attention_key)
         y_bsd = _dropout(self.config.hidden_dropout_rate, self.out(y_bshk), output_key)
         return self.norm(x_bsd + y_bsd)
-
-
-def _attention(config: ModelConfig, q_bshk, k_bshk, v_bshk, mask_b1qs, dropout_key) -> Array:
-    """Scaled dot-product attention; fused (`jax.nn.dot_product_attention`) unless dropping out.
-
-    Attention-probability dropout needs the probabilities, which fused kernels never form,
-    so only training with `attention_dropout_rate > 0` takes the explicit softmax path.
-    """
-    if dropout_key is None or config.attention_dropout_rate == 0.0:
-        implementation = None if config.attention_impl == "auto" else config.attention_impl
-        return jax.nn.dot_product_attention(q_bshk, k_bshk, v_bshk, mask=mask_b1qs,
-                                            implementation=implementation)
-    scale = config.head_dim ** -0.5
-    logits_bhst = jnp.einsum("bshk,bthk->bhst", q_bshk, k_bshk,
-                             preferred_element_type=jnp.float32) * scale
-    logits_bhst = jnp.where(mask_b1qs, logits_bhst, jnp.finfo(jnp.float32).min)
-    probs_bhst = jax.nn.softmax(logits_bhst, axis=-1)
-    probs_bhst = _dropout(config.attention_dropout_rate, probs_bhst, dropout_key)
-    return jnp.einsum("bhst,bthk->bshk", probs_bhst.astype(v_bshk.dtype), v_bshk)
 
 
 @jax.custom_vjp
@@ -166,9 +150,9 @@ class EncoderLayer(nnx.Module):
         self.attention = SelfAttention(config, rngs=rngs)
         self.mlp = FeedForward(config, rngs=rngs)
 
-    def __call__(self, x_bsd, mask_b1qs, dropout_key, query_positions_bq=None) -> Array:
+    def __call__(self, x_bsd, segments, dropout_key, query_positions_bq=None) -> Array:
         attention_key, mlp_key = _split(dropout_key, 2)
-        y_bsd = self.attention(x_bsd, mask_b1qs, attention_key, query_positions_bq)
+        y_bsd = self.attention(x_bsd, segments, attention_key, query_positions_bq)
         return self.mlp(y_bsd, mlp_key)
 
 
@@ -192,7 +176,7 @@ class Encoder(nnx.Module):
 
         self.layers = create_layers(rngs)
 
-    def __call__(self, x_bsd, mask_b1qs, dropout_key, output_positions_bq=None) -> Array:
+    def __call__(self, x_bsd, segments, dropout_key, output_positions_bq=None) -> Array:
         """Returns the last layer's output [B, S, D], or [B, Q, D] at `output_positions_bq`.
 
         With positions, the last layer runs only there (its QKV projection still runs at
@@ -202,7 +186,7 @@ class Encoder(nnx.Module):
         graphdef, stacked = nnx.split(self.layers)
 
         def apply_layer(x_bsd, layer_state, layer_key, query_positions_bq=None):
-            return nnx.merge(graphdef, layer_state)(x_bsd, mask_b1qs, layer_key,
+            return nnx.merge(graphdef, layer_state)(x_bsd, segments, layer_key,
                                                    query_positions_bq)
 
         if self.config.remat_policy != "none":
@@ -289,16 +273,17 @@ class _Bert(nnx.Module):
         [B, K, D], one per instance: without dropout, what each instance gives alone."""
         embed_key, encoder_key = _split(dropout_key, 2)
         packed = cls_positions_bk is not None
+        segments = attention.Segments(attention_mask.astype(jnp.int32),
+                                      attention_mask.astype(jnp.int32) if packed else None)
         if not packed:
             cls_positions_bk = jnp.zeros_like(input_ids[:, :1])
-            mask_b1qs = attention_mask.astype(bool)[:, None, None, :]
             position_ids_bs = None
         else:
-            mask_b1qs, position_ids_bs = _packed_rows(attention_mask, cls_positions_bk)
+            position_ids_bs = _packed_positions(attention_mask, cls_positions_bk)
         x_bsd = self.embeddings(input_ids, token_type_ids, embed_key, position_ids_bs)
         if positions_bp is not None:  # the [CLS] positions first, for the pooler
             positions_bp = jnp.concatenate([cls_positions_bk, positions_bp], axis=1)
-        x_bsd = self.encoder(x_bsd, mask_b1qs, encoder_key, positions_bp)
+        x_bsd = self.encoder(x_bsd, segments, encoder_key, positions_bp)
         k = cls_positions_bk.shape[1]
         if positions_bp is not None:
             cls_bkd, x_bsd = x_bsd[:, :k], x_bsd[:, k:]
@@ -323,14 +308,12 @@ class _Bert(nnx.Module):
         return input_ids, token_type_ids, attention_mask
 
 
-def _packed_rows(instances_bs, cls_positions_bk):
-    """The attention mask [B, 1, S, S] and position ids [B, S] of packed rows, from each
-    token's instance number (0: padding) and each instance's [CLS] position: a token sees
-    the tokens of its own instance (padding sees padding, so no row of the mask is empty),
-    and counts its position from its instance's [CLS]."""
-    mask_b1ss = instances_bs[:, None, :, None] == instances_bs[:, None, None, :]
+def _packed_positions(instances_bs, cls_positions_bk):
+    """The position ids [B, S] of packed rows, from each token's instance number (0: padding)
+    and each instance's [CLS] position: a token counts its position from its instance's
+    [CLS]. (Which tokens see which is the instances' segments, `attention.Segments`.)"""
     starts_bs = jnp.take_along_axis(cls_positions_bk, jnp.maximum(instances_bs - 1, 0), axis=1)
-    return mask_b1ss, jnp.arange(instances_bs.shape[1]) - starts_bs
+    return jnp.arange(instances_bs.shape[1]) - starts_bs
 
 
 # The parameter subtrees of `_Bert`: what fine-tuning takes from a pretrained model.

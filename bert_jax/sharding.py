@@ -121,6 +121,25 @@ def _key(entry) -> str:
     return str(entry)
 
 
+class MeshJit:
+    """`jax.jit(fn, **options)` whose calls and lowerings run under `jax.set_mesh(mesh)`: the
+    kernels that are mapped over the mesh by hand (`bert_jax.attention`) read it there."""
+
+    def __init__(self, fn, mesh: Mesh, **options):
+        self.mesh = mesh
+        self._jitted = jax.jit(fn, **options)
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self._jitted(*args)
+
+    def lower(self, *args, lowering_platforms=None):
+        """The lowered step; `lowering_platforms` (e.g. `("cuda",)`) lowers for another
+        platform than this machine's."""
+        with jax.set_mesh(self.mesh):
+            return self._jitted.trace(*args).lower(lowering_platforms=lowering_platforms)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Batch rows split over `data` x `fsdp`; everything else replicated."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))

@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from bert_jax import distributed, flops, losses, preflight, sharding
+from bert_jax import attention, distributed, flops, losses, preflight, sharding
 from bert_jax.checkpoint import Checkpointer
 from bert_jax.config import DataConfig, ModelConfig, check_train, default_config
 from bert_jax.data import pipeline
@@ -63,12 +63,24 @@ class StateSpec:
     graphdef: nnx.GraphDef
     abstract: dict  # jax.ShapeDtypeStruct leaves, each with its sharding
     shardings: dict
+    attention: str  # the attention kernel the model runs (`attention.resolve`)
+
+    def attention_kernel(self, dtype: str, packed: bool) -> str:
+        """The kernel that runs for rows `packed` or not (see `attention.kernel`)."""
+        return attention.kernel(self.attention, dtype, packed)
 
 
 def state_spec(model_config: ModelConfig, tx, seed: int, mesh,
-               rng_impl: str = "threefry2x32", num_labels: int | None = None) -> StateSpec:
-    """The state of a pretraining model, or with `num_labels` of a sequence classifier."""
-    graphdef, abstract_params = nnx.split(abstract(model_config, num_labels))
+               rng_impl: str = "threefry2x32", num_labels: int | None = None,
+               platform: str | None = None) -> StateSpec:
+    """The state of a pretraining model, or with `num_labels` of a sequence classifier.
+
+    The model's graph runs the attention kernel `model_config.attention_impl` means on
+    `platform` (default: the mesh's devices'; another one to lower for it from here)."""
+    kernel = attention.resolve(model_config.attention_impl,
+                               platform or attention.platform_of(mesh.devices.flat))
+    graphdef, abstract_params = nnx.split(abstract(
+        dataclasses.replace(model_config, attention_impl=kernel), num_labels))
     shapes = jax.eval_shape(lambda: _init_state(model_config, tx, seed, rng_impl, num_labels))
     params = sharding.param_shardings(shapes["params"], sharding.logical_names(abstract_params),
                                       mesh)
@@ -78,7 +90,7 @@ def state_spec(model_config: ModelConfig, tx, seed: int, mesh,
                  "rng": replicated, "nonfinite": {"consecutive": replicated, "total": replicated}}
     shapes = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           shapes, shardings)
-    return StateSpec(graphdef, shapes, shardings)
+    return StateSpec(graphdef, shapes, shardings, kernel)
 
 
 def init_state(model_config: ModelConfig, tx, seed: int, spec: StateSpec,
@@ -165,11 +177,11 @@ def jit_train_step(spec: StateSpec, tx, schedule, mesh, accum_steps: int,
                    objective=PRETRAINING):
     """`train_step` jitted for `mesh`: state in its shardings (donated), batch rows split over
     the batch axes."""
-    return jax.jit(functools.partial(train_step, graphdef=spec.graphdef, tx=tx,
-                                     schedule=schedule, accum_steps=accum_steps,
-                                     objective=objective),
-                   in_shardings=(spec.shardings, sharding.batch_sharding(mesh)),
-                   out_shardings=(spec.shardings, None), donate_argnums=0)
+    return sharding.MeshJit(functools.partial(train_step, graphdef=spec.graphdef, tx=tx,
+                                              schedule=schedule, accum_steps=accum_steps,
+                                              objective=objective), mesh,
+                            in_shardings=(spec.shardings, sharding.batch_sharding(mesh)),
+                            out_shardings=(spec.shardings, None), donate_argnums=0)
 
 
 def eval_step(params: dict, batch: dict, *, graphdef) -> dict:
@@ -179,8 +191,9 @@ def eval_step(params: dict, batch: dict, *, graphdef) -> dict:
 
 def jit_eval_step(spec: StateSpec, mesh):
     """`eval_step` jitted for `mesh`: parameters in their shardings, batch rows split."""
-    return jax.jit(functools.partial(eval_step, graphdef=spec.graphdef),
-                   in_shardings=(spec.shardings["params"], sharding.batch_sharding(mesh)))
+    return sharding.MeshJit(functools.partial(eval_step, graphdef=spec.graphdef), mesh,
+                            in_shardings=(spec.shardings["params"],
+                                          sharding.batch_sharding(mesh)))
 
 
 # --- the loop ------------------------------------------------------------------------------
@@ -410,6 +423,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) ->
                 for accum in {phase.grad_accum_steps for phase in train_phases}}
     eval_fn = jit_eval_step(spec, mesh)
     writer = MetricsWriter(workdir, enabled=is_main, start_step=start)
+    header = run_header(spec, mesh, model_config.dtype, train_phases)
+    log(f"{header['devices']} {header['platform']} devices, mesh {header['mesh']}, attention "
+        f"{header['attention']}")
+    writer.write(start, header, split="run")
     if is_main:
         (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     preemption = Preemption()
@@ -463,6 +480,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) ->
         checkpointer.close()
     return {"step": step, "preempted": preemption.requested, **summary,
             "seconds": time.perf_counter() - started, "workdir": str(workdir)}
+
+
+def run_header(spec: StateSpec, mesh: Mesh, dtype: str, train_phases) -> dict:
+    """What a run runs on, for its log and the first record of its metrics: the devices,
+    the mesh and the attention kernel of each phase's rows (one name when they agree)."""
+    kernels = [spec.attention_kernel(dtype, phase.instances_per_row > 1)
+               for phase in train_phases]
+    return {"platform": attention.platform_of(mesh.devices.flat),
+            "devices": int(mesh.devices.size),
+            "mesh": ", ".join(f"{axis} {size}" for axis, size in mesh.shape.items()),
+            "attention": kernels[0] if len(set(kernels)) == 1 else " then ".join(kernels)}
 
 
 def prepare_data(config: ml_collections.ConfigDict, name: str):

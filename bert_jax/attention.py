@@ -1,0 +1,236 @@
+"""Scaled dot-product attention: one entry point, the fused kernel of each platform.
+
+Which keys a query sees is given as segment ids, the form the fused kernels take: a query
+sees the keys of its own segment. Unpacked rows need only the keys' ids (the attention
+mask: 1 for tokens, 0 for padding; every query sees the tokens); packed rows number their
+instances (1, 2, ...; 0 for padding, which sees padding) for queries and keys alike.
+
+Kernels (`model.attention_impl`):
+- `xla`: `jax.nn.dot_product_attention`'s XLA path, with the ids as a boolean mask.
+- `cudnn`: cuDNN flash attention through `jax.nn.dot_product_attention`, the padding as
+  key lengths (rows are right-padded: tokens first). JAX 0.10 exposes no segment ids and no
+  float32 for it, so packed rows and float32 take the Pallas kernel below.
+- `pallas`: JAX's Pallas (Triton) flash attention for GPUs, with segment ids.
+- `splash`: JAX's Splash attention for TPUs, with segment ids.
+`auto` is Splash on TPU, cuDNN on GPU (the Pallas kernel where JAX finds no cuDNN) and XLA
+on CPU. The Pallas kernels are mapped over the mesh by hand (batch rows and heads stay on
+their devices; the mesh is the one the step runs under, `jax.set_mesh`), and run in Pallas's
+interpret mode when lowered for CPU, which is how the tests check them here.
+
+Training prunes the last layer's queries to the predicted positions (and each [CLS]); each
+kernel is given queries in the count it takes: Splash pads them to a multiple of its block,
+the Pallas GPU kernel (one segment-id array for queries and keys) runs every query and
+keeps the outputs at the positions.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from bert_jax.config import ATTENTION_IMPLEMENTATIONS
+
+_LANES = 128  # Splash's blocks are multiples of the TPU's 128 lanes
+_PADDING = -1  # the segment of the positions a kernel's block multiple adds: seen by none
+
+
+class Segments(NamedTuple):
+    """Segment ids [B, S] of the keys and, for packed rows, of the queries (None: unpacked,
+    every query sees the keys of the nonzero segments)."""
+
+    kv: jax.Array
+    q: jax.Array | None = None
+
+
+def platform_of(devices) -> str:
+    """'cpu', 'gpu' or 'tpu' for a list of devices (CUDA and ROCm GPUs alike)."""
+    platform = devices[0].platform
+    return "gpu" if platform in ("cuda", "rocm") else platform
+
+
+def resolve(implementation: str, platform: str) -> str:
+    """The kernel that `implementation` (a config value) means on `platform`."""
+    if implementation != "auto":
+        return implementation
+    if platform == "tpu":
+        return "splash"
+    if platform == "gpu":
+        return "cudnn" if cudnn_available() else "pallas"
+    return "xla"
+
+
+def cudnn_available() -> bool:
+    """Whether JAX finds the cuDNN library (its fused attention needs it to lower)."""
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    try:
+        fused_attention_stablehlo.check_cudnn_version()
+    except RuntimeError:
+        return False
+    return True
+
+
+def kernel(implementation: str, dtype, packed: bool) -> str:
+    """The kernel a resolved `implementation` runs for rows `packed` or not in `dtype`."""
+    if implementation == "cudnn" and (packed or jnp.dtype(dtype) == jnp.float32):
+        return "pallas"
+    return implementation
+
+
+def attend(implementation: str, q_bshk, k_bshk, v_bshk, segments: Segments,
+           query_positions_bq=None, dropout=None):
+    """Attention of every query (or of those at `query_positions_bq` [B, Q]) to the keys its
+    segment allows. `dropout`, a function of the probabilities, forces the XLA softmax: fused
+    kernels never form them. Returns [B, S or Q, H, K].
+
+    A model built by a run has its kernel resolved for the run's devices (`train.state_spec`);
+    `auto` here (a model called directly) means the kernel of this process's devices."""
+    if implementation == "auto":
+        implementation = resolve(implementation, platform_of(jax.devices()))
+    if dropout is not None:
+        q_bshk, q_segments = _queries(q_bshk, segments, query_positions_bq)
+        return _softmax_attention(q_bshk, k_bshk, v_bshk, segments.kv, q_segments, dropout)
+    name = kernel(implementation, q_bshk.dtype, segments.q is not None)
+    if name == "pallas":  # one segment-id array: every query runs, the positions are kept
+        y_bshk = _mapped(_pallas_gpu, q_bshk, k_bshk, v_bshk, segments.kv, segments.kv)
+        return y_bshk if query_positions_bq is None else _at(y_bshk, query_positions_bq)
+    q_bshk, q_segments = _queries(q_bshk, segments, query_positions_bq)
+    if name == "splash":
+        if q_segments is None:
+            q_segments = jnp.ones(q_bshk.shape[:2], jnp.int32)
+        return _mapped(_splash, q_bshk, k_bshk, v_bshk, q_segments, segments.kv)
+    if name == "cudnn":
+        lengths_b = jnp.sum(segments.kv != 0, axis=1, dtype=jnp.int32)
+        return jax.nn.dot_product_attention(q_bshk, k_bshk, v_bshk,
+                                            key_value_seq_lengths=lengths_b,
+                                            implementation="cudnn")
+    if name == "xla":
+        return jax.nn.dot_product_attention(q_bshk, k_bshk, v_bshk,
+                                            mask=_mask(segments.kv, q_segments),
+                                            implementation="xla")
+    raise ValueError(f"model.attention_impl={implementation!r}: expected one of "
+                     f"{ATTENTION_IMPLEMENTATIONS}")
+
+
+def _queries(q_bshk, segments: Segments, positions_bq):
+    """The queries (and their segments) at `positions_bq`, or all of them."""
+    if positions_bq is None:
+        return q_bshk, segments.q
+    return _at(q_bshk, positions_bq), None if segments.q is None else _at(segments.q,
+                                                                          positions_bq)
+
+
+def _at(x_bs, positions_bq):
+    index = positions_bq.reshape(positions_bq.shape + (1,) * (x_bs.ndim - 2))
+    return jnp.take_along_axis(x_bs, index, axis=1)
+
+
+def _mask(kv_segments_bs, q_segments_bq):
+    """[B, 1, 1, S] (unpacked) or [B, 1, Q, S] booleans: which keys each query sees."""
+    if q_segments_bq is None:
+        return (kv_segments_bs != 0)[:, None, None, :]
+    return q_segments_bq[:, None, :, None] == kv_segments_bs[:, None, None, :]
+
+
+def _softmax_attention(q_bqhk, k_bshk, v_bshk, kv_segments_bs, q_segments_bq, dropout):
+    scale = q_bqhk.shape[-1] ** -0.5
+    logits_bhqs = jnp.einsum("bqhk,bshk->bhqs", q_bqhk, k_bshk,
+                             preferred_element_type=jnp.float32) * scale
+    logits_bhqs = jnp.where(_mask(kv_segments_bs, q_segments_bq), logits_bhqs,
+                            jnp.finfo(jnp.float32).min)
+    probs_bhqs = dropout(jax.nn.softmax(logits_bhqs, axis=-1))
+    return jnp.einsum("bhqs,bshk->bqhk", probs_bhqs.astype(v_bshk.dtype), v_bshk)
+
+
+# --- the Pallas kernels ----------------------------------------------------------------------
+
+def _mapped(kernel_fn, q_bqhk, k_bshk, v_bshk, q_segments_bq, kv_segments_bs):
+    """`kernel_fn` on each device's rows and heads (`jax.shard_map` over the mesh the step
+    runs under; XLA cannot partition a custom call), in interpret mode when lowered for CPU."""
+    def local(q, k, v, q_segments, kv_segments):
+        return jax.lax.platform_dependent(
+            q, k, v, q_segments, kv_segments,
+            cpu=functools.partial(kernel_fn, interpret=True),
+            default=functools.partial(kernel_fn, interpret=False))
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return local(q_bqhk, k_bshk, v_bshk, q_segments_bq, kv_segments_bs)
+    batch_axes = _dividing(mesh, ("data", "fsdp"), q_bqhk.shape[0])
+    head_axes = _dividing(mesh, ("tensor",), q_bqhk.shape[2])
+    qkv = PartitionSpec(batch_axes, None, head_axes, None)
+    ids = PartitionSpec(batch_axes, None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, ids, ids), out_specs=qkv,
+                         check_vma=False)(q_bqhk, k_bshk, v_bshk, q_segments_bq,
+                                          kv_segments_bs)
+
+
+def _dividing(mesh, axes, size):
+    """Those of the mesh `axes` (in use) whose product divides `size`: the rest replicate."""
+    kept = tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
+    ways = 1
+    for a in kept:
+        ways *= mesh.shape[a]
+    return kept if kept and size % ways == 0 else None
+
+
+def _pad(x, axis, multiple, value=0):
+    extra = -x.shape[axis] % multiple
+    if not extra:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _splash(q_bqhk, k_bshk, v_bshk, q_segments_bq, kv_segments_bs, *, interpret):
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash, splash_attention_mask as masks)
+
+    queries, heads = q_bqhk.shape[1], q_bqhk.shape[2]
+    scale = q_bqhk.shape[-1] ** -0.5  # Splash does not scale the logits itself
+
+    def heads_first(x):  # [B, S, H, K] -> [B, H, S', K], padded to the lanes
+        return _pad(jnp.swapaxes(x, 1, 2), 2, _LANES)
+
+    q = heads_first(q_bqhk * jnp.asarray(scale, q_bqhk.dtype))
+    k, v = heads_first(k_bshk), heads_first(v_bshk)
+    q_ids = _pad(q_segments_bq.astype(jnp.int32), 1, _LANES, _PADDING)
+    kv_ids = _pad(kv_segments_bs.astype(jnp.int32), 1, _LANES, _PADDING)
+    block_q, block_kv = min(512, q.shape[2]), min(512, k.shape[2])
+    while q.shape[2] % block_q:
+        block_q -= _LANES
+    while k.shape[2] % block_kv:
+        block_kv -= _LANES
+    blocks = splash.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+                               block_q_dkv=block_q, block_kv_dkv=block_kv,
+                               block_kv_dkv_compute=block_kv, block_q_dq=block_q,
+                               block_kv_dq=block_kv)
+    mask = masks.MultiHeadMask([masks.FullMask((q.shape[2], k.shape[2]))] * heads)
+    attention = splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1,
+                                       q_seq_shards=1, interpret=interpret)
+    y_bhqk = jax.vmap(attention)(q, k, v, segment_ids=splash.SegmentIds(q=q_ids, kv=kv_ids))
+    return jnp.swapaxes(y_bhqk[:, :, :queries], 1, 2)
+
+
+def _pallas_gpu(q_bshk, k_bshk, v_bshk, q_segments_bs, kv_segments_bs, *, interpret):
+    """JAX's Triton flash attention. It takes one segment-id array for queries and keys, so
+    queries come at every position (`attend`) and take the keys' ids: in unpacked rows a
+    padding query then sees padding (not the tokens), which changes only padding's output."""
+    from jax.experimental.pallas.ops.gpu import attention as gpu
+
+    del q_segments_bs  # the keys' ids, see above
+    length = q_bshk.shape[1]
+    block = 128 if length >= 128 else 16 * -(-length // 16)
+    q, k, v = (_pad(x, 1, block) for x in (q_bshk, k_bshk, v_bshk))
+    ids = _pad(kv_segments_bs.astype(jnp.int32), 1, block, _PADDING)
+    blocks = gpu.BlockSizes(block_q=block, block_k=block, block_q_dkv=min(32, block),
+                            block_kv_dkv=min(32, block), block_q_dq=min(32, block),
+                            block_kv_dq=min(32, block))
+    y_bshk = gpu.mha(q, k, v, ids, sm_scale=q_bshk.shape[-1] ** -0.5, block_sizes=blocks,
+                     interpret=interpret)
+    return y_bshk[:, :length]
