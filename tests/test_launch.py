@@ -1,6 +1,7 @@
 """launch/ scripts: the commands their --dry-run prints, their usage text and argument errors,
 and shellcheck (when installed, as in CI)."""
 
+import re
 import shlex
 import shutil
 import subprocess
@@ -86,27 +87,62 @@ def test_slurm_dry_run_starts_one_task_per_gpu_through_srun():
     assert outside.returncode == 2 and "not inside a SLURM job" in outside.stderr
 
 
-def test_tpu_vm_dry_run_creates_installs_starts_on_all_workers_and_follows_worker_0():
+def _remote(command) -> list[str]:
+    """The words of an ssh command's --command, as the worker's shell will see them."""
+    return shlex.split(command[-1].removeprefix("--command="))
+
+
+def test_tpu_vm_dry_run_creates_installs_prepares_once_starts_detached_and_follows_worker_0():
     commands = _commands(_launch(
         "tpu_vm.sh", "--dry-run", "--name", "bert", "--zone", "us-central2-b", "--type",
         "v4-32", "--spot", "--keep-alive", "--workdir", "gs://bucket/run", "--",
-        "--config=configs/pods/base.py:v4-32", "--config.data.corpus=it's *.txt"))
-    describe, create, archive, copy, install, start, follow = commands
+        "--config=configs/pods/base.py:v4-32", "--config.data.corpus=it's *.txt",
+        "--heartbeat-timeout", "10"))
+    describe, create, archive, copy, upload, setup, prepare, start, follow, status = commands
     assert describe[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "describe", "bert"]
     assert create[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "bert"]
     assert {"--node-id=bert", "--zone=us-central2-b", "--accelerator-type=v4-32",
             "--runtime-version=tpu-ubuntu2204-base", "--spot"} <= set(create)
     assert archive[:2] == ["git", "-C"] and "archive" in archive
-    assert copy[4] == "scp" and "--worker=all" in copy
-    assert install[4] == "ssh" and "--worker=all" in install and "[tpu]" in install[-1]
-    assert start[4] == "ssh" and "--worker=all" in start
-    # The run, as the worker's shell will see it: every argument intact.
-    remote = start[-1].removeprefix("--command=")
-    detached = shlex.split(remote.split("nohup bash -c ", 1)[1].split(" > bert-jax.log")[0])
-    assert shlex.split(detached[0])[3:10] == [
-        "python3", "-m", "bert_jax.cli", "pretrain", "--workdir=gs://bucket/run",
-        "--config=configs/pods/base.py:v4-32", "--config.data.corpus=it's *.txt"]
-    assert follow[4] == "ssh" and "--worker=0" in follow and "tail" in follow[-1]
+    commit = archive[-1]
+    # The committed files and this script (which runs the worker side), to every worker.
+    assert copy[0] == "cp" and copy[1].endswith("launch/tpu_vm.sh")
+    assert upload[4] == "scp" and "--worker=all" in upload and "bert:" in upload
+    # Each worker: stop any earlier run, install this commit into a venv unless it is there.
+    assert setup[4] == "ssh" and "--worker=all" in setup
+    assert _remote(setup) == ["bash", "bert-jax-tpu_vm.sh", "--on-worker", "setup", commit,
+                              "tpu", "3.11", "0", "0"]
+    # The data, once, on worker 0: the run's config and overrides, not its process options.
+    assert "--worker=0" in prepare
+    assert _remote(prepare)[3:] == ["prepare", "--config=configs/pods/base.py:v4-32",
+                                    "--config.data.corpus=it's *.txt"]
+    # The run on every worker, every argument intact.
+    assert "--worker=all" in start
+    run = _remote(start)
+    assert run[3] == "start" and re.fullmatch(r"\d{8}T\d{6}Z", run[4])
+    assert run[5:] == ["gs://bucket/run", "--config=configs/pods/base.py:v4-32",
+                       "--config.data.corpus=it's *.txt", "--heartbeat-timeout", "10"]
+    assert "--worker=0" in follow and _remote(follow)[3:] == ["follow", "+1"]
+    assert "--worker=0" in status and _remote(status)[3:] == ["status"]
+
+
+@pytest.mark.parametrize("options, steps", [
+    (["--prepare-data", "none"], ["describe", "create", "archive", "cp", "scp", "setup",
+                                  "start", "follow", "status"]),
+    (["--prepare-data", "local"], ["describe", "create", "archive", "cp", "scp", "setup",
+                                   "prepare-data", "start", "follow", "status"]),
+    (["--attach"], ["describe", "follow", "status"]),
+])
+def test_tpu_vm_dry_run_skips_or_moves_steps(options, steps):
+    commands = _commands(_launch("tpu_vm.sh", "--dry-run", "--name", "b", "--zone", "z",
+                                 "--type", "v5p-128", "--workdir", "gs://b/r", *options, "--",
+                                 "--config=configs/pods/base.py:v5p-128"))
+    named = [{"bert-jax": c[1], "git": "archive", "cp": "cp"}.get(c[0]) or
+             (_remote(c)[3] if c[4] == "ssh" else c[4]) for c in commands]
+    assert named == steps
+    if "--prepare-data" in options and "local" in options:
+        assert commands[6] == ["bert-jax", "prepare-data", "--config=configs/pods/base.py:v5p-128"]
+    assert all("v2-alpha-tpuv5" in c[-1] for c in commands if c[4:5] == ["create"])
 
 
 @pytest.mark.parametrize("args, words", [
@@ -117,6 +153,12 @@ def test_tpu_vm_dry_run_creates_installs_starts_on_all_workers_and_follows_worke
     (["--zone", "z", "--type", "v4-32", "--workdir", "gs://b/r"], "--name is required"),
     (["--name", "b", "--zone", "z", "--type", "v4-32", "--workdir", "gs://b/r", "--spot",
       "--preemptible"], "exclude each other"),
+    (["--name", "b", "--zone", "z", "--type", "v4-32", "--workdir", "gs://b/r", "--python",
+      "3.10"], "expected 3.11 or newer"),
+    (["--name", "b", "--zone", "z", "--type", "v4-32", "--workdir", "gs://b/r",
+      "--prepare-data", "everywhere"], "expected worker0, local or none"),
+    (["--name", "b", "--zone", "z", "--type", "v4-32", "--workdir", "gs://b/r", "--",
+      "--workdir=gs://b/other"], "give --workdir to tpu_vm.sh"),
 ])
 def test_tpu_vm_refuses_bad_arguments(args, words):
     result = _launch("tpu_vm.sh", "--dry-run", *args)
