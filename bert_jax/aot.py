@@ -1,14 +1,18 @@
-"""Ahead-of-time compilation of the train step for a TPU slice, on a machine without TPUs.
+"""Ahead-of-time lowering and compilation of the train step for TPUs and GPUs, on a machine
+without either.
 
 With the `libtpu` package installed (the `tpu` extra), `jax.experimental.topologies` describes a
 slice's chips, and XLA compiles the jitted, sharded train step for them exactly as it would on
 the slice (MaxText's train_compile does the same). That answers "does this config fit, and with
 how much room?" before any TPU is rented: the compiled program's memory per chip is XLA's own.
+For CUDA the step is lowered (`lowering_platforms`), not compiled: XLA's GPU compiler needs a
+GPU. Both show which fused attention kernels the accelerator would run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import time
 
@@ -52,30 +56,49 @@ def topology_name(accelerator_type: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Compiled:
-    """What XLA reports for one train step compiled for a slice. `out_of_memory` holds XLA's
-    message when the step does not fit a chip (then `bytes_per_chip` is empty)."""
+    """One phase's train step lowered (and, for TPUs, compiled) for a target.
 
-    topology: str
-    chips: int
+    `attention` is the kernel the phase's rows run and `fused_attention` the fused-attention
+    calls found in the lowered module (what a GPU or TPU will run). For TPUs, XLA's memory
+    per chip (`bytes_per_chip`), or its message when the step does not fit a chip
+    (`out_of_memory`)."""
+
+    target: str  # a JAX TPU topology, or `cuda`
+    devices: int
+    attention: str
+    fused_attention: list
     seconds: float
-    bytes_per_chip: dict  # arguments, outputs, aliased, temporaries, code, total
+    bytes_per_chip: dict | None = None  # arguments, outputs, aliased, temporaries, code, total
     out_of_memory: str | None = None
 
 
-def compile_train_step(config: ml_collections.ConfigDict, accelerator_type: str,
-                       phase_index: int = 0) -> Compiled:
-    """Compiles the train step of one of `config`'s phases for `accelerator_type`."""
+def target_devices(target: str) -> tuple[str, list]:
+    """(platform, devices) to build the mesh of `target`: a TPU type's chips from libtpu's
+    topology, or for `cuda` this machine's devices standing in for GPUs (XLA's GPU compiler
+    needs a GPU; lowering does not)."""
+    if target == "cuda":
+        return "gpu", jax.devices()
     from jax.experimental import topologies
 
-    topology = topology_name(accelerator_type)
+    # A topology holds no chip: let libtpu load beside another process that has it loaded
+    # (a run on this TPU VM, or a parallel compile), which its lockfile would refuse.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    topology = topology_name(target)
     megacore = topology.startswith(("v4", "v5p"))
-    devices = topologies.get_topology_desc(
+    return "tpu", topologies.get_topology_desc(
         topology, "tpu", **({"chip_config_name": "megacore"} if megacore else {})).devices
+
+
+def lower_train_step(config: ml_collections.ConfigDict, target: str, phase_index: int = 0):
+    """The train step of one of `config`'s phases lowered for `target` (`target_devices`).
+    Returns (lowered, attention kernel of the phase, devices)."""
+    platform, devices = target_devices(target)
     mesh = sharding.make_mesh(config.mesh.to_dict(), devices=devices)
     phase = train.phases(config)[phase_index]
     model_config = ModelConfig.from_dict(config.model)
     tx = make_optimizer(config.train)
-    spec = train.state_spec(model_config, tx, config.train.seed, mesh, config.train.rng_impl)
+    spec = train.state_spec(model_config, tx, config.train.seed, mesh, config.train.rng_impl,
+                            platform=platform)
     batch_sharding = sharding.batch_sharding(mesh)
     rows, length, predictions = (phase.global_batch_size, phase.max_seq_length,
                                  phase.max_predictions_per_seq)
@@ -84,14 +107,49 @@ def compile_train_step(config: ml_collections.ConfigDict, accelerator_type: str,
                  rows, length, predictions, phase.instances_per_row).items()}
     step = train.jit_train_step(spec, tx, learning_rate_schedule(config.train), mesh,
                                 phase.grad_accum_steps)
+    lowered = step.lower(spec.abstract, batch,
+                         lowering_platforms=("cuda",) if target == "cuda" else None)
+    kernel = spec.attention_kernel(model_config.dtype, phase.instances_per_row > 1)
+    return lowered, kernel, devices
+
+
+# Custom calls that are fused attention: cuDNN's, and Pallas kernels by their names.
+_CALL = re.compile(r'stablehlo\.custom_call @"?([\w$.]+)"?(.*)')
+_KERNEL_NAME = re.compile(r'\b(?:kernel_)?name = "([^"]+)"')
+
+
+def fused_attention_calls(module_text: str) -> list[str]:
+    """The fused-attention calls of a lowered module, each once: `__cudnn$fmha...` targets,
+    and `TARGET:NAME` for Pallas kernels (Splash's `splash_mha_*` on TPU, the Triton
+    `mha_*` kernels on GPU)."""
+    found = set()
+    for target, rest in _CALL.findall(module_text):
+        name = _KERNEL_NAME.search(rest)
+        if target.startswith("__cudnn$fmha"):
+            found.add(target)
+        elif name and ("splash" in name.group(1) or "mha" in name.group(1)):
+            found.add(f"{target}:{name.group(1)}")
+    return sorted(found)
+
+
+def compile_train_step(config: ml_collections.ConfigDict, target: str,
+                       phase_index: int = 0) -> Compiled:
+    """Lowers the train step of one of `config`'s phases for `target` (a TPU type or `cuda`)
+    and, for a TPU, compiles it there (libtpu)."""
     started = time.perf_counter()
+    lowered, kernel, devices = lower_train_step(config, target, phase_index)
+    calls = fused_attention_calls(lowered.as_text())
+    name = "cuda" if target == "cuda" else topology_name(target)
+    if target == "cuda":
+        return Compiled(name, len(devices), kernel, calls, time.perf_counter() - started)
     try:
-        compiled = step.lower(spec.abstract, batch).compile()
+        compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as error:
         if "RESOURCE_EXHAUSTED" not in str(error):
             raise
         message = str(error).split("RESOURCE_EXHAUSTED: ", 1)[-1].splitlines()[0]
-        return Compiled(topology, len(devices), time.perf_counter() - started, {}, message)
+        return Compiled(name, len(devices), kernel, calls, time.perf_counter() - started,
+                        out_of_memory=message)
     seconds = time.perf_counter() - started
     memory = compiled.memory_analysis()
     sizes = {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
@@ -100,4 +158,4 @@ def compile_train_step(config: ml_collections.ConfigDict, accelerator_type: str,
     # Donated state is aliased: its outputs reuse the arguments' memory.
     sizes["total"] = (sizes["arguments"] + sizes["outputs"] - sizes["aliased"]
                       + sizes["temporaries"] + sizes["code"])
-    return Compiled(topology, len(devices), seconds, sizes)
+    return Compiled(name, len(devices), kernel, calls, seconds, sizes)

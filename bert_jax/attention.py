@@ -96,18 +96,15 @@ def attend(implementation: str, q_bshk, k_bshk, v_bshk, segments: Segments,
         return _softmax_attention(q_bshk, k_bshk, v_bshk, segments.kv, q_segments, dropout)
     name = kernel(implementation, q_bshk.dtype, segments.q is not None)
     if name == "pallas":  # one segment-id array: every query runs, the positions are kept
-        y_bshk = _mapped(_pallas_gpu, q_bshk, k_bshk, v_bshk, segments.kv, segments.kv)
+        y_bshk = _mapped(_interpreted_on_cpu(_pallas_gpu), q_bshk, k_bshk, v_bshk, segments.kv, segments.kv)
         return y_bshk if query_positions_bq is None else _at(y_bshk, query_positions_bq)
     q_bshk, q_segments = _queries(q_bshk, segments, query_positions_bq)
     if name == "splash":
         if q_segments is None:
             q_segments = jnp.ones(q_bshk.shape[:2], jnp.int32)
-        return _mapped(_splash, q_bshk, k_bshk, v_bshk, q_segments, segments.kv)
+        return _mapped(_interpreted_on_cpu(_splash), q_bshk, k_bshk, v_bshk, q_segments, segments.kv)
     if name == "cudnn":
-        lengths_b = jnp.sum(segments.kv != 0, axis=1, dtype=jnp.int32)
-        return jax.nn.dot_product_attention(q_bshk, k_bshk, v_bshk,
-                                            key_value_seq_lengths=lengths_b,
-                                            implementation="cudnn")
+        return _mapped(_cudnn, q_bshk, k_bshk, v_bshk, q_segments, segments.kv)
     if name == "xla":
         return jax.nn.dot_product_attention(q_bshk, k_bshk, v_bshk,
                                             mask=_mask(segments.kv, q_segments),
@@ -149,24 +146,29 @@ def _softmax_attention(q_bqhk, k_bshk, v_bshk, kv_segments_bs, q_segments_bq, dr
 # --- the Pallas kernels ----------------------------------------------------------------------
 
 def _mapped(kernel_fn, q_bqhk, k_bshk, v_bshk, q_segments_bq, kv_segments_bs):
-    """`kernel_fn` on each device's rows and heads (`jax.shard_map` over the mesh the step
-    runs under; XLA cannot partition a custom call), in interpret mode when lowered for CPU."""
-    def local(q, k, v, q_segments, kv_segments):
-        return jax.lax.platform_dependent(
-            q, k, v, q_segments, kv_segments,
-            cpu=functools.partial(kernel_fn, interpret=True),
-            default=functools.partial(kernel_fn, interpret=False))
-
+    """`kernel_fn` on each device's rows and heads: `jax.shard_map` over the mesh the step
+    runs under (XLA cannot partition a Pallas call; cuDNN's own partitioning would hide the
+    call from the lowered module that `bert-jax compile` reads)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-        return local(q_bqhk, k_bshk, v_bshk, q_segments_bq, kv_segments_bs)
+        return kernel_fn(q_bqhk, k_bshk, v_bshk, q_segments_bq, kv_segments_bs)
     batch_axes = _dividing(mesh, ("data", "fsdp"), q_bqhk.shape[0])
     head_axes = _dividing(mesh, ("tensor",), q_bqhk.shape[2])
     qkv = PartitionSpec(batch_axes, None, head_axes, None)
     ids = PartitionSpec(batch_axes, None)
-    return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, ids, ids), out_specs=qkv,
-                         check_vma=False)(q_bqhk, k_bshk, v_bshk, q_segments_bq,
-                                          kv_segments_bs)
+    return jax.shard_map(kernel_fn, mesh=mesh, in_specs=(qkv, qkv, qkv, ids, ids),
+                         out_specs=qkv, check_vma=False)(q_bqhk, k_bshk, v_bshk,
+                                                         q_segments_bq, kv_segments_bs)
+
+
+def _interpreted_on_cpu(kernel_fn):
+    """A Pallas kernel compiled for its accelerator, and run by Pallas's interpreter when the
+    step is lowered for CPU (the choice is made at lowering: `lax.platform_dependent`)."""
+    def run(*args):
+        return jax.lax.platform_dependent(*args, cpu=functools.partial(kernel_fn, interpret=True),
+                                          default=functools.partial(kernel_fn, interpret=False))
+
+    return run
 
 
 def _dividing(mesh, axes, size):
@@ -185,6 +187,18 @@ def _pad(x, axis, multiple, value=0):
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, extra)
     return jnp.pad(x, widths, constant_values=value)
+
+
+def _cudnn(q_bqhk, k_bshk, v_bshk, q_segments_bq, kv_segments_bs):
+    """cuDNN flash attention, the padding as key lengths (rows are right-padded). JAX refuses
+    an odd query count in training (the pruned last layer's [CLS] + predictions): an extra
+    query, which sees the tokens too, is dropped after."""
+    del q_segments_bq  # unpacked rows only (`kernel`): every query sees the tokens
+    lengths_b = jnp.sum(kv_segments_bs != 0, axis=1, dtype=jnp.int32)
+    y_bqhk = jax.nn.dot_product_attention(_pad(q_bqhk, 1, 2), k_bshk, v_bshk,
+                                          key_value_seq_lengths=lengths_b,
+                                          implementation="cudnn")
+    return y_bqhk[:, :q_bqhk.shape[1]]
 
 
 def _splash(q_bqhk, k_bshk, v_bshk, q_segments_bq, kv_segments_bs, *, interpret):

@@ -210,26 +210,31 @@ def _export(args, config) -> None:
 
 def _compile(args, config) -> None:
     import importlib.util
+    import json
 
-    if importlib.util.find_spec("libtpu") is None:
+    if args.tpu and importlib.util.find_spec("libtpu") is None:
         raise UsageError("compiling for a TPU slice needs the libtpu package: pip install "
                          "'bert-jax[tpu]' (it runs on a CPU machine too)")
     from bert_jax import aot
     from bert_jax.train import phases
 
+    target = args.tpu or args.platform
     too_big = []
     for index, phase in enumerate(phases(config)):
-        compiled = aot.compile_train_step(config, args.tpu, index)
-        what = (f"phase {index} (length {phase.max_seq_length}, batch "
-                f"{phase.global_batch_size}, {phase.grad_accum_steps} micro-batches) on "
-                f"{args.tpu} ({compiled.topology}, {compiled.chips} chips)")
+        compiled = aot.compile_train_step(config, target, index)
+        line = {"target": compiled.target, "devices": compiled.devices, "phase": index,
+                "length": phase.max_seq_length, "batch": phase.global_batch_size,
+                "micro_batches": phase.grad_accum_steps,
+                "instances_per_row": phase.instances_per_row,
+                "attention": compiled.attention, "fused_attention": compiled.fused_attention,
+                "seconds": round(compiled.seconds, 1)}
+        if compiled.bytes_per_chip:
+            line["gib_per_chip"] = {k: round(v / 2**30, 2)
+                                    for k, v in compiled.bytes_per_chip.items()}
         if compiled.out_of_memory:
             too_big.append(index)
-            print(f"{what}: does not fit: {compiled.out_of_memory}")
-            continue
-        memory = {k: v / 2**30 for k, v in compiled.bytes_per_chip.items()}
-        print(f"{what}: {memory['total']:.2f} GiB per chip (state {memory['arguments']:.2f}, "
-              f"temporaries {memory['temporaries']:.2f}); compiled in {compiled.seconds:.0f}s")
+            line["does_not_fit"] = compiled.out_of_memory
+        print(json.dumps(line))
     if too_big:
         raise ValueError(f"phases {too_big} do not fit {args.tpu}: raise their gradient "
                          f"accumulation (the 5th value of a train.phases row) or set "
@@ -523,14 +528,20 @@ def build_parser() -> argparse.ArgumentParser:
     tune_eval.add_argument("--poll-seconds", type=_positive, default=60,
                            help="how often --follow looks for new checkpoints (default 60)")
     compile_parser = add("compile", _compile,
-                         "compile the train step for a TPU slice here (no TPU needed): "
-                         "memory per chip",
-                         "Compiles each phase's train step for a Cloud TPU slice on this "
-                         "machine (no TPU needed; needs the libtpu package, the 'tpu' extra) "
-                         "and prints XLA's memory per chip: whether a config fits before "
-                         "renting the slice.")
-    compile_parser.add_argument("--tpu", required=True, metavar="TYPE",
-                                help="accelerator type, e.g. v4-32, v5e-16, v5p-128")
+                         "compile the train step for a TPU slice, or lower it for CUDA, here "
+                         "(no accelerator needed): memory per chip, attention kernels",
+                         "Prints one JSON line per phase: the attention kernel its rows run "
+                         "and the fused-attention calls in the lowered step. --tpu compiles "
+                         "each phase's train step for a Cloud TPU slice on this machine (needs "
+                         "the libtpu package, the 'tpu' extra) and adds XLA's memory per chip: "
+                         "whether a config fits before renting the slice. --platform=cuda "
+                         "lowers it for NVIDIA GPUs (XLA's GPU compiler needs a GPU, so no "
+                         "memory figures), on this machine's devices as stand-ins.")
+    target = compile_parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--tpu", metavar="TYPE",
+                        help="accelerator type, e.g. v4-32, v5e-16, v5p-128")
+    target.add_argument("--platform", choices=["cuda"],
+                        help="lower for this platform instead (cuda)")
     return parser
 
 

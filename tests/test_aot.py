@@ -1,10 +1,15 @@
-"""Ahead-of-time compilation for TPU slices: accelerator types to JAX topologies. (The compile
-itself needs the libtpu package, which the test extra leaves out: 700 MB; its measured results
-are in docs/scale-out.md.)"""
+"""Ahead-of-time lowering and compilation for TPUs and GPUs on this CPU machine: accelerator
+types to JAX topologies, and the fused attention kernels each lowered step runs (the test
+extra installs libtpu for the TPU topologies and compiler)."""
+
+import json
+import subprocess
+import sys
 
 import pytest
 
-from bert_jax.aot import topology_name
+from bert_jax.aot import fused_attention_calls, lower_train_step, topology_name
+from bert_jax.config import default_config
 
 
 @pytest.mark.parametrize("accelerator_type, topology", [
@@ -21,3 +26,88 @@ def test_accelerator_types_map_to_topologies_with_their_chip_count(accelerator_t
 def test_unknown_types_and_shapes_are_refused(accelerator_type, words):
     with pytest.raises(ValueError, match=words):
         topology_name(accelerator_type)
+
+
+def _base(instances_per_row: int):
+    """BERT-base in bfloat16 at length 128, rows packed with up to `instances_per_row`."""
+    config = default_config("base")
+    config.model.dtype = "bfloat16"
+    config.data.update(vocab_size=30522, max_seq_length=128, max_predictions_per_seq=20,
+                       instances_per_row=instances_per_row)
+    config.train.global_batch_size = 32
+    return config
+
+
+@pytest.mark.parametrize("instances_per_row", [1, 3], ids=["unpacked", "packed"])
+def test_the_cuda_lowering_of_base_runs_the_pallas_gpu_kernel_without_cudnn(instances_per_row):
+    lowered, kernel, _ = lower_train_step(_base(instances_per_row), "cuda")
+    assert kernel == "pallas"  # this machine has no cuDNN for JAX to find
+    assert fused_attention_calls(lowered.as_text()) == [
+        "__gpu$xla.gpu.triton:mha_backward", "__gpu$xla.gpu.triton:mha_forward",
+        "__gpu$xla.gpu.triton:mha_preprocess_backward"]
+
+
+@pytest.mark.parametrize("instances_per_row, kernel, calls", [
+    (1, "cudnn", ["__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"]),
+    (3, "pallas", ["__gpu$xla.gpu.triton:mha_backward", "__gpu$xla.gpu.triton:mha_forward",
+                   "__gpu$xla.gpu.triton:mha_preprocess_backward"]),
+], ids=["unpacked", "packed"])
+def test_where_jax_finds_cudnn_the_cuda_lowering_of_base_runs_it_unpacked(
+        monkeypatch, instances_per_row, kernel, calls):
+    # The one fake: JAX's cuDNN version check (this machine has no cuDNN library to ask).
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
+    lowered, lowered_kernel, _ = lower_train_step(_base(instances_per_row), "cuda")
+    assert lowered_kernel == kernel
+    assert fused_attention_calls(lowered.as_text()) == calls
+
+
+@pytest.mark.parametrize("instances_per_row", [1, 3], ids=["unpacked", "packed"])
+def test_the_tpu_lowering_of_base_runs_splash_on_every_chip(instances_per_row):
+    lowered, kernel, devices = lower_train_step(_base(instances_per_row), "v5e-16")
+    assert kernel == "splash" and len(devices) == 16
+    assert fused_attention_calls(lowered.as_text()) == [
+        "tpu_custom_call:splash_mha_dkv_segmented_no_residuals",
+        "tpu_custom_call:splash_mha_dq_segmented_no_residuals",
+        "tpu_custom_call:splash_mha_fwd_segmented_residuals"]
+
+
+def test_the_xla_path_lowers_no_fused_attention():
+    config = _base(1)
+    config.model.attention_impl = "xla"
+    lowered, kernel, _ = lower_train_step(config, "cuda")
+    assert kernel == "xla" and fused_attention_calls(lowered.as_text()) == []
+
+
+def _compile_command(*args):
+    return subprocess.run([sys.executable, "-m", "bert_jax.cli", "compile", *args],
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_compile_for_cuda_prints_the_kernel_and_its_calls_for_each_phase():
+    result = _compile_command("--config=configs/base.py", "--platform=cuda",
+                              "--config.model.dtype=bfloat16",
+                              "--config.train.phases=((0, 128, 20, 32), (5, 512, 80, 8, 1, 3))",
+                              "--config.train.num_steps=10")
+    assert result.returncode == 0, result.stderr
+    first, second = (json.loads(line) for line in result.stdout.splitlines())
+    assert (first["target"], first["length"], first["attention"]) == ("cuda", 128, "pallas")
+    assert (second["length"], second["instances_per_row"]) == (512, 3)
+    for line in (first, second):
+        assert "__gpu$xla.gpu.triton:mha_forward" in line["fused_attention"]
+        assert "gib_per_chip" not in line  # lowered, not compiled: no memory figures
+
+
+@pytest.mark.slow
+def test_compile_for_a_tpu_compiles_splash_and_reports_memory_per_chip():
+    """libtpu compiles the step, Splash's Mosaic kernels included, for a v5e-4 (BERT-tiny
+    packed at length 128: a compile of minutes on 2 cores)."""
+    result = _compile_command("--tpu=v5e-4", "--config.model.dtype=bfloat16",
+                              "--config.train.phases=((0, 128, 20, 32, 1, 3),)",
+                              "--config.train.num_steps=10", "--config.data.vocab_size=4096")
+    assert result.returncode == 0, result.stderr
+    (line,) = (json.loads(line) for line in result.stdout.splitlines())
+    assert (line["target"], line["devices"], line["attention"]) == ("v5e:2x2", 4, "splash")
+    assert "tpu_custom_call:splash_mha_fwd_segmented_residuals" in line["fused_attention"]
+    assert 0 < line["gib_per_chip"]["total"] < 16
