@@ -8,10 +8,13 @@ usage() {
 usage: launch/gpu.sh [OPTIONS] [-- BERT_JAX_PRETRAIN_ARGS...]
 
 Runs `bert-jax pretrain ARGS` as one process on this host's GPUs, e.g.
-  launch/gpu.sh --install -- --config=configs/pods/base_8xgpu.py --workdir=runs/base
+  launch/gpu.sh --install -- --config=configs/pods/base.py:8xh100 --workdir=runs/base
+(8xh200 on a host with 8 H200s.) The run resumes from its workdir when started again.
 
-Sets XLA flags that overlap communication with compute (latency-hiding scheduler) and lets
-JAX use 90% of each GPU's memory. The run resumes from its workdir when started again.
+Sets the environment of launch/gpu_env.sh (shared with launch/slurm.sbatch): XLA's GPU flags
+for throughput as MaxText sets them (latency-hiding scheduler, pipelined collectives, larger
+combined collectives, cuBLAS matmuls), 90% of each GPU's memory for JAX, NCCL_DEBUG=WARN;
+XLA_FLAGS and the others already set in the environment win.
 
 options:
   --gpus LIST   GPUs to use, e.g. 0,1,2,3 (default: all; sets CUDA_VISIBLE_DEVICES)
@@ -43,12 +46,12 @@ if [[ -n $gpus && ! $gpus =~ ^[0-9]+(,[0-9]+)*$ ]]; then
   die "--gpus $gpus: expected comma-separated GPU indices, e.g. 0,1,2,3"
 fi
 
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-environment=(
-  "XLA_FLAGS=${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_latency_hiding_scheduler=true"
-  "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9"
-)
-[[ -n $gpus ]] && environment+=("CUDA_VISIBLE_DEVICES=$gpus")
+launch=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(dirname "$launch")
+gpu_environment=()
+# shellcheck source=gpu_env.sh disable=SC1091  # followed with shellcheck -x
+source "$launch/gpu_env.sh"
+[[ -n $gpus ]] && gpu_environment+=("CUDA_VISIBLE_DEVICES=$gpus")
 
 run() {
   if ((dry_run)); then
@@ -60,4 +63,4 @@ run() {
 }
 
 ((install)) && run python3 -m pip install "${repo}[cuda]"
-run env "${environment[@]}" bert-jax pretrain "$@"
+run env "${gpu_environment[@]}" bert-jax pretrain "$@"

@@ -1,10 +1,12 @@
 """launch/ scripts: the commands their --dry-run prints, their usage text and argument errors,
 and shellcheck (when installed, as in CI)."""
 
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,26 +67,101 @@ def test_local_multihost_refuses_bad_arguments(args, words):
     assert result.returncode == 2 and words in result.stderr
 
 
-def test_gpu_dry_run_installs_then_runs_one_process_on_the_chosen_gpus(monkeypatch):
-    monkeypatch.delenv("XLA_FLAGS")
+def _gpu_xla_flags() -> list[str]:
+    """The XLA flags launch/gpu_env.sh sets, with XLA_FLAGS unset."""
+    words = subprocess.run(
+        ["env", "-u", "XLA_FLAGS", "bash", "-c",
+         f'set -eu; gpu_environment=(); source {LAUNCH / "gpu_env.sh"}; '
+         'printf "%s\\n" "${gpu_environment[@]}"'],
+        capture_output=True, text=True, check=True).stdout.splitlines()
+    (flags,) = [w.removeprefix("XLA_FLAGS=") for w in words if w.startswith("XLA_FLAGS=")]
+    return flags.split()
+
+
+def test_gpu_env_flags_are_known_to_jax_xla_and_each_changes_a_default():
+    """XLA aborts on a flag it does not know (also in this CPU build, which holds every
+    flag); each flag must also change jax's default, else it is noise."""
+    flags = _gpu_xla_flags()
+    assert "--xla_gpu_enable_latency_hiding_scheduler=true" in flags
+    assert "--xla_gpu_enable_triton_gemm=false" in flags
+
+    def debug_options(xla_flags):
+        result = subprocess.run(
+            [sys.executable, "-c", "from jax._src.lib import _jax; options = _jax.CompileOptions()"
+             "; build = options.executable_build_options; print(build.debug_options)"],
+            capture_output=True, text=True,
+            env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags}, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        lines = result.stdout.splitlines()
+        return {name: sorted(line for line in lines if line.startswith(name + ":"))
+                for name in (flag[2:].split("=")[0] for flag in flags)}
+
+    default, ours = debug_options(""), debug_options(" ".join(flags))
+    for flag in flags:
+        name = flag[2:].split("=")[0]
+        assert ours[name] != default[name], f"{flag} is jax's default: {default[name]}"
+    if shutil.which("shellcheck"):
+        checked = subprocess.run(["shellcheck", "-x", str(LAUNCH / "gpu_env.sh")],
+                                 capture_output=True, text=True, cwd=LAUNCH)
+        assert checked.returncode == 0, checked.stdout
+
+
+def test_gpu_dry_run_installs_then_runs_one_process_with_the_gpu_env(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=x")
+    monkeypatch.setenv("NCCL_DEBUG", "INFO")
     install, run = _commands(_launch("gpu.sh", "--dry-run", "--install", "--gpus", "0,1", "--",
-                                     "--config=configs/pods/base.py:8xgpu"))
+                                     "--config=configs/pods/base.py:8xh100"))
     assert install[:4] == ["python3", "-m", "pip", "install"]
     assert install[4].endswith("[cuda]")
     assert run[0] == "env" and "CUDA_VISIBLE_DEVICES=0,1" in run
-    assert "XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true" in run
-    assert run[-3:] == ["bert-jax", "pretrain", "--config=configs/pods/base.py:8xgpu"]
+    # gpu_env.sh's flags, the caller's after them (XLA takes a flag's last value).
+    assert f"XLA_FLAGS={' '.join(_gpu_xla_flags())} --xla_dump_to=x" in run
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9" in run and "NCCL_DEBUG=INFO" in run
+    assert run[-3:] == ["bert-jax", "pretrain", "--config=configs/pods/base.py:8xh100"]
     assert _launch("gpu.sh", "--gpus", "all").returncode == 2
 
 
-def test_slurm_dry_run_starts_one_task_per_gpu_through_srun():
+def test_slurm_dry_run_prepares_the_data_in_one_task_trains_one_task_per_gpu_then_requeues(
+        monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS")
     text = (LAUNCH / "slurm.sbatch").read_text()
-    assert "#SBATCH --ntasks-per-node=8" in text and "#SBATCH --gpus-per-node=8" in text
-    (command,) = _commands(_launch("slurm.sbatch", "--dry-run", "--", "--workdir=/shared/run"))
-    assert command[:2] == ["srun", "--kill-on-bad-exit=1"]
-    assert command[-3:] == ["bert-jax", "pretrain", "--workdir=/shared/run"]
-    outside = _launch("slurm.sbatch", "--", "--workdir=/shared/run")
-    assert outside.returncode == 2 and "not inside a SLURM job" in outside.stderr
+    for line in ("--ntasks-per-node=8", "--gpus-per-node=8", "--requeue", "--signal=TERM@120",
+                 "--open-mode=append"):
+        assert f"#SBATCH {line}\n" in text
+    args = ["--config=configs/pods/large.py:64xh200", "--config.data.data_dir=/shared/data",
+            "--workdir", "/shared/run", "--heartbeat-timeout=60"]
+    prepare, train, requeue = _commands(_launch("slurm.sbatch", "--dry-run", "--", *args))
+    # prepare-data gets the config and its overrides, not pretrain's own options.
+    assert prepare == ["srun", "--nodes=1", "--ntasks=1", "env", "JAX_PLATFORMS=cpu", "bert-jax",
+                       "prepare-data", *args[:2]]
+    assert train[:3] == ["srun", "--kill-on-bad-exit=1", "env"]
+    assert f"XLA_FLAGS={' '.join(_gpu_xla_flags())}" in train
+    assert train[-7:] == ["bert-jax", "pretrain", *args]
+    assert requeue == ["scontrol", "requeue", "JOB_ID"]
+    assert "unless /shared/run/export exists" in _launch(
+        "slurm.sbatch", "--dry-run", "--", *args).stdout
+
+
+@pytest.mark.parametrize("options, first_words, last", [
+    (["--no-prepare-data"], ["srun", "--kill-on-bad-exit=1"], ["scontrol", "requeue"]),
+    (["--chain", "resubmit"], ["srun", "--nodes=1"], ["sbatch", "--dependency=singleton"]),
+    (["--chain=none"], ["srun", "--nodes=1"], ["srun", "--kill-on-bad-exit=1"]),
+])
+def test_slurm_dry_run_options(options, first_words, last):
+    commands = _commands(_launch("slurm.sbatch", "--dry-run", *options, "--", "--workdir=/r"))
+    assert commands[0][:2] == first_words
+    assert commands[-1][:2] == last
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--chain", "forever", "--", "--workdir=/r"], "--chain forever: expected requeue"),
+    (["--chain"], "--chain needs a value"),
+    (["--", "--workdir=/shared/run"], "not inside a SLURM job"),
+])
+def test_slurm_refuses_bad_arguments_and_runs_only_in_a_job(args, words):
+    result = _launch("slurm.sbatch", *args)
+    assert result.returncode == 2 and words in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def _remote(command) -> list[str]:
