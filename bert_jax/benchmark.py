@@ -41,8 +41,8 @@ def benchmark_config(size: str, batch: int, seq: int, dtype: str = "float32",
 
 def train_step_and_inputs(config: ml_collections.ConfigDict, devices=None):
     """(the jitted train step of `config` on a mesh of `devices` (default: every local
-    device), a fresh state, two synthetic batches): what `run` times, and what tests
-    compile to read the step's HLO."""
+    device), a fresh state, two synthetic batches, the attention kernel the step runs): what
+    `run` times, and what tests compile to read the step's HLO."""
     model_config = ModelConfig.from_dict(config.model)
     devices = jax.local_devices() if devices is None else devices
     mesh = sharding.make_mesh(config.mesh.to_dict(), devices=devices)
@@ -57,12 +57,13 @@ def train_step_and_inputs(config: ml_collections.ConfigDict, devices=None):
         for seed in range(2)]
     step = train.jit_train_step(spec, tx, learning_rate_schedule(config.train), mesh,
                                 config.train.grad_accum_steps)
-    return step, state, batches
+    kernel = spec.attention_kernel(model_config.dtype, config.data.instances_per_row > 1)
+    return step, state, batches, kernel
 
 
 def run(config: ml_collections.ConfigDict, steps: int = 10) -> dict:
     """Compiles and times `steps` train steps of `config`; returns the figures as a dict."""
-    step, state, batches = train_step_and_inputs(config)
+    step, state, batches, kernel = train_step_and_inputs(config)
     batch_size, seq = config.train.global_batch_size, config.data.max_seq_length
     predictions = config.data.max_predictions_per_seq
     started = time.perf_counter()
@@ -92,7 +93,7 @@ def run(config: ml_collections.ConfigDict, steps: int = 10) -> dict:
         "device": devices[0].device_kind, "devices": len(devices),
         "model": {k: config.model[k] for k in ("num_layers", "hidden_size", "num_heads")},
         "batch": batch_size, "seq": seq, "predictions": predictions,
-        "dtype": config.model.dtype, "attention": config.model.attention_impl,
+        "dtype": config.model.dtype, "attention": kernel,
         "scan": config.model.scan_layers, "remat": config.model.remat_policy,
         "instances_per_row": config.data.instances_per_row,
         "steps": steps, "loss": round(float(metrics["loss"]), 4),

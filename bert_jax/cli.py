@@ -476,7 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="compute dtype (parameters stay float32)")
     bench.add_argument("--steps", type=_positive, default=10, help="timed steps (default 10)")
     bench.add_argument("--attention", default="auto", choices=list(ATTENTION_IMPLEMENTATIONS),
-                       help="jax.nn.dot_product_attention implementation (default auto)")
+                       help="attention kernel (default auto: Splash on TPU, cuDNN on GPU, XLA "
+                            "on CPU; splash and pallas run interpreted on CPU); the JSON's "
+                            "'attention' names the kernel that ran")
     bench.add_argument("--scan", action="store_true", help="run the layers with lax.scan")
     bench.add_argument("--remat", default="none", choices=list(REMAT_POLICIES),
                        help="rematerialization policy (default none)")

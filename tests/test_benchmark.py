@@ -83,6 +83,7 @@ def test_benchmark_prints_one_json_line_with_every_figure():
     assert figures["mfu"] is None and figures["device"] == "cpu"  # no known CPU peak
     assert (figures["batch"], figures["seq"], figures["predictions"], figures["scan"],
             figures["instances_per_row"]) == (8, 32, 5, True, 3)
+    assert figures["attention"] == "xla"  # what `auto` runs on a CPU
 
 
 def _fusions(hlo: str) -> list[tuple[str, set[str], bool]]:
@@ -103,7 +104,7 @@ def test_compiled_train_step_fuses_what_the_model_intends():
     are one fusion (not split into several passes), and each sub-layer's output bias,
     dropout and residual add are one fusion (LayerNorm's reductions follow in their own)."""
     config = benchmark.benchmark_config("tiny", 4, 32)
-    step, state, batches = benchmark.train_step_and_inputs(config, jax.local_devices()[:1])
+    step, state, batches, _ = benchmark.train_step_and_inputs(config, jax.local_devices()[:1])
     fusions = _fusions(step.lower(state, batches[0]).compile().as_text())
 
     # One forward pass over each layer's largest activation: bias add and all of GELU.
