@@ -8,7 +8,12 @@ each step waited for, and the median reported: the figure peers are compared wit
 
 from __future__ import annotations
 
+import collections
+import glob
+import gzip
+import json
 import statistics
+import tempfile
 import time
 
 import jax
@@ -61,8 +66,10 @@ def train_step_and_inputs(config: ml_collections.ConfigDict, devices=None):
     return step, state, batches, kernel
 
 
-def run(config: ml_collections.ConfigDict, steps: int = 10) -> dict:
-    """Compiles and times `steps` train steps of `config`; returns the figures as a dict."""
+def run(config: ml_collections.ConfigDict, steps: int = 10, profile_steps: int = 0) -> dict:
+    """Compiles and times `steps` train steps of `config`; returns the figures as a dict.
+    With `profile_steps`, that many more steps are traced and `profile` holds the operations
+    that took the most time in them (`profile_summary`)."""
     step, state, batches, kernel = train_step_and_inputs(config)
     batch_size, seq = config.train.global_batch_size, config.data.max_seq_length
     predictions = config.data.max_predictions_per_seq
@@ -79,6 +86,7 @@ def run(config: ml_collections.ConfigDict, steps: int = 10) -> dict:
         times.append(time.perf_counter() - started)
         tokens.append(float(metrics["tokens"]))  # the batch's tokens that are not padding
     seconds = statistics.median(times)
+    profile = _profile(compiled, state, batches, profile_steps) if profile_steps else None
     devices = jax.local_devices()
     seq_per_s = batch_size / seconds
     flops_per_sequence = flops.train_flops_per_sequence(ModelConfig.from_dict(config.model),
@@ -97,7 +105,70 @@ def run(config: ml_collections.ConfigDict, steps: int = 10) -> dict:
         "scan": config.model.scan_layers, "remat": config.model.remat_policy,
         "instances_per_row": config.data.instances_per_row,
         "steps": steps, "loss": round(float(metrics["loss"]), 4),
+        **({"profile": profile} if profile_steps else {}),
     }
+
+
+# What the device check runs: (case, size, global batch, length, instances per row), in
+# bfloat16 with each attention kernel; sized to finish within 8 minutes on one H200.
+DEVICE_SUITE = (("base@128", "base", 256, 128, 1), ("large@128", "large", 128, 128, 1),
+                ("large@512 packed", "large", 32, 512, 3))
+
+
+def run_suite(cases=DEVICE_SUITE, attentions=("cudnn", "xla"), steps: int = 10,
+              profile_steps: int = 3, log=print) -> dict:
+    """`run` for every case with every attention kernel (scanned layers: short compiles),
+    each with its profile. A case that fails (out of memory, a kernel that refuses the
+    shapes) is recorded with its error and the suite goes on: one run on a lent device
+    must give every figure it can."""
+    results = []
+    for case, size, batch, seq, instances_per_row in cases:
+        for attention in attentions:
+            config = benchmark_config(size, batch, seq, "bfloat16", attention, scan=True,
+                                      instances_per_row=instances_per_row)
+            started = time.perf_counter()
+            try:
+                figures = run(config, steps, profile_steps)
+            except Exception as error:  # noqa: BLE001 (recorded, and the suite goes on)
+                figures = {"asked": attention, "error": f"{type(error).__name__}: "
+                                                        f"{str(error).splitlines()[0]}"}
+            results.append({"case": case, "asked": attention, **figures,
+                            "wall_s": round(time.perf_counter() - started, 1)})
+            log(json.dumps({k: v for k, v in results[-1].items() if k != "profile"}))
+    device = jax.local_devices()[0]
+    return {"device": device.device_kind, "devices": jax.local_device_count(),
+            "jax": jax.__version__, "results": results}
+
+
+def _profile(compiled, state, batches, steps: int) -> list:
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for index in range(steps):
+                state, metrics = compiled(state, batches[index % 2])
+            jax.block_until_ready(metrics)
+        (path,) = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)
+        with gzip.open(path) as trace:
+            return profile_summary(json.load(trace), steps)
+
+
+def profile_summary(trace: dict, steps: int, top: int = 12) -> list:
+    """The `top` operations by time in a Perfetto trace (`jax.profiler.trace`) of `steps`
+    steps: [{"name", "ms_per_step", "share"}], share of the traced device time. Device
+    streams where the trace has them (GPU, TPU), else the host's non-Python events."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    processes = {e["pid"]: e["args"]["name"] for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"}
+    devices = {pid for pid, name in processes.items() if name.startswith("/device:")}
+    totals = collections.Counter()
+    for event in events:
+        if event.get("ph") != "X" or event["name"].startswith("$"):  # $: Python frames
+            continue
+        if devices and event["pid"] not in devices:
+            continue
+        totals[event["name"]] += event.get("dur", 0.0)
+    whole = sum(totals.values()) or 1.0
+    return [{"name": name, "ms_per_step": round(us / 1000 / steps, 3),
+             "share": round(us / whole, 4)} for name, us in totals.most_common(top)]
 
 
 def _round(value: float | None) -> float | None:

@@ -246,6 +246,14 @@ def _benchmark(args, config) -> None:
 
     from bert_jax import benchmark
 
+    if args.suite:
+        from bert_jax.files import write_atomically
+
+        _check_out_folder(args.out)
+        figures = benchmark.run_suite(log=lambda line: print(line, flush=True))
+        write_atomically(args.out, (json.dumps(figures, indent=1) + "\n").encode())
+        print(f"wrote {args.out}")
+        return
     run_config = benchmark.benchmark_config(args.model, args.batch, args.seq, args.dtype,
                                             args.attention, args.scan, args.remat,
                                             args.instances_per_row)
@@ -291,6 +299,11 @@ def _print_dataset(prepared) -> None:
           f"built in {summary['seconds']}s")
 
 
+def _check_out_folder(out) -> None:
+    if not Path(out).absolute().parent.is_dir():
+        raise UsageError(f"--out={out}: its folder does not exist: create it first")
+
+
 def _inspect_data(args, config) -> None:
     import numpy as np
 
@@ -298,8 +311,8 @@ def _inspect_data(args, config) -> None:
 
     from bert_jax.train import phase_config, phases
 
-    if args.out and not Path(args.out).absolute().parent.is_dir():
-        raise UsageError(f"--out={args.out}: its folder does not exist: create it first")
+    if args.out:
+        _check_out_folder(args.out)
     # The phase of the first step decides lengths and batch size, as in training.
     phase = next((p for p in phases(config) if p.start <= args.start_step < p.end), None)
     if phase is None:
@@ -482,6 +495,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--scan", action="store_true", help="run the layers with lax.scan")
     bench.add_argument("--remat", default="none", choices=list(REMAT_POLICIES),
                        help="rematerialization policy (default none)")
+    bench.add_argument("--suite", choices=["device"],
+                       help="instead, the device check: base@128, large@128 and large@512 "
+                            "packed in bfloat16, each with cuDNN and XLA attention, with a "
+                            "profile of each; one JSON file (--out), a line per run as it goes")
+    bench.add_argument("--out", default="device_check.json", metavar="FILE.json",
+                       help="where --suite writes its figures (default device_check.json)")
     bench.add_argument("--instances-per-row", type=_positive, default=1,
                        help="pack up to this many instances into each row, cutting rows of the "
                             "unpacked rows' lengths (default 1: unpacked)")

@@ -117,3 +117,26 @@ def test_compiled_train_step_fuses_what_the_model_intends():
                                  if forward and f"{sublayer}____bias" in operands
                                  and {"select", "add", "compare"} <= ops]
         assert len(bias_dropout_residual) == config.model.num_layers, sublayer
+
+
+def test_the_device_suite_records_each_kernels_figures_profile_and_failure():
+    """The device check's code path on this CPU, on a tiny case: every run's figures and the
+    top operations of its profile; a kernel that cannot run here (cuDNN) is recorded with
+    its error and the suite goes on."""
+    lines = []
+    figures = benchmark.run_suite(cases=(("tiny@64 packed", "tiny", 8, 64, 3),
+                                         ("tiny@64", "tiny", 8, 64, 1)),
+                                  attentions=("splash", "cudnn"), steps=2, profile_steps=2,
+                                  log=lines.append)
+    assert figures["device"] == "cpu" and len(lines) == 4
+    packed_splash, packed_cudnn, splash, cudnn = figures["results"]
+    assert (packed_splash["case"], packed_splash["attention"]) == ("tiny@64 packed", "splash")
+    # cuDNN takes no segment ids in JAX 0.10: packed rows run the Pallas GPU kernel.
+    assert (packed_cudnn["asked"], packed_cudnn["attention"]) == ("cudnn", "pallas")
+    for result in (packed_splash, packed_cudnn, splash):
+        assert result["step_ms"] > 0 and result["real_tokens_per_s"] > 0
+        assert 1 <= len(result["profile"]) <= 12
+        assert all(op["ms_per_step"] > 0 for op in result["profile"])
+        assert sum(op["share"] for op in result["profile"]) <= 1.0
+    assert cudnn["asked"] == "cudnn" and "cuDNN" in cudnn["error"]
+    assert json.loads(json.dumps(figures)) == figures  # what --suite writes
