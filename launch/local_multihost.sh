@@ -96,7 +96,7 @@ for ((id = 0; id < processes; id++)); do
   echo "local_multihost.sh: process $id: pid $! $( ((id == 0)) && echo "(output below)" || echo "(log: $log_dir/process_$id.log)")" >&2
 done
 
-# shellcheck disable=SC2317  # called by the traps below
+# shellcheck disable=SC2317,SC2329  # called by the traps below
 forward() { kill -"$1" "${pids[@]}" 2>/dev/null || true; }
 trap 'forward TERM' TERM
 trap 'forward INT' INT

