@@ -100,3 +100,13 @@ def test_a_sharded_train_step_with_an_interpreted_kernel_equals_the_xla_one(impl
         assert metrics[name] == pytest.approx(metrics_xla[name], rel=1e-5), name
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  state["params"], state_xla["params"])
+
+
+def test_a_run_names_its_attention_kernel_in_its_log_and_first_metrics_record(straight_run):
+    from bert_jax.metrics import read_metrics
+
+    workdir, _, stdout = straight_run
+    header = read_metrics(workdir)[0]
+    assert header == {"step": 0, "split": "run", "platform": "cpu", "devices": 4,
+                      "mesh": "data 4, fsdp 1, tensor 1", "attention": "xla"}
+    assert "4 cpu devices, mesh data 4, fsdp 1, tensor 1, attention xla" in stdout
