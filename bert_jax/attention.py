@@ -19,8 +19,8 @@ interpret mode when lowered for CPU, which is how the tests check them here.
 
 Training prunes the last layer's queries to the predicted positions (and each [CLS]); each
 kernel is given queries in the count it takes: Splash pads them to a multiple of its block,
-the Pallas GPU kernel (one segment-id array for queries and keys) runs every query and
-keeps the outputs at the positions.
+cuDNN to an even count, and the Pallas GPU kernel (one segment-id array for queries and
+keys) runs every query and keeps the outputs at the positions.
 """
 
 from __future__ import annotations
@@ -96,15 +96,18 @@ def attend(implementation: str, q_bshk, k_bshk, v_bshk, segments: Segments,
         return _softmax_attention(q_bshk, k_bshk, v_bshk, segments.kv, q_segments, dropout)
     name = kernel(implementation, q_bshk.dtype, segments.q is not None)
     if name == "pallas":  # one segment-id array: every query runs, the positions are kept
-        y_bshk = _mapped(_interpreted_on_cpu(_pallas_gpu), q_bshk, k_bshk, v_bshk, segments.kv, segments.kv)
-        return y_bshk if query_positions_bq is None else _at(y_bshk, query_positions_bq)
+        y_bshk = _mapped(_interpreted_on_cpu(_pallas_gpu), q_bshk, k_bshk, v_bshk,
+                         segments.kv, segments.kv)
+        return (y_bshk if query_positions_bq is None else
+                at_positions(y_bshk, query_positions_bq))
     q_bshk, q_segments = _queries(q_bshk, segments, query_positions_bq)
     if name == "splash":
         if q_segments is None:
             q_segments = jnp.ones(q_bshk.shape[:2], jnp.int32)
-        return _mapped(_interpreted_on_cpu(_splash), q_bshk, k_bshk, v_bshk, q_segments, segments.kv)
-    if name == "cudnn":
-        return _mapped(_cudnn, q_bshk, k_bshk, v_bshk, q_segments, segments.kv)
+        return _mapped(_interpreted_on_cpu(_splash), q_bshk, k_bshk, v_bshk, q_segments,
+                       segments.kv)
+    if name == "cudnn":  # unpacked rows only (`kernel`): the queries' ids are not needed
+        return _mapped(_cudnn, q_bshk, k_bshk, v_bshk, segments.kv, segments.kv)
     if name == "xla":
         return jax.nn.dot_product_attention(q_bshk, k_bshk, v_bshk,
                                             mask=_mask(segments.kv, q_segments),
@@ -117,13 +120,15 @@ def _queries(q_bshk, segments: Segments, positions_bq):
     """The queries (and their segments) at `positions_bq`, or all of them."""
     if positions_bq is None:
         return q_bshk, segments.q
-    return _at(q_bshk, positions_bq), None if segments.q is None else _at(segments.q,
-                                                                          positions_bq)
+    return (at_positions(q_bshk, positions_bq),
+            None if segments.q is None else at_positions(segments.q, positions_bq))
 
 
-def _at(x_bs, positions_bq):
-    index = positions_bq.reshape(positions_bq.shape + (1,) * (x_bs.ndim - 2))
-    return jnp.take_along_axis(x_bs, index, axis=1)
+def at_positions(x_bs, positions_bq):
+    """The rows of `x_bs` ([batch, sequence, ...]) at each batch row's own positions
+    ([batch, Q]): [batch, Q, ...]."""
+    index_bq = positions_bq.reshape(positions_bq.shape + (1,) * (x_bs.ndim - 2))
+    return jnp.take_along_axis(x_bs, index_bq, axis=1)
 
 
 def _mask(kv_segments_bs, q_segments_bq):
@@ -193,7 +198,7 @@ def _cudnn(q_bqhk, k_bshk, v_bshk, q_segments_bq, kv_segments_bs):
     """cuDNN flash attention, the padding as key lengths (rows are right-padded). JAX refuses
     an odd query count in training (the pruned last layer's [CLS] + predictions): an extra
     query, which sees the tokens too, is dropped after."""
-    del q_segments_bq  # unpacked rows only (`kernel`): every query sees the tokens
+    del q_segments_bq  # unpacked rows: every query sees the tokens
     lengths_b = jnp.sum(kv_segments_bs != 0, axis=1, dtype=jnp.int32)
     y_bqhk = jax.nn.dot_product_attention(_pad(q_bqhk, 1, 2), k_bshk, v_bshk,
                                           key_value_seq_lengths=lengths_b,

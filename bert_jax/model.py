@@ -93,7 +93,7 @@ class SelfAttention(nnx.Module):
         y_bshk = attention.attend(self.config.attention_impl, q_bshk, k_bshk, v_bshk, segments,
                                   query_positions_bq, dropout)
         if query_positions_bq is not None:
-            x_bsd = _at_positions(x_bsd, query_positions_bq)
+            x_bsd = attention.at_positions(x_bsd, query_positions_bq)
         y_bsd = _dropout(self.config.hidden_dropout_rate, self.out(y_bshk), output_key)
         return self.norm(x_bsd + y_bsd)
 
@@ -405,13 +405,6 @@ def _positions(name, value, batch: int) -> Array:
 def _check_integer(name, value):
     if not jnp.issubdtype(value.dtype, jnp.integer):
         raise ValueError(f"{name} has dtype {value.dtype}: expected an integer dtype")
-
-
-def _at_positions(x_bs, positions_bq) -> Array:
-    """The rows of `x_bs` ([batch, sequence, ...]) at each batch row's own positions
-    ([batch, Q]): [batch, Q, ...]."""
-    index_bq = positions_bq.reshape(positions_bq.shape + (1,) * (x_bs.ndim - 2))
-    return jnp.take_along_axis(x_bs, index_bq, axis=1)
 
 
 def _split(key, n):
