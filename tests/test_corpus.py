@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from bert_jax.data.corpus import (ReadStats, builtin_stdlib_root, list_sources, read_source,
-                                  split_sentences)
+from bert_jax.data.corpus import (ReadStats, builtin_stdlib_root, fingerprint, list_sources,
+                                  read_source, split_sentences)
 
 
 def _read(source: str, **kwargs) -> tuple[list[list[str]], ReadStats]:
@@ -141,6 +141,20 @@ def test_unparsable_builtin_module_counts_nothing(tmp_path):
     assert _read(f"builtin:{path}") == ([], ReadStats())
 
 
+def test_fingerprint_is_the_files_content_not_the_glob(tmp_path):
+    (tmp_path / "a.txt").write_text("One sentence. Another one.\n")
+    (tmp_path / "b.txt").write_text("A second file.\n")
+    spec = f"{tmp_path}/*.txt"
+    first = fingerprint(spec)
+    assert fingerprint(spec) == first
+    (tmp_path / "b.txt").write_text("A second file, edited.\n")
+    edited = fingerprint(spec)
+    assert edited != first
+    (tmp_path / "c.txt").write_text("A third file.\n")
+    assert fingerprint(spec) not in (first, edited)
+    assert fingerprint("builtin") == fingerprint("builtin")
+
+
 def test_tfds_reads_the_text_feature(tmp_path):
     import tensorflow_datasets as tfds  # slow to import: only the TFDS tests need it
 
@@ -155,6 +169,9 @@ def test_tfds_reads_the_text_feature(tmp_path):
         documents, _ = _read("tfds:ag_news_subset:test", text_field="title",
                              tfds_data_dir=str(tmp_path))
         assert len(documents) == 5
+    # A TFDS corpus is its dataset's name, config and version, and its split.
+    assert (fingerprint("tfds:imdb_reviews", str(tmp_path))
+            != fingerprint("tfds:imdb_reviews:test", str(tmp_path)))
 
 
 def test_tfds_dataset_not_prepared_is_an_error_naming_the_data_dir(tmp_path):

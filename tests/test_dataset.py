@@ -190,18 +190,36 @@ def test_building_is_deterministic_and_reused(topics, tmp_path):
     assert os.stat(rebuilt.path / "dataset_info.json").st_mtime == mtime
 
 
+def test_an_edited_corpus_file_gets_a_new_tokenizer_and_dataset(tmp_path):
+    """A trained tokenizer and a dataset are those of the corpus's content, not of its glob:
+    a file edited in place (same name, same size) is read again, nothing old is reused."""
+    config = _config(tmp_path, _write_topics(tmp_path), workers=1, vocab_size=300)
+    before = pipeline.prepare(config)
+    part = tmp_path / "part1.txt"
+    size, documents = part.stat().st_size, part.read_text().split("\n\n")
+    part.write_text("\n\n".join(reversed(documents)))  # its documents in another order
+    assert part.stat().st_size == size
+    after = pipeline.prepare(config)
+    assert after.path != before.path
+    assert len(list((tmp_path / "data" / "tokenizers").iterdir())) == 2  # trained again
+    assert ([e["input_ids"].tobytes() for e in _all(after, "validation")]
+            != [e["input_ids"].tobytes() for e in _all(before, "validation")])
+
+
 def test_dataset_names_stay_those_of_the_datasets_on_disk():
-    # The default config's dataset name as the code before packing gave it: a new DataConfig
-    # field must leave existing names alone (unpacked datasets omit instances_per_row).
-    assert dataset.dataset_name(dataset.identity(DataConfig(), "fingerprint")) == \
-        "seq128_4867d2cd7c955f8a"
+    # The default config's dataset name since the corpus's content joined the identity: a new
+    # DataConfig field must leave existing names alone (unpacked datasets omit
+    # instances_per_row).
+    assert dataset.dataset_name(dataset.identity(DataConfig(), "fingerprint", "corpus")) == \
+        "seq128_73b2d212a27c0a26"
 
 
 def test_a_changed_config_gets_another_dataset_and_a_mismatch_is_caught(topics, tmp_path):
     config, prepared = topics
     data = DataConfig.from_dict(config.data)
     other = dataset.identity(DataConfig(**{**data.to_dict(), "max_seq_length": 128}),
-                             prepared.tokenizer.fingerprint)
+                             prepared.tokenizer.fingerprint,
+                             prepared.metadata["identity"]["corpus_fingerprint"])
     assert dataset.dataset_name(other) != prepared.path.parent.name
     with pytest.raises(ValueError, match="max_seq_length=64.*max_seq_length=128"):
         dataset.open_prepared(prepared.path, expected=other)

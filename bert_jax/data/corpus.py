@@ -11,14 +11,19 @@ A corpus (`config.data.corpus`) is one of:
   TFDS data directory (nothing is ever downloaded).
 
 `list_sources` cuts a corpus into independently readable units named by picklable strings,
-so that parallel workers can each read some; `read_source` reads one of them.
+so that parallel workers can each read some; `read_source` reads one of them; `fingerprint`
+digests what they read, the identity of what is built from a corpus.
 """
 
 from __future__ import annotations
 
 import ast
+import concurrent.futures
 import dataclasses
+import functools
 import glob
+import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -142,6 +147,45 @@ def read_source(source: str, stats: ReadStats | None = None, *, text_field: str 
             stats.documents += 1
             stats.sentences += len(document)
             yield document
+
+
+def fingerprint(spec: str, tfds_data_dir: str | None = None) -> str:
+    """A digest (hex SHA-256) of the text that corpus `spec` reads: what a tokenizer trained
+    on it and a dataset built from it are named by, so that an edited file is never served
+    by what was built from its old content.
+
+    Each source of `list_sources` gives its name (a file's path) and, for a file or a
+    `builtin` module (`builtin:pydoc_topics`: `pydoc_data/topics.py`), the file's size and
+    SHA-256; for TFDS, the dataset's full name: name, config and version (TFDS gives one
+    version fixed data), the split being in the source's name. Files are hashed in threads
+    (hashlib runs outside the GIL; about 1.6 GB/s a core with SHA extensions), and one
+    process reads a file again only when its size or modification time has changed: the
+    several datasets of one run (phases, validation) read a big corpus once.
+    """
+    part = functools.partial(_source_fingerprint, tfds_data_dir=tfds_data_dir)
+    with concurrent.futures.ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
+        parts = list(pool.map(part, list_sources(spec)))
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def _source_fingerprint(source: str, tfds_data_dir: str | None) -> list:
+    if source.startswith(TFDS_PREFIX):
+        import tensorflow_datasets as tfds  # heavy, and needed on this path only
+
+        name, _ = _parse_tfds(source)
+        return [source, tfds.builder(name, data_dir=tfds_data_dir).info.full_name]
+    path = (importlib.util.find_spec("pydoc_data.topics").origin if source == _PYDOC_TOPICS
+            else source.removeprefix(_BUILTIN_PREFIX))
+    stat = os.stat(path)
+    return [source, stat.st_size, _file_sha256(path, stat.st_size, stat.st_mtime_ns)]
+
+
+@functools.cache
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """The file's SHA-256, streamed; `size` and `mtime_ns` key the cache only."""
+    del size, mtime_ns
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def split_sentences(text: str) -> list[str]:

@@ -1,12 +1,13 @@
 """The prepared pretraining dataset: a TFDS builder that writes NSP/SOP instances as ArrayRecord.
 
 `prepare(data_config)` turns a corpus into `DATA_DIR/bert_pretraining/NAME/VERSION/`, where
-NAME hashes everything that determines the instances (corpus, tokenizer fingerprint, lengths,
-probabilities, seed), so a changed config never reuses a stale dataset. DATA_DIR is a local
-folder or a `gs://` URL (where every host of a pod reads it). The directory also
-holds the tokenizer file and, in TFDS metadata, that identity and the build summary.
-TFDS builds into an `incomplete` directory and renames it at the end: an interrupted build
-never looks complete. Instances store no masks (masking is dynamic, in the loader).
+NAME hashes everything that determines the instances (the corpus's content, tokenizer
+fingerprint, lengths, probabilities, seed), so neither a changed config nor an edited corpus
+file reuses a stale dataset. DATA_DIR is a local folder or a `gs://` URL (where every host
+of a pod reads it). The directory also holds the tokenizer file and, in TFDS metadata, that
+identity and the build summary. TFDS builds into an `incomplete` directory and renames it at
+the end: an interrupted build never looks complete. Instances store no masks (masking is
+dynamic, in the loader).
 """
 
 from __future__ import annotations
@@ -48,10 +49,12 @@ _NOT_IDENTITY = {"data_dir", "workers", "max_predictions_per_seq", "masked_lm_pr
 
 
 class BertPretrainingConfig(tfds.core.BuilderConfig):
-    def __init__(self, *, data_config: DataConfig, tokenizer_file: str, **kwargs):
+    def __init__(self, *, data_config: DataConfig, tokenizer_file: str, identity: dict,
+                 **kwargs):
         super().__init__(**kwargs)
         self.data_config = data_config
         self.tokenizer_file = tokenizer_file
+        self.identity = identity  # `identity(...)`, as the dataset's name hashes it
 
 
 class BertPretraining(tfds.core.GeneratorBasedBuilder):
@@ -98,7 +101,7 @@ class BertPretraining(tfds.core.GeneratorBasedBuilder):
                        if data.instances_per_row > 1 else None)
                 for name, examples in instances.items()}
         self.info.metadata.update({
-            "identity": identity(data, tokenizer.fingerprint),
+            "identity": config.identity,
             "tokenizer_file": tokenization.kept_file_name(config.tokenizer_file),
             "summary": _summary(stats, corpus, instances, rows, data.max_seq_length,
                                 time.perf_counter() - started),
@@ -126,12 +129,19 @@ class BertPretraining(tfds.core.GeneratorBasedBuilder):
                                                  np.int32)}
 
 
-def identity(data: DataConfig, tokenizer_fingerprint: str) -> dict:
-    """What determines a dataset's instances; stored with it and checked before training."""
+def identity(data: DataConfig, tokenizer_fingerprint: str, corpus_fingerprint: str) -> dict:
+    """What determines a dataset's instances, the corpus's content included (its
+    `corpus_fingerprint`); stored with it and checked before training."""
     values = {k: v for k, v in data.to_dict().items() if k not in _NOT_IDENTITY}
     if values["instances_per_row"] == 1:  # unpacked: the identity from before packing existed
         del values["instances_per_row"]
-    return {**values, "tokenizer_fingerprint": tokenizer_fingerprint, "version": VERSION}
+    return {**values, "tokenizer_fingerprint": tokenizer_fingerprint,
+            "corpus_fingerprint": corpus_fingerprint, "version": VERSION}
+
+
+def corpus_fingerprint(data: DataConfig) -> str:
+    """The digest of the text `data.corpus` reads (`corpus.fingerprint`)."""
+    return corpora.fingerprint(data.corpus, data.tfds_data_dir or None)
 
 
 def dataset_name(identity_values: dict) -> str:
@@ -274,10 +284,11 @@ def _summary(stats, corpus: TokenizedCorpus, instances: dict, rows: dict,
 
 def tokenizer_file(data: DataConfig) -> epath.Path:
     """The vocabulary file to use: the configured one, or a SentencePiece model trained on the
-    corpus once and cached under `data_dir/tokenizers/`."""
+    corpus once and cached under `data_dir/tokenizers/`, named by the corpus's content (not
+    its glob: an edited file trains another)."""
     if data.vocab_file:
         return checks.vocab_file(data)
-    key = json.dumps([data.corpus, data.vocab_size, data.seed, data.text_field])
+    key = json.dumps([corpus_fingerprint(data), data.vocab_size, data.seed, data.text_field])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = files.path(data.data_dir) / "tokenizers" / f"spm_{data.vocab_size}_{digest}.model"
     if not path.is_file():
@@ -320,10 +331,10 @@ def prepare(data: DataConfig) -> Prepared:
     """Builds the dataset for `data` unless it exists; returns it either way."""
     vocab = tokenizer_file(data)
     tokenizer = tokenization.load_tokenizer(vocab, lowercase=data.lowercase)
-    values = identity(data, tokenizer.fingerprint)
+    values = identity(data, tokenizer.fingerprint, corpus_fingerprint(data))
     builder = BertPretraining(
         config=BertPretrainingConfig(name=dataset_name(values), data_config=data,
-                                     tokenizer_file=str(vocab)),
+                                     tokenizer_file=str(vocab), identity=values),
         data_dir=str(files.path(data.data_dir)))
     if not (epath.Path(builder.data_dir) / "dataset_info.json").is_file():
         # TFDS prints "Downloading and preparing dataset Unknown size ..." and "... downloaded
