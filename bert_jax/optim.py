@@ -4,6 +4,7 @@ skips LayerNorm parameters and biases, global-norm clipping (google-research/ber
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -30,14 +31,30 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
+    """The optimizer of `train`, at the learning rate each update is given:
+    `tx.update(grads, state, params, learning_rate=schedule(step))`.
+
+    The rate is the caller's rather than a schedule inside the optimizer, because optax's
+    schedules count the optimizer's own updates: a step whose update is skipped (non-finite)
+    keeps the optimizer state, so that count would fall behind the train state's step: the
+    rate applied would lag the one logged, and the schedule would end after `num_steps`.
+    """
     if train.optimizer not in OPTIMIZERS:
         raise ValueError(f"train.optimizer={train.optimizer!r}: expected one of "
                          f"{list(OPTIMIZERS)}")
-    schedule = learning_rate_schedule(train)
     make = optax.adamw if train.optimizer == "adamw" else optax.lamb
-    optimizer = make(schedule, b1=train.adam_b1, b2=train.adam_b2, eps=train.adam_eps,
+    # learning_rate=None: the update direction, unscaled (optax.scale_by_learning_rate).
+    direction = make(None, b1=train.adam_b1, b2=train.adam_b2, eps=train.adam_eps,
                      weight_decay=train.weight_decay, mask=decay_mask)
-    if train.grad_clip_norm:
-        return optax.chain(optax.clip_by_global_norm(train.grad_clip_norm), optimizer)
-    return optimizer
+    clip = [optax.clip_by_global_norm(train.grad_clip_norm)] if train.grad_clip_norm else []
+    return optax.chain(*clip, direction, _scale_by_given_rate())
+
+
+def _scale_by_given_rate() -> optax.GradientTransformationExtraArgs:
+    """Updates times -learning_rate, the rate passed to each `update` call (no state)."""
+    def update(updates, state, params=None, *, learning_rate, **extra_args):
+        del params, extra_args
+        return jax.tree.map(lambda u: jnp.asarray(-learning_rate, u.dtype) * u, updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)

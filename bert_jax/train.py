@@ -128,7 +128,10 @@ def train_step(state: dict, batch: dict, *, graphdef, tx, schedule, accum_steps:
     pretraining: the sum of MLM losses / the MLM weight of the batch + the sum of NSP losses
     / its NSP instances), so the micro-batches' gradients add up to the whole batch's.
     A non-finite loss or gradient norm skips the update (parameters and optimizer state are
-    kept; the step and the data move on) and is counted in `state["nonfinite"]`.
+    kept; the step and the data move on) and is counted in `state["nonfinite"]`. The rate is
+    `schedule(state["step"])`, given to the optimizer (`make_optimizer`) rather than counted
+    by it, so skipped steps delay neither the schedule nor the rate applied, which is the one
+    logged.
     Returns the new state and the step's metrics (float32 scalars).
     """
     denominators = objective.denominators(batch)
@@ -152,10 +155,12 @@ def train_step(state: dict, batch: dict, *, graphdef, tx, schedule, accum_steps:
                                 step_key)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(accum_steps)))
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    learning_rate = schedule(state["step"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"],
+                                   learning_rate=learning_rate)
     metrics = objective.metrics(sums)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    metrics["learning_rate"] = jnp.asarray(schedule(state["step"]), jnp.float32)
+    metrics["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
 
     def if_finite(new, old):  # elementwise, so it fuses into the update itself
@@ -222,25 +227,37 @@ def phases(config: ml_collections.ConfigDict) -> list[Phase]:
     rows = tuple(train.phases) or ((0, config.data.max_seq_length,
                                     config.data.max_predictions_per_seq,
                                     train.global_batch_size),)
-    starts = [int(row[0]) for row in rows]
-    if (starts[0] != 0 or starts != sorted(set(starts)) or starts[-1] >= train.num_steps
-            or any(len(row) not in (4, 5, 6) for row in rows)):
-        raise ValueError(f"train.phases={tuple(train.phases)}: expected rows (start, "
-                         f"max_seq_length, max_predictions, batch[, grad_accum_steps[, "
-                         f"instances_per_row]]) with start steps rising from 0 and below "
+    for row in rows:
+        _check_phase_row(train.phases, row)
+    starts = [row[0] for row in rows]
+    if starts[0] != 0 or starts != sorted(set(starts)) or starts[-1] >= train.num_steps:
+        raise ValueError(f"train.phases={tuple(train.phases)}: expected rows {_PHASE_ROW} "
+                         f"with start steps rising from 0 and below "
                          f"train.num_steps={train.num_steps}")
-    ends = starts[1:] + [int(train.num_steps)]
+    ends = starts[1:] + [train.num_steps]
     defaults = (train.grad_accum_steps, config.data.instances_per_row)
     result = []
     for row, end in zip(rows, ends):
         accumulation, per_row = (*row[4:], *defaults[len(row) - 4:])  # given, else defaults
         for name, value in zip(("batch", "grad_accum_steps", "instances_per_row"), row[3:]):
-            if int(value) < 1:  # (the defaults: by check_train and DataConfig)
+            if value < 1:  # (the defaults: by check_train and DataConfig)
                 raise ValueError(f"train.phases row {tuple(row)}: {name}={value}: expected a "
                                  f"positive integer")
-        result.append(Phase(int(row[0]), end, int(row[1]), int(row[2]), int(row[3]),
-                            int(accumulation), int(per_row)))
+        result.append(Phase(row[0], end, *row[1:4], accumulation, per_row))
     return result
+
+
+_PHASE_ROW = ("(start, max_seq_length, max_predictions, batch[, grad_accum_steps[, "
+              "instances_per_row]])")
+
+
+def _check_phase_row(value, row) -> None:
+    """A row of `train.phases` (`value`) is 4 to 6 integers: anything else is a one-line
+    error naming it, before the rows are indexed (which would fail deep inside instead)."""
+    if not (isinstance(row, (tuple, list)) and 4 <= len(row) <= 6
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in row)):
+        raise ValueError(f"train.phases={tuple(value)}: row {row!r}: expected {_PHASE_ROW} "
+                         f"of integers")
 
 
 def phase_of(train_phases: list[Phase], step: int) -> Phase:

@@ -76,6 +76,8 @@ def test_config_help_names_the_subcommands_own_default(capsys, name, default, ot
      ["train.global_batch_size=12", "data-parallel size 8"]),  # 8 CPU devices (conftest)
     (["pretrain", "--workdir=/tmp/bert-jax-never-created", "--config.train.on_nonfinite=ignore"],
      ["train.on_nonfinite='ignore'", "'rollback', 'stop'"]),
+    (["pretrain", "--workdir=/tmp/bert-jax-never-created", "--config.train.phases=((),)"],
+     ["train.phases=((),)", "row ()", "expected (start, max_seq_length"]),
     (["compile"], ["one of the arguments --tpu --platform is required"]),
     (["compile", "--tpu=v9-8"], ["TPU type 'v9-8'", "expected e.g. v4-32"]),
 ])

@@ -24,18 +24,28 @@ def _overflowing(batch: dict) -> dict:
     return batch
 
 
-def test_a_non_finite_step_keeps_the_parameters_and_optimizer_state_and_is_counted():
+def _tiny_steps(**train_values):
+    """A fresh tiny state, its jitted train step (`train_values` set on the default run's
+    train config), the schedule, and a good and an overflowing batch."""
     model_config = preset("tiny", vocab_size=256, max_position_embeddings=32)
     train_config = default_run().train
-    train_config.update(num_steps=10, warmup_steps=1, learning_rate=1e-3)
+    train_config.update(num_steps=10, learning_rate=1e-3, **train_values)
     tx = make_optimizer(train_config)
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     spec = train.state_spec(model_config, tx, 0, mesh)
-    step = train.jit_train_step(spec, tx, learning_rate_schedule(train_config), mesh, 1)
+    schedule = learning_rate_schedule(train_config)
+    step = train.jit_train_step(spec, tx, schedule, mesh, 1)
     good = sharding.global_batch(synthetic_batch(0, 8, 32, 256, 5), mesh, 8)
     bad = sharding.global_batch(_overflowing(synthetic_batch(1, 8, 32, 256, 5)), mesh, 8)
+    return train.init_state(model_config, tx, 0, spec), step, schedule, good, bad
 
-    state = train.init_state(model_config, tx, 0, spec)
+
+def _qkv_kernel(state):
+    return jax.device_get(state["params"])["encoder"]["layers"]["attention"]["qkv"]["kernel"]
+
+
+def test_a_non_finite_step_keeps_the_parameters_and_optimizer_state_and_is_counted():
+    state, step, _, good, bad = _tiny_steps(warmup_steps=1)
     state, _ = step(state, good)
     before = jax.device_get(state)
     state, metrics = step(state, bad)
@@ -50,9 +60,23 @@ def test_a_non_finite_step_keeps_the_parameters_and_optimizer_state_and_is_count
     state, recovered = step(state, good)
     assert np.isfinite(float(recovered["loss"]))
     assert (float(recovered["nonfinite_consecutive"]), float(recovered["nonfinite_total"])) == (0, 2)
-    changed = jax.device_get(state["params"])["encoder"]["layers"]["attention"]["qkv"]["kernel"]
-    assert not np.array_equal(changed,
+    assert not np.array_equal(_qkv_kernel(state),
                               after["params"]["encoder"]["layers"]["attention"]["qkv"]["kernel"])
+
+
+def test_after_skipped_steps_the_rate_applied_is_the_one_logged_the_schedule_of_the_step():
+    # Without warmup the rate falls linearly from 1e-3 at step 0 to 0 at step 10. Adam's first
+    # update of a parameter is g / (|g| + eps), about +-1 where gradients are not tiny, so the
+    # largest change of a kernel in the first good step is the rate that step applied.
+    state, step, schedule, good, bad = _tiny_steps(warmup_steps=0, weight_decay=0.0,
+                                                   grad_clip_norm=0.0)
+    state, _ = step(state, bad)
+    state, _ = step(state, bad)
+    before = _qkv_kernel(state)
+    state, metrics = step(state, good)  # the optimizer's first update, at step 2
+    applied = float(np.abs(_qkv_kernel(state) - before).max())
+    assert float(metrics["learning_rate"]) == pytest.approx(float(schedule(2)))
+    assert applied == pytest.approx(float(schedule(2)), rel=5e-3)
 
 
 BAD_BATCHES = {6, 7}  # loader indexes: steps 7 and 8, counted from 1

@@ -47,7 +47,7 @@ def test_optimizers_clip_and_decay(name):
                                       learning_rate=0.1, weight_decay=0.5))
     state = tx.init(params)
     zero = jax.tree.map(np.zeros_like, params)
-    updates, _ = tx.update(zero, state, params)
+    updates, _ = tx.update(zero, state, params, learning_rate=0.1)
     # With zero gradients only weight decay moves parameters: the kernel, not the bias.
     assert np.all(np.asarray(updates["dense"]["kernel"]) < 0)
     np.testing.assert_array_equal(updates["dense"]["bias"], 0)

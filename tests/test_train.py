@@ -180,7 +180,8 @@ def test_phases_cover_the_steps_and_bad_phases_are_refused():
     assert [train.phase_of([first, second], step) for step in (0, 1, 90, 91, 100)] == [
         first, first, first, second, second]
     for bad in [((10, 128, 20, 32),), ((0, 128, 20),), ((0, 128, 20, 32, 1, 1, 1),),
-                ((0, 128, 20, 0),), ((0, 128, 20, 32, 0),), ((0, 128, 20, 32, 1, 0),)]:
+                ((0, 128, 20, 0),), ((0, 128, 20, 32, 0),), ((0, 128, 20, 32, 1, 0),),
+                ((),), (5,), ((0, "128", 20, 32),), ((0, 128.5, 20, 32),)]:
         config.train.phases = bad
         with pytest.raises(ValueError, match="train.phases"):
             train.phases(config)
