@@ -89,8 +89,7 @@ def _compile_command(*args):
 
 
 def test_compile_for_cuda_prints_the_kernel_and_its_calls_for_each_phase():
-    result = _compile_command("--config=configs/base.py", "--platform=cuda",
-                              "--config.model.dtype=bfloat16",
+    result = _compile_command("--platform=cuda", "--config.model.dtype=bfloat16",
                               "--config.train.phases=((0, 128, 20, 32), (5, 512, 80, 8, 1, 3))",
                               "--config.train.num_steps=10")
     assert result.returncode == 0, result.stderr
