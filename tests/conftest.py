@@ -5,7 +5,6 @@ by them: the compilation cache and the `straight_run` reference."""
 
 import os
 import tempfile
-from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
