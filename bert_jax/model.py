@@ -273,8 +273,8 @@ class _Bert(nnx.Module):
         [B, K, D], one per instance: without dropout, what each instance gives alone."""
         embed_key, encoder_key = _split(dropout_key, 2)
         packed = cls_positions_bk is not None
-        segments = attention.Segments(attention_mask.astype(jnp.int32),
-                                      attention_mask.astype(jnp.int32) if packed else None)
+        ids_bs = attention_mask.astype(jnp.int32)  # tokens' (packed: instances') segments
+        segments = attention.Segments(ids_bs, ids_bs if packed else None)
         if not packed:
             cls_positions_bk = jnp.zeros_like(input_ids[:, :1])
             position_ids_bs = None
