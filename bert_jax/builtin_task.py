@@ -18,18 +18,19 @@ import functools
 import numpy as np
 
 from bert_jax.data import corpus
-from bert_jax.tasks import Examples, Task
 
-NAME = "builtin"
 LABELS = ("original", "shuffled")
+METRICS = ("accuracy", "matthews")
 TRAIN_EXAMPLES = 1200
 VALIDATION_EXAMPLES = 600
 MIN_WORDS, MAX_WORDS = 6, 30
 SEED = 0
 
 
-def load() -> tuple[Task, dict[str, Examples]]:
-    """The task and its train and validation examples (the same on every call)."""
+def splits() -> dict[str, tuple[list[str], np.ndarray]]:
+    """Texts and labels (int32 indices into `LABELS`) by split, "train" and "validation" (the
+    same on every call). Plain data: `bert_jax.tasks` makes them a task, so this module needs
+    nothing from it."""
     sentences = _sentences()
     needed = TRAIN_EXAMPLES + VALIDATION_EXAMPLES
     if len(sentences) < needed:
@@ -49,16 +50,15 @@ def load() -> tuple[Task, dict[str, Examples]]:
         texts.append(" ".join(words))
         labels.append(shuffled)
     labels = np.array(labels, np.int32)
-    task = Task(NAME, pair=False, labels=LABELS, metrics=("accuracy", "matthews"))
-    return task, {"train": Examples(texts[:TRAIN_EXAMPLES], None, labels[:TRAIN_EXAMPLES]),
-                  "validation": Examples(texts[TRAIN_EXAMPLES:], None,
-                                         labels[TRAIN_EXAMPLES:])}
+    return {"train": (texts[:TRAIN_EXAMPLES], labels[:TRAIN_EXAMPLES]),
+            "validation": (texts[TRAIN_EXAMPLES:], labels[TRAIN_EXAMPLES:])}
 
 
 @functools.lru_cache(maxsize=1)
 def _sentences() -> tuple[str, ...]:
     """The built-in corpus's distinct sentences of `MIN_WORDS` to `MAX_WORDS` words, sorted
-    (read once per process: a few seconds)."""
+    (read once per process: parsing the whole standard library is slow; docs/finetune.md has
+    the time)."""
     found = set()
     for source in corpus.list_sources(corpus.BUILTIN):
         found.update(sentence for document in corpus.read_source(source)

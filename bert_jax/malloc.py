@@ -1,18 +1,17 @@
 """Transparent huge pages for glibc malloc's large blocks, set by re-executing the command.
 
-XLA:CPU allocates a step's buffers afresh every step (about 1 GB for the `small` model at
-batch 16 x 128). glibc gives blocks that large their own mmap and unmaps them when freed, so
-every step faults its buffers in again, 4 KB at a time: about 165,000 page faults a step,
-15% of that train step on a 2-core AVX2 CPU (on a 2-core AVX-512 Xeon the step did not
-change). glibc's `glibc.malloc.hugetlb=1` tunable (glibc 2.35+) has malloc ask the kernel
-for transparent huge pages, 2 MB a fault (about 900 faults a step; docs/performance.md). Tunables are read only when a process starts, so the command
-re-executes itself once with the tunable set, where it helps: glibc 2.35+ and transparent
-huge pages in `madvise` mode (the default of Debian and Ubuntu; in `always` mode malloc gets
-huge pages anyway).
+XLA:CPU allocates a step's buffers afresh every step. glibc gives large blocks their own
+mmap and unmaps them when freed, so every step faults its buffers in again, 4 KB at a time,
+which slows a CPU train step. glibc's `glibc.malloc.hugetlb=1` tunable (glibc 2.35+) has
+malloc ask the kernel for transparent huge pages, 2 MB a fault, and so a small fraction of the
+faults. Tunables are read only when a process starts, so the command re-executes itself once
+with the tunable set, where it helps: glibc 2.35+ and transparent huge pages in `madvise` mode
+(the default of Debian and Ubuntu; in `always` mode malloc gets huge pages anyway).
 
 Tried: TCMalloc through `LD_PRELOAD` does as well but is a system package not every host has;
-glibc with one arena and no mmap reuses freed blocks without any fault, but its heap grew by
-fragmentation (1.7 to 3.5 GB over 40 steps).
+glibc with one arena and no mmap reuses freed blocks without any fault, but its heap grows by
+fragmentation. docs/performance.md ("Page faults") has the faults, step times and heap sizes
+of each, and the CPUs where the step gains.
 """
 
 from __future__ import annotations

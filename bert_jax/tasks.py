@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bert_jax import builtin_task
+
 BUILTIN = "builtin"
 GLUE_PREFIX = "glue/"
 
@@ -93,9 +95,9 @@ def load(task_config) -> tuple[Task, dict[str, Examples]]:
     """
     name = task_config.name
     if name == BUILTIN:
-        from bert_jax import builtin_task
-
-        return builtin_task.load()
+        task = Task(BUILTIN, False, builtin_task.LABELS, builtin_task.METRICS)
+        return task, {split: Examples(texts, None, labels)
+                      for split, (texts, labels) in builtin_task.splits().items()}
     if name.startswith(GLUE_PREFIX) and name[len(GLUE_PREFIX):] in GLUE:
         return _load_glue(name[len(GLUE_PREFIX):], task_config.tfds_data_dir or None)
     if name in FILE_TASKS:

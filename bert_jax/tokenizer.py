@@ -30,7 +30,7 @@ from bert_jax import files
 PAD, UNK, CLS, SEP, MASK = SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 # Training sees a random sample of at most this many sentences: it bounds training memory
-# (a few GB) whatever the corpus size. Sampled here, not by SentencePiece, whose sample
+# whatever the corpus size (docs/data.md). Sampled here, not by SentencePiece, whose sample
 # differs from run to run whatever seed it is given.
 MAX_TRAINING_SENTENCES = 2_000_000
 _SAMPLING_CHUNK = 1 << 16

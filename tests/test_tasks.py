@@ -124,8 +124,8 @@ def test_unprepared_glue_task_says_how_to_prepare_it(tmp_path):
 
 
 def test_builtin_task_is_balanced_deterministic_and_shuffles_words():
-    task, splits = builtin_task.load()
-    again, splits_again = builtin_task.load()
+    task, splits = tasks.load(_task_config(tasks.BUILTIN))
+    again, splits_again = tasks.load(_task_config(tasks.BUILTIN))
     assert task == again and splits["train"].texts == splits_again["train"].texts
     assert not task.pair and task.labels == ("original", "shuffled")
     train, validation = splits["train"], splits["validation"]

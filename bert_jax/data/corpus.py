@@ -158,7 +158,7 @@ def fingerprint(spec: str, tfds_data_dir: str | None = None) -> str:
     `builtin` module (`builtin:pydoc_topics`: `pydoc_data/topics.py`), the file's size and
     SHA-256; for TFDS, the dataset's full name: name, config and version (TFDS gives one
     version fixed data), the split being in the source's name. Files are hashed in threads
-    (hashlib runs outside the GIL; about 1.6 GB/s a core with SHA extensions), and one
+    (hashlib runs outside the GIL; docs/data.md has the speed), and one
     process reads a file again only when its size or modification time has changed: the
     several datasets of one run (phases, validation) read a big corpus once.
     """
