@@ -1,6 +1,5 @@
-"""Training FLOPs per sequence and MFU: the usual count (6 FLOPs per weight and token for
-forward + backward, plus attention's two s x s products), shared by every report here. It is
-ARCHITECTURE.md's formula with the MLP's width read from the config (4 d there)."""
+"""Training FLOPs per sequence and MFU, shared by every report here: the usual count (6 FLOPs
+per weight and token for forward + backward, plus attention's two s x s products)."""
 
 from __future__ import annotations
 
@@ -15,26 +14,26 @@ PEAK_FLOPS = {
 
 
 def train_flops_per_sequence(config: ModelConfig, seq_length: int, predictions: int) -> float:
-    """Forward + backward FLOPs of one sequence: encoder, MLM head at `predictions` masked
-    positions (transform + tied decoder), pooler and NSP."""
-    layers, d, vocab = config.num_layers, config.hidden_size, config.vocab_size
-    weights_per_layer = 4 * d * d + 2 * d * config.intermediate_size  # QKV, output, MLP
-    encoder = seq_length * layers * (6 * weights_per_layer + 12 * seq_length * d)
-    mlm = predictions * 6 * (d * d + d * vocab)
-    return encoder + mlm + 6 * (d * d + 2 * d)
-
-
-def peak_flops(device_kind: str) -> float | None:
-    """Peak dense bf16 FLOP/s of one device, or None when unknown (e.g. CPU)."""
-    for prefix, peak in PEAK_FLOPS.items():
-        if device_kind.startswith(prefix):
-            return peak
-    return None
+    """Forward + backward FLOPs of one sequence: 6 per weight-matrix entry and token it
+    multiplies (2 forward, 2 each for the input's and the weight's gradient), and as many
+    for attention's weightless products. Each component reads its own config fields, so a
+    variant counts as it is, not as BERT (ARCHITECTURE.md's formula). Elementwise work
+    (norms, biases, activations, softmax) is left out, as usual."""
+    d, attention_width = config.hidden_size, config.num_heads * config.head_dim
+    attention = 3 * d * attention_width + attention_width * d  # QKV, output projection
+    mlp = 2 * d * config.intermediate_size  # up, down
+    scores_and_values = 2 * seq_length * attention_width  # per query: all keys, twice
+    per_token = config.num_layers * (attention + mlp + scores_and_values)
+    mlm = d * d + d * config.vocab_size  # transform, tied decoder: at the predictions only
+    pooler_and_nsp = d * d + d * 2  # at [CLS] only
+    return 6 * (seq_length * per_token + predictions * mlm + pooler_and_nsp)
 
 
 def mfu(sequences_per_second: float, flops_per_sequence: float, device_kind: str,
         device_count: int) -> float | None:
-    peak = peak_flops(device_kind)
+    """The fraction of the devices' peak dense bf16 FLOP/s achieved; None when the peak is
+    unknown (e.g. CPU)."""
+    peak = next((p for kind, p in PEAK_FLOPS.items() if device_kind.startswith(kind)), None)
     if peak is None:
         return None
     return sequences_per_second * flops_per_sequence / (peak * device_count)

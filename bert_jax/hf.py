@@ -21,7 +21,7 @@ from etils import epath
 from flax import traverse_util
 
 from bert_jax import files
-from bert_jax.config import ModelConfig
+from bert_jax.config import ConfigError, ModelConfig
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -48,6 +48,12 @@ _CONFIG_KEYS = {
     "layer_norm_eps": "layer_norm_eps",
     "initializer_range": "initializer_range",
 }
+
+# Each head's Hugging Face class, and per class the ModelConfig choices it represents, {field:
+# (values, what it has instead)}: export refuses others. Another family's classes add rows.
+_CLASSES = {"pretraining": "BertForPreTraining", "classification": "BertForSequenceClassification"}
+_BERT_CHOICES = {"layer_norm": (("post",), "has post-LayerNorm layers only")}
+_SUPPORTED = {"BertForPreTraining": _BERT_CHOICES, "BertForSequenceClassification": _BERT_CHOICES}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,18 +222,30 @@ def _describe(config: ModelConfig) -> str:
             f"I={config.intermediate_size} V={config.vocab_size}")
 
 
+def check_exportable(config: ModelConfig, head: str = "pretraining") -> None:
+    """Raises ConfigError naming a field the Hugging Face class of `head` cannot represent
+    (`_SUPPORTED`): export calls it, and so can a run before it trains."""
+    hf_class = _CLASSES[head]
+    for field, (allowed, instead) in _SUPPORTED[hf_class].items():
+        if (value := getattr(config, field)) not in allowed:
+            raise ConfigError(
+                f"model.{field}={value!r}: Hugging Face {hf_class} {instead}; expected "
+                f"{' or '.join(map(repr, allowed))} to export (bert_jax.load reads the workdir)")
+
+
 def config_to_hf(config: ModelConfig, head: str = "pretraining",
                  labels: tuple[str, ...] = ()) -> dict:
     """ModelConfig -> the `config.json` of `transformers.BertConfig`. A classification head
-    names its classes `labels` (none: regression, one output)."""
-    values = {"architectures": ["BertForPreTraining"], "model_type": "bert",
+    names its classes `labels` (none: regression, one output). Raises ConfigError for a
+    config the head's class cannot represent (`check_exportable`)."""
+    check_exportable(config, head)
+    values = {"architectures": [_CLASSES[head]], "model_type": "bert",
               "hidden_act": "gelu", "position_embedding_type": "absolute",
               "tie_word_embeddings": True, "pad_token_id": 0,
               **{hf: getattr(config, ours) for ours, hf in _CONFIG_KEYS.items()}}
     if head == "classification":
         names = list(labels) or ["score"]
-        values.update(architectures=["BertForSequenceClassification"],
-                      id2label={str(i): name for i, name in enumerate(names)},
+        values.update(id2label={str(i): name for i, name in enumerate(names)},
                       label2id={name: i for i, name in enumerate(names)},
                       problem_type=("single_label_classification" if labels else "regression"))
     return values
@@ -250,12 +268,12 @@ def config_from_hf(values: dict) -> ModelConfig:
 def save(out_dir, config: ModelConfig, flat_params: dict[str, np.ndarray],
          head: str = "pretraining", labels: tuple[str, ...] = ()) -> None:
     """Writes config.json and model.safetensors (`head`, `labels`: as in `to_hf` and
-    `config_to_hf`); each file appears whole or not at all."""
+    `config_to_hf`, which refuses a config first); each appears whole or not at all."""
+    hf_config = json.dumps(config_to_hf(config, head, labels), indent=2) + "\n"
     out_dir = epath.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = safetensors.numpy.save(to_hf(flat_params, config, head), metadata={"format": "pt"})
     files.write_atomically(out_dir / WEIGHTS_FILE, weights)
-    hf_config = json.dumps(config_to_hf(config, head, labels), indent=2) + "\n"
     files.write_atomically(out_dir / CONFIG_FILE, hf_config.encode())
 
 

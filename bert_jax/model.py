@@ -1,4 +1,5 @@
-"""BERT for pretraining in Flax NNX: the original post-LayerNorm encoder, MLM and NSP heads.
+"""BERT for pretraining in Flax NNX: the encoder (post-LayerNorm as the original, or
+pre-LayerNorm: `ModelConfig.layer_norm`), MLM and NSP heads.
 
 Parameters are float32 and carry logical axis names (`vocab, embed, heads, kv, mlp, layers`);
 `bert_jax.sharding` maps those to a device mesh, so nothing here knows about devices.
@@ -68,7 +69,8 @@ class Embeddings(nnx.Module):
 
 
 class SelfAttention(nnx.Module):
-    """Multi-head self-attention with one fused QKV projection, output projection, residual + LN."""
+    """Multi-head self-attention with one fused QKV projection, output projection and dropout;
+    its LayerNorm is applied by the residual block around it (`EncoderLayer`)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -92,10 +94,7 @@ class SelfAttention(nnx.Module):
                    lambda probs: _dropout(rate, probs, attention_key))
         y_bshk = attention.attend(self.config.attention_impl, q_bshk, k_bshk, v_bshk, segments,
                                   query_positions_bq, dropout)
-        if query_positions_bq is not None:
-            x_bsd = attention.at_positions(x_bsd, query_positions_bq)
-        y_bsd = _dropout(self.config.hidden_dropout_rate, self.out(y_bshk), output_key)
-        return self.norm(x_bsd + y_bsd)
+        return _dropout(self.config.hidden_dropout_rate, self.out(y_bshk), output_key)
 
 
 @jax.custom_vjp
@@ -104,11 +103,11 @@ def gelu(x) -> Array:
     hand-written gradient.
 
     Not `jax.nn.gelu`, which uses erfc (relatively exact in the far left tail, where the
-    values are tiny anyway; erf's form is off there by about 1e-7 absolute): XLA:CPU splits erfc's expansion into several passes
-    over the largest activation of each layer and keeps them for the backward; erf is one
-    pass (the `small` CPU train step: 0.89-0.95x the time). Autodiff would evaluate the
-    derivative's exp in the forward pass and keep it too; the gradient below recomputes it
-    in the backward pass, fused with the incoming gradient (0.97-0.98x). (A custom VJP:
+    values are tiny anyway; erf's form is off there by about 1e-7 absolute): XLA:CPU splits
+    erfc's expansion into several passes over the largest activation of each layer and keeps
+    them for the backward; erf is one pass. Autodiff would evaluate the derivative's exp in
+    the forward pass and keep it too; the gradient below recomputes it in the backward pass,
+    fused with the incoming gradient (both timed in docs/performance.md). (A custom VJP:
     reverse mode only, which is all training uses.) Computed in float32 whatever the compute
     dtype, as PyTorch does: in bfloat16, 1 + erf would cancel to 0 below x = -2."""
     x32 = x.astype(jnp.float32)
@@ -130,7 +129,8 @@ gelu.defvjp(_gelu_forward, _gelu_backward)
 
 
 class FeedForward(nnx.Module):
-    """Dense to the intermediate size, exact (erf) GELU, dense back, dropout, residual + LN."""
+    """Dense to the intermediate size, exact (erf) GELU, dense back, dropout; its LayerNorm is
+    applied by the residual block around it (`EncoderLayer`)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.up = _linear(config, config.hidden_size, config.intermediate_size,
@@ -141,19 +141,33 @@ class FeedForward(nnx.Module):
         self.dropout_rate = config.hidden_dropout_rate
 
     def __call__(self, x_bsd, dropout_key) -> Array:
-        y_bsd = self.down(gelu(self.up(x_bsd)))
-        return self.norm(x_bsd + _dropout(self.dropout_rate, y_bsd, dropout_key))
+        return _dropout(self.dropout_rate, self.down(gelu(self.up(x_bsd))), dropout_key)
 
 
 class EncoderLayer(nnx.Module):
+    """Attention, then the MLP, each inside a residual block (`_residual`)."""
+
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
         self.attention = SelfAttention(config, rngs=rngs)
         self.mlp = FeedForward(config, rngs=rngs)
 
     def __call__(self, x_bsd, segments, dropout_key, query_positions_bq=None) -> Array:
         attention_key, mlp_key = _split(dropout_key, 2)
-        y_bsd = self.attention(x_bsd, segments, attention_key, query_positions_bq)
-        return self.mlp(y_bsd, mlp_key)
+        x_bsd = self._residual(self.attention.norm, x_bsd, query_positions_bq, lambda h_bsd:
+                               self.attention(h_bsd, segments, attention_key, query_positions_bq))
+        return self._residual(self.mlp.norm, x_bsd, None, lambda h_bsd: self.mlp(h_bsd, mlp_key))
+
+    def _residual(self, norm, x_bsd, query_positions_bq, sublayer) -> Array:
+        """x + sublayer(x) with `norm` where `config.layer_norm` puts it: post (BERT) normalizes
+        the sum; pre (GPT-2, ModernBERT) the sub-layer's input, so the residual stream reaches
+        `Encoder`'s final norm unnormalized and gradients reach early layers past no norm
+        (deep stacks train without a long warmup). With `query_positions_bq`: [B, Q, D]."""
+        residual = (x_bsd if query_positions_bq is None else
+                    attention.at_positions(x_bsd, query_positions_bq))
+        if self.config.layer_norm == "pre":
+            return residual + sublayer(norm(x_bsd))
+        return norm(residual + sublayer(x_bsd))
 
 
 _REMAT_SAVEABLE = {
@@ -164,7 +178,8 @@ _REMAT_SAVEABLE = {
 
 
 class Encoder(nnx.Module):
-    """`num_layers` encoder layers with stacked parameters, run by scan or by a Python loop."""
+    """`num_layers` encoder layers with stacked parameters, run by scan or by a Python loop;
+    pre-LayerNorm layers leave their sum unnormalized, so a final LayerNorm follows them."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -175,6 +190,7 @@ class Encoder(nnx.Module):
             return EncoderLayer(config, rngs=rngs)
 
         self.layers = create_layers(rngs)
+        self.final_norm = _layer_norm(config, rngs) if config.layer_norm == "pre" else None
 
     def __call__(self, x_bsd, segments, dropout_key, output_positions_bq=None) -> Array:
         """Returns the last layer's output [B, S, D], or [B, Q, D] at `output_positions_bq`.
@@ -201,16 +217,17 @@ class Encoder(nnx.Module):
 
             if output_positions_bq is None:
                 x_bsd, _ = jax.lax.scan(body, x_bsd, (stacked, keys))
-                return x_bsd
-            # The last layer runs at other shapes, so outside the scan.
-            head, last = _split_layers(stacked, [n - 1, 1])
-            head_keys, last_key = (None, None) if keys is None else (keys[:-1], keys[-1])
-            x_bsd, _ = jax.lax.scan(body, x_bsd, (head, head_keys))
-            return apply_layer(x_bsd, _squeeze(last), last_key, output_positions_bq)
-        for i, layer_state in enumerate(_split_layers(stacked, [1] * n)):
-            x_bsd = apply_layer(x_bsd, _squeeze(layer_state), None if keys is None else keys[i],
-                                output_positions_bq if i == n - 1 else None)
-        return x_bsd
+            else:  # the last layer runs at other shapes, so outside the scan
+                head, last = _split_layers(stacked, [n - 1, 1])
+                head_keys, last_key = (None, None) if keys is None else (keys[:-1], keys[-1])
+                x_bsd, _ = jax.lax.scan(body, x_bsd, (head, head_keys))
+                x_bsd = apply_layer(x_bsd, _squeeze(last), last_key, output_positions_bq)
+        else:
+            for i, layer_state in enumerate(_split_layers(stacked, [1] * n)):
+                x_bsd = apply_layer(x_bsd, _squeeze(layer_state),
+                                    None if keys is None else keys[i],
+                                    output_positions_bq if i == n - 1 else None)
+        return x_bsd if self.final_norm is None else self.final_norm(x_bsd)
 
 
 def _split_layers(stacked, sizes) -> list:
@@ -416,9 +433,9 @@ def _dropout(rate: float, x, key) -> Array:
     """Inverted dropout on 16 random bits per element.
 
     Threefry hashes 32 bits per element whatever width is asked for, so each 32-bit draw is
-    split into two 16-bit halves: half the hashing of `jax.random.bernoulli` (the small
-    model's train step on CPU: 4% faster). The drop probability is `rate` rounded to 1/65536 (within 1e-5) and
-    the rescale uses that probability, so the expected output is exactly the input.
+    split into two 16-bit halves: half the hashing of `jax.random.bernoulli` (timed in
+    docs/performance.md). The drop probability is `rate` rounded to 1/65536 (within 1e-5)
+    and the rescale uses that probability, so the expected output is exactly the input.
     """
     if key is None or rate == 0.0:
         return x

@@ -3,6 +3,7 @@ benchmark` end to end (no timing assertions: speed is measured side by side with
 docs/performance.md)."""
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -13,9 +14,10 @@ import numpy as np
 import pytest
 
 from bert_jax import benchmark, flops
-from bert_jax.config import preset
+from bert_jax.config import ModelConfig, preset
 from bert_jax.data.synthetic import synthetic_batch
 from bert_jax.model import create
+from bert_jax.pretrained import param_shapes
 
 
 @pytest.mark.parametrize("size, seq, predictions, hand_count", [
@@ -40,6 +42,30 @@ def test_flops_formula_reads_the_mlp_width():
     # x12 x128 = 6,341,787,648; MLM 480,614,400 and pooler + NSP 591,360 as above.
     config = preset("base", vocab_size=30522, intermediate_size=1024)
     assert flops.train_flops_per_sequence(config, 128, 20) == 6 * 6_822_993_408
+
+
+@pytest.mark.parametrize("layer_norm", ["post", "pre"])
+def test_flops_are_six_per_weight_and_token_plus_attention_products(layer_norm):
+    """An independent count from the model's parameter shapes: every weight matrix (a
+    kernel; the word embeddings again as the tied decoder) costs 6 FLOPs per entry and token
+    that passes it (encoder: every token; MLM head: the predictions; pooler and NSP: [CLS]),
+    and attention's scores and weighted values 6 per query, key and heads x head_dim each.
+    Norms are not counted, so pre-LN's final norm adds nothing."""
+    config = ModelConfig(vocab_size=97, hidden_size=30, num_layers=3, num_heads=5,
+                         intermediate_size=44, layer_norm=layer_norm)
+    seq, predictions = 23, 7
+    shapes = param_shapes(config)
+
+    def weights(prefix):
+        return sum(math.prod(shape) for path, shape in shapes.items()
+                   if path.startswith(prefix) and path.endswith("/kernel"))
+
+    heads_times_head_dim = math.prod(shapes["encoder/layers/attention/qkv/kernel"][-2:])
+    attention_products = config.num_layers * 2 * seq * seq * heads_times_head_dim
+    mlm = weights("mlm/") + math.prod(shapes["embeddings/word/embedding"])
+    count = 6 * (seq * weights("encoder/layers/") + predictions * mlm + weights("pooler/")
+                 + weights("nsp/") + attention_products)
+    assert flops.train_flops_per_sequence(config, seq, predictions) == count
 
 
 def test_forward_flops_are_within_5_percent_of_xlas_count():

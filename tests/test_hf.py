@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 import bert_jax
 from bert_jax import hf
-from bert_jax.config import PRESETS, ModelConfig, preset
+from bert_jax.config import PRESETS, ConfigError, ModelConfig, preset
 from bert_jax.model import create
 from bert_jax.pretrained import Pretrained, param_shapes
 
@@ -216,6 +217,22 @@ def test_export_writes_nothing_when_parameters_are_incomplete(tmp_path):
     with pytest.raises(KeyError):
         hf.save(tmp_path / "out", config, hf.flatten(params))
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_export_refuses_a_config_bert_cannot_represent_and_writes_nothing(tmp_path):
+    config = preset("tiny", vocab_size=50, num_layers=1, layer_norm="pre")
+    params = hf.flatten(Pretrained.from_model(create(config)).params)
+    for head, hf_class in [("pretraining", "BertForPreTraining"),
+                           ("classification", "BertForSequenceClassification")]:
+        with pytest.raises(ConfigError) as error:
+            hf.save(tmp_path / "out", config, params, head=head)
+        message = str(error.value)
+        assert message.startswith(f"model.layer_norm='pre': Hugging Face {hf_class} has "
+                                  f"post-LayerNorm layers only; expected 'post'")
+        assert "\n" not in message
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            hf.config_to_hf(config, head)
+    assert not (tmp_path / "out").exists()
 
 
 def test_released_checkpoints_with_gamma_beta_layer_norms_load(tmp_path, tiny_checkpoint):

@@ -5,9 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 from flax import nnx
 
-from bert_jax.config import ModelConfig
+from bert_jax.config import ConfigError, ModelConfig
 from bert_jax.model import create, gelu
 from bert_jax.pretrained import Pretrained
 
@@ -97,7 +98,8 @@ def _loss_and_grads(model, dropout_key, forward=None):
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
-def test_training_gradients_equal_those_of_the_full_forward():
+@pytest.mark.parametrize("layer_norm", ["post", "pre"])
+def test_training_gradients_equal_those_of_the_full_forward(layer_norm):
     """The training forward runs the last layer only where the heads read it; the full
     forward (the one checked against Hugging Face) runs it everywhere. Same gradients, also
     with every layer rematerialized in the training forward."""
@@ -105,7 +107,7 @@ def test_training_gradients_equal_those_of_the_full_forward():
         mlm, nsp = model.full_logits(ids, types, mask)
         return jnp.take_along_axis(mlm, positions[..., None], axis=1), nsp
 
-    model = create(SMALL, seed=6)
+    model = create(ModelConfig(**{**SMALL.to_dict(), "layer_norm": layer_norm}), seed=6)
     loss, grads = _loss_and_grads(_with(model, remat_policy="full"), None)
     full_loss, full_grads = _loss_and_grads(model, None, full_forward)
     np.testing.assert_allclose(loss, full_loss, rtol=1e-6)
@@ -113,9 +115,11 @@ def test_training_gradients_equal_those_of_the_full_forward():
                  grads, full_grads)
 
 
-def test_scan_and_remat_match_the_unrolled_stack_with_dropout():
+@pytest.mark.parametrize("layer_norm", ["post", "pre"])
+def test_scan_and_remat_match_the_unrolled_stack_with_dropout(layer_norm):
     # Scan alone is covered by scan + remat; remat "full" by the next test.
-    model = create(ModelConfig(**{**SMALL.to_dict(), "attention_dropout_rate": 0.1}), seed=5)
+    model = create(ModelConfig(**{**SMALL.to_dict(), "attention_dropout_rate": 0.1,
+                                  "layer_norm": layer_norm}), seed=5)
     key = jax.random.key(7)
     loss, grads = _loss_and_grads(model, key)
     changes = dict(scan_layers=True, remat_policy="dots_with_no_batch_dims")
@@ -150,13 +154,81 @@ def test_explicit_attention_path_equals_the_fused_one():
     np.testing.assert_allclose(explicit, fused, atol=1e-5)
 
 
-def test_every_parameter_has_logical_axis_names():
-    state = nnx.state(create(SMALL), nnx.Param)
+@pytest.mark.parametrize("layer_norm, count", [("post", 26), ("pre", 28)])  # + final norm
+def test_every_parameter_has_logical_axis_names(layer_norm, count):
+    state = nnx.state(create(ModelConfig(**{**SMALL.to_dict(), "layer_norm": layer_norm})),
+                      nnx.Param)
     variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    assert len(variables) == 26
+    assert len(variables) == count
     for variable in variables:
         names = variable.get_metadata()["out_sharding"]
         assert len(names) == variable.ndim and set(names) <= LOGICAL_AXES, (names, variable.shape)
+
+
+def _reference_logits(config, params, ids, types, mask):
+    """The full forward written from BERT's equations in numpy (float64), with each residual
+    block normalized after the sum (post-LN) or before the sub-layer, plus a final norm
+    (pre-LN): the oracle for pre-LN, which Hugging Face's BERT does not have."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+
+    def norm(x, ln):
+        return ((x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True)
+                + config.layer_norm_eps) * ln["scale"] + ln["bias"])
+
+    def dense(x, layer, inputs=1):  # kernels are [inputs..., outputs...]
+        return np.tensordot(x, layer["kernel"], inputs) + layer["bias"]
+
+    def gelu(x):
+        return x / 2 * (1 + scipy.special.erf(x / np.sqrt(2)))
+
+    def attention(h, layer):
+        q, k, v = np.moveaxis(dense(h, layer["qkv"]), 2, 0)  # each [B, S, heads, head_dim]
+        scores = np.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(config.head_dim)
+        scores = np.where(mask[:, None, None, :] > 0, scores, -np.inf)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        return dense(np.einsum("bhqs,bshk->bqhk", probs, v), layer["out"], 2)
+
+    def mlp(h, layer):
+        return dense(gelu(dense(h, layer["up"])), layer["down"])
+
+    e = p["embeddings"]
+    x = norm(e["word"]["embedding"][ids] + e["position"]["embedding"][np.arange(ids.shape[1])]
+             + e["token_type"]["embedding"][types], e["norm"])
+    for i in range(config.num_layers):
+        layer = jax.tree.map(lambda a: a[i], p["encoder"]["layers"])
+        for sublayer, name in ((attention, "attention"), (mlp, "mlp")):
+            ln, weights = layer[name]["norm"], layer[name]
+            if config.layer_norm == "pre":
+                x = x + sublayer(norm(x, ln), weights)
+            else:
+                x = norm(x + sublayer(x, weights), ln)
+    if config.layer_norm == "pre":
+        x = norm(x, p["encoder"]["final_norm"])
+    mlm = (norm(gelu(dense(x, p["mlm"]["transform"])), p["mlm"]["norm"])
+           @ e["word"]["embedding"].T + p["mlm"]["bias"])
+    return mlm, dense(np.tanh(dense(x[:, 0], p["pooler"])), p["nsp"])
+
+
+@pytest.mark.parametrize("layer_norm", ["post", "pre"])
+def test_forward_equals_a_numpy_reference_of_the_equations(layer_norm):
+    """Random values in every parameter (LayerNorm scales and biases too), so that putting
+    a norm in another place, or leaving one out, changes the logits."""
+    config = ModelConfig(**{**SMALL.to_dict(), "layer_norm": layer_norm})
+    rng = np.random.default_rng(9)
+    params = jax.tree.map(lambda a: a + rng.normal(0, 0.3, a.shape).astype(np.float32),
+                          Pretrained.from_model(create(config, seed=9)).params)
+    ids, types, mask = _inputs()
+    mlm, nsp = Pretrained(config, params).model().full_logits(ids, types, mask)
+    want_mlm, want_nsp = _reference_logits(config, params, ids, types, mask)
+    np.testing.assert_allclose(mlm, want_mlm, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(nsp, want_nsp, rtol=1e-4, atol=1e-4)
+
+
+def test_an_unknown_layer_norm_placement_is_a_one_line_config_error():
+    with pytest.raises(ConfigError, match=r"^model\.layer_norm='sandwich': expected one of "
+                                          r"\['post', 'pre'\]$"):
+        ModelConfig(layer_norm="sandwich")
 
 
 @pytest.mark.parametrize("call, words", [
