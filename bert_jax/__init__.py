@@ -4,8 +4,8 @@ __version__ = "0.1.0"
 
 
 def load(path):
-    """Loads trained BERT weights; see `bert_jax.pretrained.load`."""
-    from bert_jax.pretrained import load as _load  # keeps `import bert_jax` light
+    """Loads trained BERT weights; see `bert_jax.inference.load`."""
+    from bert_jax.inference import load as _load  # keeps `import bert_jax` light
 
     return _load(path)
 

@@ -19,10 +19,10 @@ import time
 import jax
 import ml_collections
 
-from bert_jax import sharding, train
-from bert_jax.config import ModelConfig
+from bert_jax import run as runs
+from bert_jax import sharding
+from bert_jax.config import ConfigError, RunConfig
 from bert_jax.data.masking import batch_shapes
-from bert_jax.optim import learning_rate_schedule, make_optimizer
 
 # Cloud TPU accelerator types -> (JAX topology name prefix, TensorCores per chip). The number
 # in a v4/v5p type counts TensorCores (2 per chip, run as one "megacore" device); in a
@@ -43,14 +43,14 @@ def topology_name(accelerator_type: str) -> str:
     """`v5e-16` / `v5litepod-16` -> `v5e:4x4`, `v4-32` -> `v4:2x2x4` (JAX's topology names)."""
     match = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", accelerator_type)
     if not match:
-        raise ValueError(f"TPU type {accelerator_type!r}: expected e.g. v4-32, v5p-128, v5e-16 "
-                         f"or v6e-64")
+        raise ConfigError(f"TPU type {accelerator_type!r}: expected e.g. v4-32, v5p-128, v5e-16 "
+                          f"or v6e-64")
     generation, per_chip = _GENERATIONS[match.group(1)]
     chips = int(match.group(2)) // per_chip
     shape = _SHAPES[generation].get(chips)
     if shape is None:
-        raise ValueError(f"TPU type {accelerator_type!r} ({chips} chips): expected one of "
-                         f"{sorted(_SHAPES[generation])} chips for {generation}")
+        raise ConfigError(f"TPU type {accelerator_type!r} ({chips} chips): expected one of "
+                          f"{sorted(_SHAPES[generation])} chips for {generation}")
     return f"{generation}:{shape}"
 
 
@@ -93,23 +93,18 @@ def lower_train_step(config: ml_collections.ConfigDict, target: str, phase_index
     """The train step of one of `config`'s phases lowered for `target` (`target_devices`).
     Returns (lowered, attention kernel of the phase, devices)."""
     platform, devices = target_devices(target)
-    mesh = sharding.make_mesh(config.mesh.to_dict(), devices=devices)
-    phase = train.phases(config)[phase_index]
-    model_config = ModelConfig.from_dict(config.model)
-    tx = make_optimizer(config.train)
-    spec = train.state_spec(model_config, tx, config.train.seed, mesh, config.train.rng_impl,
-                            platform=platform)
-    batch_sharding = sharding.batch_sharding(mesh)
-    rows, length, predictions = (phase.global_batch_size, phase.max_seq_length,
-                                 phase.max_predictions_per_seq)
+    settings = RunConfig.from_dict(config)
+    run = runs.build(settings.model, settings.train, settings.mesh, devices=devices,
+                     platform=platform)
+    phase = settings.phases[phase_index]
+    batch_sharding = sharding.batch_sharding(run.mesh)
     batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
              for name, (shape, dtype) in batch_shapes(
-                 rows, length, predictions, phase.instances_per_row).items()}
-    step = train.jit_train_step(spec, tx, learning_rate_schedule(config.train), mesh,
-                                phase.grad_accum_steps)
-    lowered = step.lower(spec.abstract, batch,
-                         lowering_platforms=("cuda",) if target == "cuda" else None)
-    kernel = spec.attention_kernel(model_config.dtype, phase.instances_per_row > 1)
+                 phase.global_batch_size, phase.max_seq_length, phase.max_predictions_per_seq,
+                 phase.instances_per_row).items()}
+    lowered = run.train_step(phase.grad_accum_steps).lower(
+        run.spec.abstract, batch, lowering_platforms=("cuda",) if target == "cuda" else None)
+    kernel = run.spec.attention_kernel(settings.model.dtype, phase.instances_per_row > 1)
     return lowered, kernel, devices
 
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from bert_jax.config import ATTENTION_IMPLEMENTATIONS
+from bert_jax.config import ATTENTION_IMPLEMENTATIONS, ConfigError
 
 _LANES = 128  # Splash's blocks are multiples of the TPU's 128 lanes
 _PADDING = -1  # the segment of the positions a kernel's block multiple adds: seen by none
@@ -112,8 +112,8 @@ def attend(implementation: str, q_bshk, k_bshk, v_bshk, segments: Segments,
         return jax.nn.dot_product_attention(q_bshk, k_bshk, v_bshk,
                                             mask=_mask(segments.kv, q_segments),
                                             implementation="xla")
-    raise ValueError(f"model.attention_impl={implementation!r}: expected one of "
-                     f"{ATTENTION_IMPLEMENTATIONS}")
+    raise ConfigError(f"model.attention_impl={implementation!r}: expected one of "
+                      f"{ATTENTION_IMPLEMENTATIONS}")
 
 
 def _queries(q_bshk, segments: Segments, positions_bq):

@@ -1,6 +1,6 @@
 """`bert-jax benchmark`: full train steps (forward, backward, optimizer) on synthetic batches.
 
-The step is the one training runs (`train.jit_train_step`: sharded over all local devices,
+The step is the one training runs (`run.Run.train_step`: sharded over all local devices,
 state donated), the batches have BERT's layout and 15% masking (`data.synthetic`), and nothing
 here imports TensorFlow, so it runs on accelerator images without it. Times are per step,
 each step waited for, and the median reported: the figure peers are compared with.
@@ -19,10 +19,11 @@ import time
 import jax
 import ml_collections
 
-from bert_jax import flops, sharding, train
-from bert_jax.config import ModelConfig, default_config
+from bert_jax import flops
+from bert_jax import run as runs
+from bert_jax import sharding
+from bert_jax.config import ModelConfig, RunConfig, default_config
 from bert_jax.data.synthetic import synthetic_batch
-from bert_jax.optim import learning_rate_schedule, make_optimizer
 
 VOCAB_SIZE = 30522  # BERT's WordPiece vocabulary, as the peers use
 
@@ -48,22 +49,16 @@ def train_step_and_inputs(config: ml_collections.ConfigDict, devices=None):
     """(the jitted train step of `config` on a mesh of `devices` (default: every local
     device), a fresh state, two synthetic batches, the attention kernel the step runs): what
     `run` times, and what tests compile to read the step's HLO."""
-    model_config = ModelConfig.from_dict(config.model)
-    devices = jax.local_devices() if devices is None else devices
-    mesh = sharding.make_mesh(config.mesh.to_dict(), devices=devices)
-    tx = make_optimizer(config.train)
-    spec = train.state_spec(model_config, tx, config.train.seed, mesh, config.train.rng_impl)
-    state = train.init_state(model_config, tx, config.train.seed, spec, config.train.rng_impl)
-    batch_size = config.train.global_batch_size
+    settings = RunConfig.from_dict(config)
+    run = runs.build(settings.model, settings.train, settings.mesh,
+                     devices=jax.local_devices() if devices is None else devices)
+    data, batch_size = settings.data, settings.train.global_batch_size
     batches = [sharding.global_batch(
-        synthetic_batch(seed, batch_size, config.data.max_seq_length, model_config.vocab_size,
-                        config.data.max_predictions_per_seq,
-                        instances_per_row=config.data.instances_per_row), mesh, batch_size)
-        for seed in range(2)]
-    step = train.jit_train_step(spec, tx, learning_rate_schedule(config.train), mesh,
-                                config.train.grad_accum_steps)
-    kernel = spec.attention_kernel(model_config.dtype, config.data.instances_per_row > 1)
-    return step, state, batches, kernel
+        synthetic_batch(seed, batch_size, data.max_seq_length, settings.model.vocab_size,
+                        data.max_predictions_per_seq, instances_per_row=data.instances_per_row),
+        run.mesh, batch_size) for seed in range(2)]
+    kernel = run.spec.attention_kernel(settings.model.dtype, data.instances_per_row > 1)
+    return run.train_step(), run.init_state(), batches, kernel
 
 
 def run(config: ml_collections.ConfigDict, steps: int = 10, profile_steps: int = 0) -> dict:

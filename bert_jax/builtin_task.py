@@ -18,6 +18,7 @@ import functools
 import numpy as np
 
 from bert_jax.data import corpus
+from bert_jax.config import ConfigError
 
 LABELS = ("original", "shuffled")
 METRICS = ("accuracy", "matthews")
@@ -34,9 +35,9 @@ def splits() -> dict[str, tuple[list[str], np.ndarray]]:
     sentences = _sentences()
     needed = TRAIN_EXAMPLES + VALIDATION_EXAMPLES
     if len(sentences) < needed:
-        raise ValueError(f"the built-in corpus has {len(sentences)} sentences of "
-                         f"{MIN_WORDS}-{MAX_WORDS} words: the built-in task needs {needed}; "
-                         f"use a file task")
+        raise ConfigError(f"the built-in corpus has {len(sentences)} sentences of "
+                          f"{MIN_WORDS}-{MAX_WORDS} words: the built-in task needs {needed}; "
+                          f"use a file task")
     rng = np.random.default_rng(SEED)
     texts, labels = [], []
     for number, index in enumerate(rng.permutation(len(sentences))[:needed]):

@@ -27,7 +27,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from bert_jax import files
-from bert_jax.config import check_int
+from bert_jax.config import ConfigError, check_int
 
 STATE = "state"
 METADATA = "metadata"
@@ -199,8 +199,8 @@ class Checkpointer:
             failed.append(candidate)
             warnings.warn(f"checkpoint step {candidate} in {self.directory} is damaged or "
                           f"unreadable: {_describe(error)}", stacklevel=3)
-        raise ValueError(f"no readable checkpoint among steps {candidates} in "
-                         f"{self.directory}: see the warnings for each") from error
+        raise ConfigError(f"no readable checkpoint among steps {candidates} in "
+                          f"{self.directory}: see the warnings for each") from error
 
 
 def _on_every_process(ok: bool) -> bool:

@@ -93,11 +93,11 @@ FILL_MASK_EXAMPLE = "Return a new [MASK] containing the items of the list."
 def _stop_on_nonfinite(command: str, debug: bool, run):
     """Returns what `run` returns. Training stopped on non-finite values is not bad input:
     it exits with code 1 and one line (the traceback with `debug`)."""
-    from bert_jax import train
+    from bert_jax import loop
 
     try:
         return run()
-    except train.NonFiniteError as e:
+    except loop.NonFiniteError as e:
         if debug:
             raise
         raise SystemExit(f"bert-jax {command}: error: {e}") from None
@@ -106,7 +106,7 @@ def _stop_on_nonfinite(command: str, debug: bool, run):
 def _pretrain(args, config) -> None:
     import jax
 
-    from bert_jax import export, train
+    from bert_jax import export, inference, train, workdir
 
     summary = _stop_on_nonfinite("pretrain", args.debug,
                                  lambda: train.train_and_evaluate(config, args.workdir))
@@ -133,8 +133,8 @@ def _pretrain(args, config) -> None:
     out = export.write_export(pretrained, args.workdir, Path(args.workdir) / "export",
                               config.data.lowercase)
     print(f"  exported to {out} (transformers.BertForPreTraining.from_pretrained loads it)")
-    tokenizer = export.load_tokenizer_of(out)
-    guesses = export.fill_mask(pretrained, tokenizer, FILL_MASK_EXAMPLE)[0]
+    tokenizer = workdir.load_tokenizer_of(out)
+    guesses = inference.fill_mask(pretrained, tokenizer, FILL_MASK_EXAMPLE)[0]
     print(f"  fill-mask: {FILL_MASK_EXAMPLE!r} -> " +
           ", ".join(f"{token} ({p:.2f})" for token, p in guesses))
 
@@ -216,11 +216,11 @@ def _compile(args, config) -> None:
         raise UsageError("compiling for a TPU slice needs the libtpu package: pip install "
                          "'bert-jax[tpu]' (it runs on a CPU machine too)")
     from bert_jax import aot
-    from bert_jax.train import phases
+    from bert_jax.config import RunConfig
 
     target = args.tpu or args.platform
     too_big = []
-    for index, phase in enumerate(phases(config)):
+    for index, phase in enumerate(RunConfig.from_dict(config).phases):
         compiled = aot.compile_train_step(config, target, index)
         line = {"target": compiled.target, "devices": compiled.devices, "phase": index,
                 "length": phase.max_seq_length, "batch": phase.global_batch_size,
@@ -261,23 +261,24 @@ def _benchmark(args, config) -> None:
 
 
 def _fill_mask(args, config) -> None:
-    from bert_jax import export
+    from bert_jax import inference
 
-    pretrained, tokenizer = export.load_with_tokenizer(args.path)
-    for number, guesses in enumerate(export.fill_mask(pretrained, tokenizer, args.text,
+    pretrained, tokenizer = inference.load_with_tokenizer(args.path)
+    for number, guesses in enumerate(inference.fill_mask(pretrained, tokenizer, args.text,
                                                       args.top_k)):
         print(f"[MASK] {number + 1}: " + ", ".join(f"{t} ({p:.3f})" for t, p in guesses))
 
 
 def _prepare_data(args, config) -> None:
+    from bert_jax.config import RunConfig
     from bert_jax.data import pipeline
-    from bert_jax.train import phase_config, phases
 
     # Each phase's dataset (BERT's 128 and 512 phases have one each), so that a run, or a
     # pod's workers, find them all built.
     printed = set()
-    for phase in phases(config):
-        prepared = pipeline.prepare(phase_config(config, phase))
+    settings = RunConfig.from_dict(config)
+    for phase in settings.phases:
+        prepared = pipeline.prepare(settings, phase)
         if prepared.path not in printed:
             printed.add(prepared.path)
             _print_dataset(prepared)
@@ -307,23 +308,22 @@ def _check_out_folder(out) -> None:
 def _inspect_data(args, config) -> None:
     import numpy as np
 
+    from bert_jax.config import RunConfig
     from bert_jax.data import pipeline
-
-    from bert_jax.train import phase_config, phases
 
     if args.out:
         _check_out_folder(args.out)
     # The phase of the first step decides lengths and batch size, as in training.
-    phase = next((p for p in phases(config) if p.start <= args.start_step < p.end), None)
+    settings = RunConfig.from_dict(config)
+    phase = next((p for p in settings.phases if p.start <= args.start_step < p.end), None)
     if phase is None:
         raise UsageError(f"--start-step={args.start_step}: expected a step below "
                          f"train.num_steps={config.train.num_steps}")
     if args.start_step + args.steps > phase.end:
         raise UsageError(f"steps {args.start_step}..{args.start_step + args.steps - 1} cross the "
                          f"phase boundary at step {phase.end}: inspect one phase at a time")
-    config = phase_config(config, phase)
-    prepared = pipeline.prepare(config)
-    loader = pipeline.loader(config, prepared, args.split)
+    prepared = pipeline.prepare(settings, phase)
+    loader = pipeline.loader(settings, prepared, args.split, phase)
     first = args.start_step - phase.start
     batches = [batch for _, batch in loader.iterate(first, args.steps)]
     for step, batch in zip(range(args.start_step, args.start_step + args.steps), batches):
@@ -338,12 +338,12 @@ def _inspect_data(args, config) -> None:
 def _benchmark_data(args, config) -> None:
     import json
 
+    from bert_jax.config import RunConfig
     from bert_jax.data import pipeline
-    from bert_jax.train import phase_config, phases
 
-    config = phase_config(config, phases(config)[0])  # the first phase's length and batch
-    prepared = pipeline.prepare(config)
-    loader = pipeline.loader(config, prepared)
+    settings = RunConfig.from_dict(config)  # the first phase's length and batch
+    prepared = pipeline.prepare(settings)
+    loader = pipeline.loader(settings, prepared)
     print(json.dumps(pipeline.measure_throughput(loader, args.steps)))
 
 

@@ -12,6 +12,12 @@ import math
 
 import ml_collections
 
+
+class ConfigError(ValueError):
+    """A user's mistake (a config value, a path, a file's content): the command line prints
+    its one-line message and exits with code 2. Anything else that stops a command is not
+    the user's fault (exit code 1)."""
+
 # Sizes of google-research/bert's released models: (layers, hidden, heads); intermediate is 4H.
 PRESETS = {
     "tiny": (2, 128, 2),
@@ -31,7 +37,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture and numerics of a post-LayerNorm BERT.
+    """Architecture and numerics of a BERT encoder; each architecture choice is one field.
 
     `attention_dropout_rate` defaults to 0, unlike the original 0.1: dropout on attention
     probabilities forbids fused (flash) attention kernels, and MosaicBERT and Cramming show
@@ -54,22 +60,24 @@ class ModelConfig:
     attention_impl: str = "auto"  # a kernel of bert_jax.attention
     scan_layers: bool = False
     remat_policy: str = "none"
+    layer_norm: str = "post"  # post: BERT's, after each residual add; pre: before each sub-layer
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads",
                      "intermediate_size", "max_position_embeddings", "type_vocab_size"):
             check_int(f"model.{name}", getattr(self, name))
         if self.hidden_size % self.num_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"model.hidden_size={self.hidden_size} is not divisible by "
                 f"model.num_heads={self.num_heads}: expected a multiple of the head count")
         for name in ("hidden_dropout_rate", "attention_dropout_rate"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
-                raise ValueError(f"model.{name}={value!r}: expected a rate in [0, 1)")
+                raise ConfigError(f"model.{name}={value!r}: expected a rate in [0, 1)")
         _check_choice("model", "dtype", self.dtype, DTYPES)
         _check_choice("model", "attention_impl", self.attention_impl, ATTENTION_IMPLEMENTATIONS)
         _check_choice("model", "remat_policy", self.remat_policy, REMAT_POLICIES)
+        _check_choice("model", "layer_norm", self.layer_norm, ("post", "pre"))
 
     @property
     def head_dim(self) -> int:
@@ -115,10 +123,10 @@ class DataConfig:
                      "instances_per_row"):
             check_int(f"data.{name}", getattr(self, name))
         if not 0.0 < self.masked_lm_prob < 1.0:
-            raise ValueError(f"data.masked_lm_prob={self.masked_lm_prob!r}: expected (0, 1)")
+            raise ConfigError(f"data.masked_lm_prob={self.masked_lm_prob!r}: expected (0, 1)")
         for name in ("short_seq_prob", "validation_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"data.{name}={getattr(self, name)!r}: expected [0, 1)")
+                raise ConfigError(f"data.{name}={getattr(self, name)!r}: expected [0, 1)")
         _check_choice("data", "objective", self.objective, ("nsp", "sop"))
 
     from_dict = classmethod(lambda cls, values: _from_dict(cls, "data", values))
@@ -130,17 +138,14 @@ def _from_dict(cls, section: str, values):
     values = dict(values)
     unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
-        raise ValueError(f"unknown {section} config keys {unknown}: expected fields of "
-                         f"{cls.__name__}")
+        raise ConfigError(f"unknown {section} config keys {unknown}: expected fields of "
+                          f"{cls.__name__}")
     return cls(**values)
 
 
 def _check_choice(section, name, value, choices):
     if value not in choices:
-        raise ValueError(f"{section}.{name}={value!r}: expected one of {list(choices)}")
-
-
-NONFINITE_POLICIES = ("rollback", "stop")
+        raise ConfigError(f"{section}.{name}={value!r}: expected one of {list(choices)}")
 
 
 def check_int(name: str, value, least: int = 1) -> None:
@@ -148,26 +153,183 @@ def check_int(name: str, value, least: int = 1) -> None:
     the field."""
     if not isinstance(value, int) or isinstance(value, bool) or value < least:
         expected = "a positive integer" if least == 1 else f"an integer >= {least}"
-        raise ValueError(f"{name}={value!r}: expected {expected}")
+        raise ConfigError(f"{name}={value!r}: expected {expected}")
 
 
-def check_train(train: ml_collections.ConfigDict) -> None:
-    """The `train` counts, and fields a run reads only after hours (the non-finite policy),
-    checked up front."""
-    _check_choice("train", "on_nonfinite", train.on_nonfinite, NONFINITE_POLICIES)
-    for name, least in (("num_steps", 1), ("global_batch_size", 1), ("grad_accum_steps", 1),
-                        ("log_every", 1), ("eval_steps", 0), ("stop_at_step", 0),
-                        ("warmup_steps", 0), ("nonfinite_patience", 1), ("max_rollbacks", 0)):
-        check_int(f"train.{name}", train[name], least)
-    if not train.learning_rate > 0:
-        raise ValueError(f"train.learning_rate={train.learning_rate!r}: expected a positive "
-                         f"number")
+OPTIMIZERS = ("adamw", "lamb")
+NONFINITE_POLICIES = ("rollback", "stop")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How a model is trained: steps and batch, optimizer and schedule, when to log and
+    evaluate, and what non-finite steps do. Pretraining and fine-tuning share it.
+
+    google-research/bert's optimizer: AdamW, epsilon 1e-6, decay 0.01, clipping at 1.0, a
+    linear warmup then polynomial decay (power 1: linear) to `end_learning_rate`.
+    A step with a non-finite loss or gradient norm skips its update. After
+    `nonfinite_patience` such steps in a row, "rollback" restores the last checkpoint and
+    moves the data past the offending batches (at most `max_rollbacks` times); "stop" ends
+    the run with an error naming the steps. The dropout PRNG `rng_impl`: threefry2x32 is
+    the same under every sharding; rbg is faster. `phases`: ((start_step, max_seq_length,
+    max_predictions_per_seq, global_batch_size[, grad_accum_steps[, instances_per_row]]),
+    ...); empty: one phase of the data lengths and `global_batch_size` (`Phase`).
+    """
+
+    seed: int = 0
+    num_steps: int = 10_000
+    stop_at_step: int = 0  # 0: run to num_steps
+    global_batch_size: int = 256
+    grad_accum_steps: int = 1
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-4
+    end_learning_rate: float = 0.0
+    warmup_steps: int = 1000
+    decay_power: float = 1.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-6
+    weight_decay: float = 0.01
+    grad_clip_norm: float = 1.0
+    log_every: int = 100
+    eval_every: int = 0  # 0: at the last step only
+    eval_steps: int = 0  # validation batches; 0: the whole split
+    on_nonfinite: str = "rollback"
+    nonfinite_patience: int = 10
+    max_rollbacks: int = 3
+    rng_impl: str = "threefry2x32"
+    phases: tuple = ()
+
+    def __post_init__(self):
+        for name, least in (("num_steps", 1), ("global_batch_size", 1), ("grad_accum_steps", 1),
+                            ("log_every", 1), ("eval_every", 0), ("eval_steps", 0),
+                            ("stop_at_step", 0), ("warmup_steps", 0), ("nonfinite_patience", 1),
+                            ("max_rollbacks", 0)):
+            check_int(f"train.{name}", getattr(self, name), least)
+        if not self.learning_rate > 0:
+            raise ConfigError(f"train.learning_rate={self.learning_rate!r}: expected a positive "
+                              f"number")
+        _check_choice("train", "optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("train", "on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
+        object.__setattr__(self, "phases", as_tuples(self.phases))
+
+    @property
+    def stop(self) -> int:
+        """The step this invocation stops at: `stop_at_step` (0: `num_steps`)."""
+        return min(self.stop_at_step or self.num_steps, self.num_steps)
+
+    from_dict = classmethod(lambda cls, values: _from_dict(cls, "train", values))
+    to_dict = dataclasses.asdict
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints: every `every_steps` steps (and at the end), the newest `keep`
+    kept, written in the background with `async_save`."""
+
+    every_steps: int = 1000
+    keep: int = 3
+    async_save: bool = True
+
+    from_dict = classmethod(lambda cls, values: _from_dict(cls, "checkpoint", values))
+    to_dict = dataclasses.asdict
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes (`bert_jax.sharding`); -1 fills the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    from_dict = classmethod(lambda cls, values: _from_dict(cls, "mesh", values))
+    to_dict = dataclasses.asdict
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """A stretch of steps [start, end) at one sequence length and batch size."""
+
+    start: int
+    end: int
+    max_seq_length: int
+    max_predictions_per_seq: int
+    global_batch_size: int
+    grad_accum_steps: int
+    instances_per_row: int
+
+    def data(self, data: DataConfig) -> DataConfig:
+        """The data config of this phase's rows."""
+        return dataclasses.replace(data, max_seq_length=self.max_seq_length,
+                                   max_predictions_per_seq=self.max_predictions_per_seq,
+                                   instances_per_row=self.instances_per_row)
+
+
+_PHASE_ROW = ("(start, max_seq_length, max_predictions, batch[, grad_accum_steps[, "
+              "instances_per_row]])")
+
+
+def phases(train: TrainConfig, data: DataConfig) -> tuple[Phase, ...]:
+    """The phases of `train.phases`. Accumulation defaults to `train.grad_accum_steps` (long
+    sequences often need more micro-batches than short ones), packing to
+    `data.instances_per_row` (BERT's 512-token phase gains from it, the 128 one hardly)."""
+    rows = train.phases or ((0, data.max_seq_length, data.max_predictions_per_seq,
+                             train.global_batch_size),)
+    for row in rows:  # checked before the rows are indexed, which would fail deep inside
+        if not (isinstance(row, tuple) and 4 <= len(row) <= 6
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in row)):
+            raise ConfigError(f"train.phases={train.phases}: row {row!r}: expected "
+                              f"{_PHASE_ROW} of integers")
+    starts = [row[0] for row in rows]
+    if starts[0] != 0 or starts != sorted(set(starts)) or starts[-1] >= train.num_steps:
+        raise ConfigError(f"train.phases={train.phases}: expected rows {_PHASE_ROW} with start "
+                          f"steps rising from 0 and below train.num_steps={train.num_steps}")
+    defaults = (train.grad_accum_steps, data.instances_per_row)
+    result = []
+    for row, end in zip(rows, starts[1:] + [train.num_steps]):
+        for name, value in zip(("batch", "grad_accum_steps", "instances_per_row"), row[3:]):
+            check_int(f"train.phases row {row}: {name}", value)
+        result.append(Phase(row[0], end, *row[1:4], *row[4:], *defaults[len(row) - 4:]))
+    return tuple(result)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A pretraining run's config, every section typed and validated, and its phases: what
+    the command line's `ml_collections.ConfigDict` means, resolved once."""
+
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    checkpoint: CheckpointConfig
+    mesh: MeshConfig
+    phases: tuple[Phase, ...]
+
+    @classmethod
+    def from_dict(cls, config) -> RunConfig:
+        sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
+                    "checkpoint": CheckpointConfig, "mesh": MeshConfig}
+        unknown = sorted(set(config) - set(sections))
+        if unknown:
+            raise ConfigError(f"unknown config sections {unknown}: expected {list(sections)}")
+        typed = {name: kind.from_dict(config.get(name, {})) for name, kind in sections.items()}
+        return cls(**typed, phases=phases(typed["train"], typed["data"]))
+
+    def phase_of(self, step: int) -> Phase:
+        """The phase a model that has taken `step` steps last trained in (the first at step
+        0): the lengths to evaluate it at."""
+        return next((p for p in self.phases if p.start < step <= p.end), self.phases[0])
+
+
+def as_tuples(value):
+    return tuple(as_tuples(v) for v in value) if isinstance(value, (tuple, list)) else value
 
 
 def preset(name: str, **overrides) -> ModelConfig:
     """The model config of a named size (`tiny` ... `large`), with optional overrides."""
     if name not in PRESETS:
-        raise ValueError(f"model size {name!r}: expected one of {list(PRESETS)}")
+        raise ConfigError(f"model size {name!r}: expected one of {list(PRESETS)}")
     layers, hidden, heads = PRESETS[name]
     fields = dict(num_layers=layers, hidden_size=hidden, num_heads=heads,
                   intermediate_size=4 * hidden)
@@ -175,34 +337,16 @@ def preset(name: str, **overrides) -> ModelConfig:
 
 
 def default_config(size: str = "tiny") -> ml_collections.ConfigDict:
-    """The run config every file in `configs/` starts from."""
+    """The run config every file in `configs/` starts from: each section's defaults, the
+    model of a size preset, whose vocabulary is the tokenizer's unless a config says
+    otherwise."""
     config = ml_collections.ConfigDict()
     config.data = DataConfig().to_dict()
     config.model = preset(size).to_dict()
-    # The model's vocabulary is the tokenizer's unless a config says otherwise.
     config.model.vocab_size = config.data.get_ref("vocab_size")
-    config.train = ml_collections.ConfigDict(dict(
-        seed=0, num_steps=10_000, stop_at_step=0, global_batch_size=256, grad_accum_steps=1,
-        # google-research/bert's optimizer: AdamW, eps 1e-6, decay 0.01, clipping at 1.0.
-        optimizer="adamw", learning_rate=1e-4, end_learning_rate=0.0, warmup_steps=1000,
-        decay_power=1.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-6, weight_decay=0.01,
-        grad_clip_norm=1.0,
-        log_every=100, eval_steps=0,
-        # A step with a non-finite loss or gradient norm skips its update. After
-        # `nonfinite_patience` such steps in a row, "rollback" restores the last checkpoint and
-        # moves the data past the offending batches (at most `max_rollbacks` times); "stop"
-        # ends the run with an error naming the step.
-        on_nonfinite="rollback", nonfinite_patience=10, max_rollbacks=3,
-        # Dropout PRNG: threefry2x32 is the same under every sharding; rbg is faster.
-        rng_impl="threefry2x32",
-        # ((start_step, max_seq_length, max_predictions_per_seq, global_batch_size[,
-        # grad_accum_steps[, instances_per_row]]), ...); empty: one phase with the data
-        # lengths and train.global_batch_size (`train.phases`).
-        phases=()))
-    config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3,
-                                                       async_save=True))
-    # Device mesh sizes; -1 fills the remaining devices.
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    config.train = TrainConfig().to_dict()
+    config.checkpoint = CheckpointConfig().to_dict()
+    config.mesh = MeshConfig().to_dict()
     return config
 
 
@@ -268,8 +412,8 @@ def pod_config(size: str, target: str) -> ml_collections.ConfigDict:
     accumulation so a micro-batch fits each chip's memory, parameters and optimizer state
     sharded (FSDP) for large on TPUs, bfloat16 compute and rematerialized layers."""
     if target not in POD_TARGETS or size not in _ROWS_PER_16GIB:
-        raise ValueError(f"pod config {size}:{target}: expected a size in "
-                         f"{list(_ROWS_PER_16GIB)} and a target in {list(POD_TARGETS)}")
+        raise ConfigError(f"pod config {size}:{target}: expected a size in "
+                          f"{list(_ROWS_PER_16GIB)} and a target in {list(POD_TARGETS)}")
     chips, memory_gib = POD_TARGETS[target]
     batch = _POD_BATCH[target]
     schedule = lamb_schedule(batch)

@@ -13,6 +13,7 @@ import dataclasses
 import glob
 import importlib.util
 import os
+from bert_jax.config import ConfigError
 
 # Long enough for a stalled host to recover, short enough that a dead one stops the run
 # within a minute (the detection takes up to this long, then the others abort).
@@ -50,7 +51,7 @@ def _env_int(name: str) -> int | None:
     if value is None or value == "":
         return None
     if not value.isdigit():
-        raise ValueError(f"{name}={value!r}: expected a non-negative integer")
+        raise ConfigError(f"{name}={value!r}: expected a non-negative integer")
     return int(value)
 
 
@@ -90,9 +91,9 @@ def initialize(options: Options) -> str | None:
         missing = [name for name in ("coordinator_address", "num_processes", "process_id")
                    if getattr(options, name) is None]
         if missing and detected_cluster() is None:
-            raise ValueError(f"a multi-process run needs coordinator_address, num_processes and "
-                             f"process_id; missing {missing}: pass --{missing[0].replace('_', '-')}"
-                             f" or set JAX_{missing[0].upper()}")
+            raise ConfigError(f"a multi-process run needs coordinator_address, num_processes and "
+                              f"process_id; missing {missing}: pass --{missing[0].replace('_', '-')}"
+                              f" or set JAX_{missing[0].upper()}")
         how = "given addresses"
     else:
         how = detected_cluster()
@@ -100,8 +101,8 @@ def initialize(options: Options) -> str | None:
             return None
     if options.process_id is not None and options.num_processes is not None and not (
             0 <= options.process_id < options.num_processes):
-        raise ValueError(f"process_id={options.process_id}: expected 0 <= process_id < "
-                         f"num_processes={options.num_processes}")
+        raise ConfigError(f"process_id={options.process_id}: expected 0 <= process_id < "
+                          f"num_processes={options.num_processes}")
     import jax  # here, not at import: `bert-jax --help` stays quick
 
     # CPU devices talk through gloo (the default CPU backend has no cross-process collectives);

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 
 import jax
@@ -27,24 +26,30 @@ import ml_collections
 import numpy as np
 from etils.epath import Path  # local paths and gs:// alike
 from jax.experimental import multihost_utils
-from tqdm import tqdm
 
-from flax import nnx
-
-from bert_jax import losses, preflight, scores, sharding, tasks, train
-from bert_jax.checkpoint import Checkpointer
-from bert_jax.config import ModelConfig, check_int
+from bert_jax import loop, losses, preflight, scores, sharding, tasks
+from bert_jax import run as runs
+from bert_jax import workdir as workdirs
+from bert_jax.config import (CheckpointConfig, ConfigError, MeshConfig, ModelConfig,
+                             TrainConfig, check_int)
 from bert_jax.data.checks import check_batch_topology
-from bert_jax.export import keep_tokenizer, write_export
-from bert_jax.metrics import MetricsWriter
+from bert_jax.export import write_export
 from bert_jax.model import ENCODER_PARAMS
-from bert_jax.optim import learning_rate_schedule, make_optimizer
-from bert_jax.pretrained import Classifier
+from bert_jax.pretrained import Classifier, load_encoder
+
+# The model settings fine-tuning applies over the pretrained architecture.
+MODEL_SETTINGS = ("hidden_dropout_rate", "attention_dropout_rate", "dtype", "attention_impl",
+                  "scan_layers", "remat_policy")
+# Fine-tuning's own train fields, resolved into TrainConfig's (`resolve`).
+_SCHEDULE_FIELDS = ("num_epochs", "warmup_fraction", "eval_batch_size")
 
 
 def default_config() -> ml_collections.ConfigDict:
     """`bert-jax finetune`'s defaults: BERT's fine-tuning recipe (AdamW, 10% warmup then linear
-    decay, dropout 0.1, 3 epochs at batch 32) with a learning rate for the model's width."""
+    decay, dropout 0.1, 3 epochs at batch 32) with a learning rate for the model's width.
+    `train.num_steps` 0: `num_epochs` epochs; `learning_rate` 0: by width (`LEARNING_RATES`);
+    `warmup_steps` 0: `warmup_fraction` of the steps; `eval_every` 0: each epoch. Checkpoints
+    come at every evaluation and the end."""
     config = ml_collections.ConfigDict()
     # A pretraining workdir (its checkpoint `step`, 0: the latest) or a Hugging Face directory;
     # `random` keeps its architecture and tokenizer but not its weights (a baseline).
@@ -52,26 +57,23 @@ def default_config() -> ml_collections.ConfigDict:
     config.task = ml_collections.ConfigDict(dict(
         name=tasks.BUILTIN, train_file="", validation_file="", labels="", tfds_data_dir=""))
     config.data = ml_collections.ConfigDict(dict(max_seq_length=128))
-    config.model = ml_collections.ConfigDict(dict(
-        hidden_dropout_rate=0.1, attention_dropout_rate=0.0, dtype="float32",
-        attention_impl="auto", scan_layers=False, remat_policy="none"))
-    config.train = ml_collections.ConfigDict(dict(
-        seed=0, num_epochs=3, num_steps=0, stop_at_step=0, global_batch_size=32,
-        grad_accum_steps=1,
-        # 0: by model width (`LEARNING_RATES`)
-        optimizer="adamw", learning_rate=0.0, end_learning_rate=0.0, warmup_fraction=0.1,
-        warmup_steps=0, decay_power=1.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-6,
-        weight_decay=0.01, grad_clip_norm=1.0, rng_impl="threefry2x32",
-        log_every=50, eval_every=0, eval_batch_size=64, nonfinite_patience=10))
-    # Checkpoints at every evaluation (each epoch's end, or train.eval_every) and the end.
-    config.checkpoint = ml_collections.ConfigDict(dict(keep=2, async_save=True))
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    defaults = ModelConfig()
+    config.model = {name: getattr(defaults, name) for name in MODEL_SETTINGS}
+    train = {k: v for k, v in TrainConfig().to_dict().items() if k not in ("phases", "eval_steps")}
+    config.train = ml_collections.ConfigDict({
+        **train, "num_steps": 0, "global_batch_size": 32, "learning_rate": 0.0,
+        "warmup_steps": 0, "log_every": 50, "on_nonfinite": "stop",
+        "num_epochs": 3, "warmup_fraction": 0.1, "eval_batch_size": 64})
+    checkpoint = CheckpointConfig(keep=2).to_dict()
+    del checkpoint["every_steps"]  # each evaluation
+    config.checkpoint = checkpoint
+    config.mesh = MeshConfig().to_dict()
     return config
 
 
 # Default peak learning rates by hidden size (at most): BERT's 5e-5 and 3e-5 for base and
 # large, larger for narrower models as Turc et al. (2019) found for the small BERTs (BERT-tiny
-# on the built-in task: 0.73 accuracy at 1e-4, 0.89 at 3e-4).
+# on the built-in task: docs/finetune.md).
 LEARNING_RATES = ((128, 3e-4), (256, 2e-4), (512, 1e-4), (768, 5e-5), (None, 3e-5))
 
 
@@ -79,6 +81,12 @@ LEARNING_RATES = ((128, 3e-4), (256, 2e-4), (512, 1e-4), (768, 5e-5), (None, 3e-
 _FIXED_ON_RESUME = {"init": None, "task": None, "data": None, "train": None}
 _CHANGEABLE_ON_RESUME = {"tfds_data_dir", "log_every", "eval_batch_size", "stop_at_step",
                          "path"}
+
+
+def check_resumable(saved: dict, config: ml_collections.ConfigDict) -> None:
+    """A fine-tuning checkpoint resumes only under its own task, data and schedule."""
+    runs.check_resumable(saved, config, _FIXED_ON_RESUME, _CHANGEABLE_ON_RESUME,
+                         default_config())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,22 +104,20 @@ class Init:
 def load_init(init_config) -> Init:
     """The encoder of `config.init`: a pretraining workdir's checkpoint or a Hugging Face
     directory (any BERT: pretraining, sequence classification or bare `BertModel`)."""
-    from bert_jax import export, pretrained
-
     path = init_config.path
     if not path:
-        raise ValueError("no --init: expected a pretraining workdir or a Hugging Face "
-                         "directory to start from")
-    if export.is_workdir(path):
-        weights, config = export.load_workdir(path, init_config.step or None)
+        raise ConfigError("no --init: expected a pretraining workdir or a Hugging Face "
+                          "directory to start from")
+    if workdirs.is_workdir(path):
+        weights, config = workdirs.load_weights(path, init_config.step or None)
         model_config, params, lowercase = weights.config, weights.params, config.data.lowercase
     elif Path(path).is_dir():
-        (model_config, params), lowercase = pretrained.load_encoder(path), export.lowercase_of(path)
+        (model_config, params), lowercase = load_encoder(path), workdirs.lowercase_of(path)
     else:
-        raise ValueError(f"--init={path!r} does not exist: expected a pretraining workdir or a "
-                         f"Hugging Face directory")
-    return Init(model_config, export.load_tokenizer_of(path, lowercase),
-                export.tokenizer_file_of(path), lowercase,
+        raise ConfigError(f"--init={path!r} does not exist: expected a pretraining workdir or "
+                          f"a Hugging Face directory")
+    return Init(model_config, workdirs.load_tokenizer_of(path, lowercase),
+                workdirs.tokenizer_file_of(path), lowercase,
                 None if init_config.random else {k: params[k] for k in ENCODER_PARAMS})
 
 
@@ -125,69 +131,87 @@ def finetune(config: ml_collections.ConfigDict, workdir, *, init: Init | None = 
     holds (continuous evaluation). Every process of a multi-process run calls this.
     """
     workdir = Path(workdir)
-    is_main = jax.process_index() == 0
-    log = log if is_main else (lambda *args: None)
+    log = log if jax.process_index() == 0 else (lambda *args: None)
     task, examples = tasks.load(config.task)
     init = init or load_init(config.init)
     model_config = dataclasses.replace(init.model_config, **config.model.to_dict())
     config = resolve(config, len(examples["train"]), model_config.hidden_size)
-    mesh = sharding.make_mesh(config.mesh.to_dict())
-    _check_run(config, model_config, init.tokenizer, sharding.data_parallel_size(mesh))
-    tx = make_optimizer(config.train)
-    spec = train.state_spec(model_config, tx, config.train.seed, mesh, config.train.rng_impl,
-                            num_labels=task.num_labels)
-    preflight.check_workdir(workdir, preflight.state_bytes(spec.abstract),
-                            config.checkpoint.keep)
-    encoded = {split: tasks.encode(init.tokenizer, split_examples, config.data.max_seq_length)
-               for split, split_examples in examples.items()}
+    train = TrainConfig.from_dict({k: v for k, v in config.train.items()
+                                   if k not in _SCHEDULE_FIELDS})
+    checkpoint = CheckpointConfig(every_steps=train.eval_every, **config.checkpoint)
+    run = runs.build(model_config, train, MeshConfig.from_dict(config.mesh), workdir=workdir,
+                     checkpoint=checkpoint, num_labels=task.num_labels,
+                     objective=losses.SequenceObjective(regression=task.regression))
+    try:
+        _check_run(config, model_config, init.tokenizer, sharding.data_parallel_size(run.mesh))
+        preflight.check_workdir(workdir, preflight.state_bytes(run.spec.abstract),
+                                checkpoint.keep)
+        encoded = {split: tasks.encode(init.tokenizer, split_examples,
+                                       config.data.max_seq_length)
+                   for split, split_examples in examples.items()}
+        summary = _train(config, run, task, init, encoded, export, log)
+    finally:
+        run.close()
+    return {**summary, "num_steps": train.num_steps,
+            "examples": {split: len(split_examples) for split, split_examples in
+                         examples.items()}}
 
-    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep,
-                                every_steps=config.train.eval_every,
-                                async_save=config.checkpoint.async_save)
-    if checkpointer.latest_step() is not None:
-        train.check_resumable(checkpointer.restore_metadata()["config"], config,
-                              _FIXED_ON_RESUME, _CHANGEABLE_ON_RESUME, default_config())
-        state, _, start = checkpointer.restore(spec.abstract)
-        log(f"resumed from {workdir / 'checkpoints'} at step {start}")
-    else:
-        state = train.init_state(model_config, tx, config.train.seed, spec,
-                                 config.train.rng_impl, task.num_labels, init.encoder_params)
-        start = 0
-    objective = losses.SequenceObjective(regression=task.regression)
-    step_fn = train.jit_train_step(spec, tx, learning_rate_schedule(config.train), mesh,
-                                   config.train.grad_accum_steps, objective)
-    evaluate = _Evaluator(task, objective, spec, mesh, encoded["validation"],
-                          config.train.eval_batch_size)
-    writer = MetricsWriter(workdir, enabled=is_main, start_step=start)
-    metadata = {"config": config.to_dict(), "model": model_config.to_dict(),
+
+def _train(config, run: runs.Run, task, init: Init, encoded: dict, export: bool, log) -> dict:
+    state, start, saved = run.start(config, check_resumable, log, init.encoder_params)
+    skipped = saved.get("skipped_batches", {})
+    train = run.train
+    metadata = {"config": config.to_dict(), "model": run.model.to_dict(),
                 "task": dataclasses.asdict(task), "lowercase": init.lowercase}
-    if is_main:
-        (workdir / "config.json").write_text(json.dumps(metadata, indent=2) + "\n")
-        keep_tokenizer(workdir, init.tokenizer_file)
-    preemption = train.Preemption()
+    if run.is_main:
+        workdirs.write_config(run.workdir, metadata)
+        workdirs.keep_tokenizer(run.workdir, init.tokenizer_file)
+    evaluator = _Evaluator(task, run, encoded["validation"], config.train.eval_batch_size)
     summary = {"task": task.name, "train": {}, "validation": {}, "best": {}, "export": None}
+
+    def save(step, state, force=False):
+        run.checkpointer.save(step, state, {**metadata, "skipped_batches": dict(skipped)},
+                              force=force)
+
+    def evaluate_at(state, step):
+        _log_validation(evaluator(state["params"]), step, run.writer, summary, task)
+
+    preemption = loop.Preemption()
+    hooks = loop.Hooks(
+        writer=run.writer, preemption=preemption, log_every=train.log_every,
+        patience=train.nonfinite_patience, phase_start=0, rows=train.global_batch_size,
+        row_length=config.data.max_seq_length, evaluate=evaluate_at,
+        eval_every=train.eval_every, evaluate_at=train.num_steps,
+        should_save=run.checkpointer.should_save, save=save, description=f"finetune {task.name}")
+    rows = sharding.process_rows(run.mesh, train.global_batch_size)
+
+    def steps(state, step):
+        offset = skipped.get("0", 0)
+        batches = ((s, sharding.global_batch(
+            _train_batch(encoded["train"], s + offset, train.global_batch_size, train.seed, rows),
+            run.mesh, train.global_batch_size)) for s in range(step, train.stop))
+        state, step, summary["train"] = loop.train_loop(state, batches, run.train_step(), hooks,
+                                                        step, train.stop)
+        return state, step
+
     started = time.perf_counter()
     try:
-        state, step = _loop(config, state, start, step_fn, encoded["train"], mesh, evaluate,
-                            writer, checkpointer, metadata, preemption, summary, is_main)
-        if step == config.train.num_steps and not summary["validation"]:
-            _log_validation(evaluate(state["params"]), step, writer, summary, task)
-        checkpointer.save(step, state, metadata, force=True)
-        checkpointer.wait()
-        if step == config.train.num_steps and export:
+        state, step, _ = loop.recovering(steps, state, start, run, skipped, log)
+        if step == train.num_steps and not summary["validation"]:  # (resumed at its end)
+            evaluate_at(state, step)
+        save(step, state, force=True)
+        run.checkpointer.wait()
+        if step == train.num_steps and export:
             params = multihost_utils.process_allgather(state["params"], tiled=True)
-            classifier = Classifier(model_config, jax.tree.map(np.asarray, params), task.labels)
-            if is_main:
-                summary["export"] = str(write_export(classifier, workdir, workdir / "export",
+            classifier = Classifier(run.model, jax.tree.map(np.asarray, params), task.labels)
+            if run.is_main:
+                summary["export"] = str(write_export(classifier, run.workdir,
+                                                     run.workdir / workdirs.EXPORT,
                                                      init.lowercase))
     finally:
         preemption.restore()
-        writer.close()
-        checkpointer.close()
-    return {**summary, "step": step, "num_steps": config.train.num_steps,
-            "preempted": preemption.requested, "seconds": time.perf_counter() - started,
-            "examples": {split: len(split_examples) for split, split_examples in
-                         examples.items()}}
+    return {**summary, "step": step, "preempted": preemption.requested,
+            "seconds": time.perf_counter() - started}
 
 
 def resolve(config: ml_collections.ConfigDict, train_examples: int,
@@ -203,38 +227,36 @@ def resolve(config: ml_collections.ConfigDict, train_examples: int,
     batch = train_config.global_batch_size
     check_int("train.global_batch_size", batch)
     if train_examples < batch:
-        raise ValueError(f"the task has {train_examples} training examples, fewer than "
-                         f"train.global_batch_size={batch}: lower the batch size")
+        raise ConfigError(f"the task has {train_examples} training examples, fewer than "
+                          f"train.global_batch_size={batch}: lower the batch size")
     steps_per_epoch = train_examples // batch
     if not train_config.num_steps:
         if not train_config.num_epochs > 0:
-            raise ValueError(f"train.num_epochs={train_config.num_epochs!r}: expected a "
-                             f"positive number (or set train.num_steps)")
+            raise ConfigError(f"train.num_epochs={train_config.num_epochs!r}: expected a "
+                              f"positive number (or set train.num_steps)")
         train_config.num_steps = max(1, round(train_config.num_epochs * steps_per_epoch))
     if not train_config.warmup_steps:
         train_config.warmup_steps = int(train_config.warmup_fraction * train_config.num_steps)
     if not train_config.eval_every:
         train_config.eval_every = min(steps_per_epoch, train_config.num_steps)
-    for name in ("num_steps", "eval_every", "log_every", "eval_batch_size",
-                 "grad_accum_steps", "nonfinite_patience"):
-        check_int(f"train.{name}", train_config[name])
+    check_int("train.eval_batch_size", train_config.eval_batch_size)
     return config
 
 
 def _check_run(config, model_config: ModelConfig, tokenizer, data_parallel: int) -> None:
     length = config.data.max_seq_length
     if not 3 <= length <= model_config.max_position_embeddings:
-        raise ValueError(f"data.max_seq_length={length}: expected 3 to the model's "
-                         f"max_position_embeddings={model_config.max_position_embeddings}")
+        raise ConfigError(f"data.max_seq_length={length}: expected 3 to the model's "
+                          f"max_position_embeddings={model_config.max_position_embeddings}")
     if tokenizer.vocab_size > model_config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
-                         f"vocabulary {model_config.vocab_size}: expected the tokenizer the "
-                         f"model was pretrained with")
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                          f"vocabulary {model_config.vocab_size}: expected the tokenizer the "
+                          f"model was pretrained with")
     check_batch_topology(config.train.global_batch_size,
                          data_parallel * config.train.grad_accum_steps)
     if config.train.eval_batch_size % data_parallel:
-        raise ValueError(f"train.eval_batch_size={config.train.eval_batch_size}: expected a "
-                         f"multiple of the {data_parallel} data-parallel devices")
+        raise ConfigError(f"train.eval_batch_size={config.train.eval_batch_size}: expected a "
+                          f"multiple of the {data_parallel} data-parallel devices")
 
 
 def _train_batch(data: dict, step: int, batch_size: int, seed: int, rows: slice) -> dict:
@@ -252,67 +274,6 @@ def _permutation(seed: int, epoch: int, count: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(count)
 
 
-def _loop(config, state, start, step_fn, train_data, mesh, evaluate, writer, checkpointer,
-          metadata, preemption, summary, is_main):
-    """Steps [start, num_steps): a step's metrics are read after the next step is dispatched,
-    so the device never waits for the host (its non-finite count at every step, the rest at
-    log steps); evaluations (and checkpoints) every `train.eval_every` steps."""
-    train_config = config.train
-    batch_size, num_steps = train_config.global_batch_size, train_config.num_steps
-    stop = min(train_config.stop_at_step or num_steps, num_steps)
-    rows = sharding.process_rows(mesh, batch_size)
-    pending = watched = None
-    timer = (start, time.perf_counter())
-    done = start
-    progress = tqdm(total=num_steps, initial=start, desc=f"finetune {summary['task']}",
-                    unit="step", disable=not is_main)
-    for step in range(start, stop):
-        local = _train_batch(train_data, step, batch_size, train_config.seed, rows)
-        state, metrics = step_fn(state, sharding.global_batch(local, mesh, batch_size))
-        if watched is not None:
-            _check_finite(*watched, train_config.nonfinite_patience)
-        if pending is not None:
-            summary["train"] = _log_train(*pending, timer, batch_size, writer, progress)
-            timer, pending = (pending[0], time.perf_counter()), None
-        done = step + 1
-        watched = (done, metrics)
-        progress.update(1)
-        if done % train_config.log_every == 0 or done == stop:
-            pending = (done, metrics)
-        if done % train_config.eval_every == 0 or done == num_steps:
-            if pending is not None:
-                summary["train"] = _log_train(*pending, timer, batch_size, writer, progress)
-                timer, pending = (pending[0], time.perf_counter()), None
-            _log_validation(evaluate(state["params"]), done, writer, summary, evaluate.task)
-            checkpointer.save(done, state, metadata)
-            timer = (done, time.perf_counter())  # training speed leaves out the evaluation
-        if preemption.reached(done):
-            break
-    if watched is not None:
-        _check_finite(*watched, train_config.nonfinite_patience)
-    if pending is not None:
-        summary["train"] = _log_train(*pending, timer, batch_size, writer, progress)
-    progress.close()
-    return state, done
-
-
-def _check_finite(step: int, metrics: dict, patience: int) -> None:
-    if int(metrics["nonfinite_consecutive"]) >= patience:
-        raise train.NonFiniteError(
-            f"non-finite loss or gradients in {patience} steps in a row up to step {step}: "
-            f"lower train.learning_rate or check the data")
-
-
-def _log_train(step, metrics, timer, batch_size, writer, progress) -> dict:
-    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    seconds = max(time.perf_counter() - timer[1], 1e-9)
-    values.update(step_ms=1000 * seconds / (step - timer[0]),
-                  seq_per_s=(step - timer[0]) * batch_size / seconds)
-    writer.write(step, values)
-    progress.set_postfix(loss=f"{values['loss']:.3f}")
-    return values
-
-
 def _log_validation(metrics: dict, step: int, writer, summary: dict, task) -> None:
     """Logs a validation result; keeps it as the last and, when its headline score (the
     task's first metric; all are higher-is-better) is the best so far, the best."""
@@ -327,17 +288,16 @@ class _Evaluator:
     """Validation of parameters: the loss (and accuracy) from summed batches, and the task's
     scores from every example's logits. The last batch is filled with weight-0 rows."""
 
-    def __init__(self, task, objective, spec, mesh, data: dict, batch_size: int):
-        self.task, self._objective, self._mesh = task, objective, mesh
+    def __init__(self, task, run: runs.Run, data: dict, batch_size: int):
+        self.task, self._objective, self._mesh = task, run.objective, run.mesh
         self._data, self._batch_size = data, batch_size
-        self._rows = sharding.process_rows(mesh, batch_size)
+        self._rows = sharding.process_rows(run.mesh, batch_size)
 
-        def forward(params, batch):
-            logits = objective.logits(nnx.merge(spec.graphdef, params), batch)
-            return logits, objective.sums_of_logits(logits, batch)
+        def forward(model, batch):
+            logits = run.objective.logits(model, batch)
+            return logits, run.objective.sums_of_logits(logits, batch)
 
-        self._forward = sharding.MeshJit(forward, mesh, in_shardings=(
-            spec.shardings["params"], sharding.batch_sharding(mesh)))
+        self._forward = run.jit_eval(forward)
 
     def __call__(self, params) -> dict:
         count = len(self._data["labels"])

@@ -19,8 +19,10 @@ import time
 import ml_collections
 from etils.epath import Path
 
-from bert_jax import export, finetune
+from bert_jax import finetune
+from bert_jax import workdir as workdirs
 from bert_jax.metrics import MetricsWriter, read_metrics
+from bert_jax.config import ConfigError
 
 OUTPUT = "finetune-eval"
 SETTINGS = "config.json"  # the fine-tuning config the scores in a task's folder came from
@@ -66,9 +68,9 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, pretrain_workdir, *,
 
 def _checkpoints(pretrain_workdir) -> tuple[list[int], int]:
     """The steps of a pretraining workdir's checkpoints, and its run's last step."""
-    checkpointer = export.open_checkpoints(pretrain_workdir)
+    checkpointer = workdirs.open_checkpoints(pretrain_workdir)
     try:
-        run_config = export.pretraining_config(checkpointer, pretrain_workdir)
+        run_config = workdirs.pretraining_config(checkpointer, pretrain_workdir)
         return checkpointer.all_steps(), run_config.train.num_steps
     finally:
         checkpointer.close()
@@ -84,9 +86,9 @@ def _check_same_settings(out, config: ml_collections.ConfigDict) -> None:
     changed = next((key for key in sorted({*saved, *now}) if saved.get(key) != now.get(key)),
                    None)
     if changed is not None:
-        raise ValueError(f"{out} holds scores of {changed}={saved.get(changed)!r}, not "
-                         f"{now.get(changed)!r}: use the same settings, or move {out} away "
-                         f"to score with new ones")
+        raise ConfigError(f"{out} holds scores of {changed}={saved.get(changed)!r}, not "
+                          f"{now.get(changed)!r}: use the same settings, or move {out} away "
+                          f"to score with new ones")
 
 
 def _flat(values: dict, prefix: str = "") -> dict:

@@ -170,27 +170,27 @@ def from_hf(tensors: dict[str, np.ndarray], config: ModelConfig,
     expected = {e.hf for e in entries}
     extra = sorted(set(tensors) - expected - set(_TIED) - {_POSITION_IDS})
     if extra:
-        raise ValueError(f"unexpected tensor {extra[0]!r} (shape {np.shape(tensors[extra[0]])}) "
-                         f"in a checkpoint for {_describe(config)}: expected none such "
-                         f"({len(extra)} unexpected in all)")
+        raise ConfigError(f"unexpected tensor {extra[0]!r} (shape {np.shape(tensors[extra[0]])}) "
+                          f"in a checkpoint for {_describe(config)}: expected none such "
+                          f"({len(extra)} unexpected in all)")
     flat = {path: np.zeros(shape, np.float32) for path, shape in shapes.items()}
     for e in entries:
         want = e.layout.hf_shape(np.broadcast_to(0, shapes[e.ours])[e.index].shape)
         if e.hf not in tensors:
-            raise ValueError(f"missing tensor {e.hf!r}: expected shape {want} for "
-                             f"{_describe(config)}")
+            raise ConfigError(f"missing tensor {e.hf!r}: expected shape {want} for "
+                              f"{_describe(config)}")
         got = np.shape(tensors[e.hf])
         if got != want:
-            raise ValueError(f"tensor {e.hf!r} has shape {got}: expected {want} for "
-                             f"{_describe(config)}")
+            raise ConfigError(f"tensor {e.hf!r} has shape {got}: expected {want} for "
+                              f"{_describe(config)}")
         target = flat[e.ours]
         target[e.index] = e.layout.from_hf(np.asarray(tensors[e.hf], np.float32),
                                            target[e.index].shape)
     for tied, source in _TIED.items():
         if tied in tensors and not np.array_equal(np.asarray(tensors[tied], np.float32),
                                                   np.asarray(tensors[source], np.float32)):
-            raise ValueError(f"tensor {tied!r} differs from {source!r}: bert-jax ties them, "
-                             f"so an untied checkpoint cannot be represented")
+            raise ConfigError(f"tensor {tied!r} differs from {source!r}: bert-jax ties them, "
+                              f"so an untied checkpoint cannot be represented")
     return flat
 
 
@@ -257,11 +257,11 @@ def config_from_hf(values: dict) -> ModelConfig:
                     "position_embedding_type": ("absolute",)}
     for key, allowed in requirements.items():
         if key in values and values[key] not in allowed:
-            raise ValueError(f"config.json has {key}={values[key]!r}: expected {allowed[0]!r}")
+            raise ConfigError(f"config.json has {key}={values[key]!r}: expected {allowed[0]!r}")
     missing = [hf for hf in _CONFIG_KEYS.values() if hf not in values]
     if missing:
-        raise ValueError(f"config.json lacks {missing[0]!r}: expected a BERT config with "
-                         f"{sorted(_CONFIG_KEYS.values())}")
+        raise ConfigError(f"config.json lacks {missing[0]!r}: expected a BERT config with "
+                          f"{sorted(_CONFIG_KEYS.values())}")
     return ModelConfig(**{ours: values[hf] for ours, hf in _CONFIG_KEYS.items()})
 
 
@@ -280,7 +280,7 @@ def save(out_dir, config: ModelConfig, flat_params: dict[str, np.ndarray],
 def read_config(path) -> ModelConfig:
     config_path = epath.Path(path) / CONFIG_FILE
     if not config_path.is_file():
-        raise ValueError(f"{config_path} does not exist: expected a Hugging Face model directory")
+        raise ConfigError(f"{config_path} does not exist: expected a Hugging Face model directory")
     return config_from_hf(json.loads(config_path.read_text()))
 
 
@@ -310,8 +310,8 @@ def read_tensors(path) -> dict[str, np.ndarray]:
         return {k: v for shard in shards for k, v in _read_safetensors(path / shard).items()}
     if (path / TORCH_WEIGHTS_FILE).is_file():
         return _read_torch_weights(path / TORCH_WEIGHTS_FILE)
-    raise ValueError(f"{path} has no {WEIGHTS_FILE}, {WEIGHTS_INDEX_FILE} or "
-                     f"{TORCH_WEIGHTS_FILE}: expected a Hugging Face model directory")
+    raise ConfigError(f"{path} has no {WEIGHTS_FILE}, {WEIGHTS_INDEX_FILE} or "
+                      f"{TORCH_WEIGHTS_FILE}: expected a Hugging Face model directory")
 
 
 def _read_safetensors(path: epath.Path) -> dict[str, np.ndarray]:
@@ -326,8 +326,8 @@ def _read_torch_weights(path: epath.Path) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as e:
-        raise ValueError(f"{path} is a PyTorch file: install torch to read it, or convert "
-                         f"it to {WEIGHTS_FILE}") from e
+        raise ConfigError(f"{path} is a PyTorch file: install torch to read it, or convert "
+                          f"it to {WEIGHTS_FILE}") from e
     # weights_only=True refuses pickled code: a checkpoint cannot run anything on load.
     with path.open("rb") as f:  # a file object, as torch.load reads no URLs
         state = torch.load(f, map_location="cpu", weights_only=True)

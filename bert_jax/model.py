@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bert_jax import attention
-from bert_jax.config import ModelConfig
+from bert_jax.config import ConfigError, ModelConfig
 
 Array = jax.Array
 
@@ -313,10 +313,10 @@ class _Bert(nnx.Module):
         """Validates shapes and dtypes (at trace time) and fills the defaults."""
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
-            raise ValueError(f"input_ids has shape {input_ids.shape}: expected [batch, length]")
+            raise ConfigError(f"input_ids has shape {input_ids.shape}: expected [batch, length]")
         _check_integer("input_ids", input_ids)
         if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(
+            raise ConfigError(
                 f"input_ids has length {input_ids.shape[1]}: expected at most "
                 f"max_position_embeddings={self.config.max_position_embeddings}")
         token_type_ids = _like_ids("token_type_ids", token_type_ids, input_ids, 0)
@@ -404,8 +404,8 @@ def _like_ids(name, value, input_ids, default) -> Array:
         return jnp.full_like(input_ids, default)
     value = jnp.asarray(value)
     if value.shape != input_ids.shape:
-        raise ValueError(f"{name} has shape {value.shape}: expected the shape of input_ids "
-                         f"{input_ids.shape}")
+        raise ConfigError(f"{name} has shape {value.shape}: expected the shape of input_ids "
+                          f"{input_ids.shape}")
     return value
 
 
@@ -413,15 +413,15 @@ def _positions(name, value, batch: int) -> Array:
     """`value` as integer positions [batch, N], or a one-line error naming it."""
     positions = jnp.asarray(value)
     if positions.ndim != 2 or positions.shape[0] != batch:
-        raise ValueError(f"{name} has shape {positions.shape}: expected [batch, N] with batch "
-                         f"{batch}")
+        raise ConfigError(f"{name} has shape {positions.shape}: expected [batch, N] with batch "
+                          f"{batch}")
     _check_integer(name, positions)
     return positions
 
 
 def _check_integer(name, value):
     if not jnp.issubdtype(value.dtype, jnp.integer):
-        raise ValueError(f"{name} has dtype {value.dtype}: expected an integer dtype")
+        raise ConfigError(f"{name} has dtype {value.dtype}: expected an integer dtype")
 
 
 def _split(key, n):

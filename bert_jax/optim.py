@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
-OPTIMIZERS = ("adamw", "lamb")
+from bert_jax.config import TrainConfig
 
 
-def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
+def learning_rate_schedule(train: TrainConfig) -> optax.Schedule:
     """0 -> `learning_rate` over `warmup_steps`, then polynomial decay (power 1: linear) to
     `end_learning_rate` at `num_steps`."""
     warmup = min(int(train.warmup_steps), int(train.num_steps))
@@ -31,7 +30,7 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
+def make_optimizer(train: TrainConfig) -> optax.GradientTransformationExtraArgs:
     """The optimizer of `train`, at the learning rate each update is given:
     `tx.update(grads, state, params, learning_rate=schedule(step))`.
 
@@ -40,9 +39,6 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
     keeps the optimizer state, so that count would fall behind the train state's step: the
     rate applied would lag the one logged, and the schedule would end after `num_steps`.
     """
-    if train.optimizer not in OPTIMIZERS:
-        raise ValueError(f"train.optimizer={train.optimizer!r}: expected one of "
-                         f"{list(OPTIMIZERS)}")
     make = optax.adamw if train.optimizer == "adamw" else optax.lamb
     # learning_rate=None: the update direction, unscaled (optax.scale_by_learning_rate).
     direction = make(None, b1=train.adam_b1, b2=train.adam_b2, eps=train.adam_eps,

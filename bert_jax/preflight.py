@@ -10,28 +10,23 @@ import shutil
 from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
 
 from bert_jax import files
-from bert_jax.config import DataConfig, ModelConfig, check_train
+from bert_jax.config import ConfigError, DataConfig, RunConfig
 from bert_jax.data.checks import check_batch_topology, check_data_against_model, vocab_file
 from bert_jax.export import check_export_dir
 from bert_jax.tokenizer import load_tokenizer
 
 
-def check_run(config: ml_collections.ConfigDict, workdir, abstract_state, phase_configs,
-              data_parallel: int) -> None:
-    """Raises ValueError for the first problem: the train settings, the model against the
-    tokenizer and each phase's lengths, each phase's batch against the devices, and the
-    workdir (writable, room for the checkpoints kept)."""
-    check_train(config.train)
-    model = ModelConfig.from_dict(config.model)
-    tokens = _tokenizer_size(DataConfig.from_dict(config.data))
-    for phase_config in phase_configs:
-        check_data_against_model(DataConfig.from_dict(phase_config.data), model, tokens)
-        check_batch_topology(phase_config.train.global_batch_size,
-                             data_parallel * phase_config.train.grad_accum_steps)
+def check_run(config: RunConfig, workdir, abstract_state, data_parallel: int) -> None:
+    """Raises ConfigError for the first problem: the model against the tokenizer and each
+    phase's lengths, each phase's batch against the devices, and the workdir (writable, room
+    for the checkpoints kept)."""
+    tokens = _tokenizer_size(config.data)
+    for phase in config.phases:
+        check_data_against_model(phase.data(config.data), config.model, tokens)
+        check_batch_topology(phase.global_batch_size, data_parallel * phase.grad_accum_steps)
     check_workdir(workdir, state_bytes(abstract_state), config.checkpoint.keep)
 
 
@@ -62,7 +57,7 @@ def check_workdir(workdir, checkpoint_bytes: int, keep: int) -> None:
     try:
         free = shutil.disk_usage(existing).free
         if existing.is_dir() and free < needed:
-            raise ValueError(
+            raise ConfigError(
                 f"workdir {workdir} has {free / 2**30:.2f} GiB free but its checkpoints need "
                 f"about {needed / 2**30:.2f} GiB (checkpoint.keep={keep} + 1 being written, "
                 f"{checkpoint_bytes / 2**30:.2f} GiB each): free space, lower checkpoint.keep "
@@ -73,5 +68,5 @@ def check_workdir(workdir, checkpoint_bytes: int, keep: int) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise ValueError(f"workdir {workdir} is not writable ({e.strerror or e}): choose "
-                         f"another --workdir or fix its permissions") from None
+        raise ConfigError(f"workdir {workdir} is not writable ({e.strerror or e}): choose "
+                          f"another --workdir or fix its permissions") from None

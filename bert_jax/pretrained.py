@@ -1,17 +1,16 @@
-"""Trained weights in memory: `bert_jax.load(path)` gives a `Pretrained` (config, params,
-MLM/NSP logits); fine-tuning gives a `Classifier` (sequence classification logits). Both
-write Hugging Face directories."""
+"""Trained weights in memory: a `Pretrained` (config, params, MLM/NSP logits), what
+`bert_jax.load(path)` gives; a fine-tuned `Classifier` (sequence classification logits).
+Both read and write Hugging Face directories."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils.epath import Path
 from flax import nnx, traverse_util
 
 from bert_jax import hf
-from bert_jax.config import ModelConfig
+from bert_jax.config import ConfigError, ModelConfig
 from bert_jax.model import ENCODER_PARAMS, BertForPreTraining, abstract
 
 
@@ -81,20 +80,12 @@ class Classifier(_Weights):
                 labels=self.labels)
 
 
-def load(path) -> Pretrained:
-    """Loads a training workdir (its latest checkpoint) or a Hugging Face BERT directory
-    (config.json + model.safetensors or .bin)."""
-    from bert_jax import export  # reads Orbax checkpoints; not needed for HF directories
-
-    if export.is_workdir(path):
-        return export.load_workdir(path)[0]
-    if not Path(path).exists():
-        raise ValueError(f"{path} does not exist: expected a bert-jax workdir or a Hugging "
-                         f"Face BERT directory")
+def load_hf(path) -> Pretrained:
+    """A Hugging Face BERT pretraining directory (config.json + model.safetensors or .bin)."""
     config = hf.read_config(path)
     if "BertForSequenceClassification" in hf.architectures(path):
-        raise ValueError(f"{path} holds a sequence classifier: load it with "
-                         f"bert_jax.load_classifier (fill-mask needs a pretraining model)")
+        raise ConfigError(f"{path} holds a sequence classifier: load it with "
+                          f"bert_jax.load_classifier (fill-mask needs a pretraining model)")
     flat = hf.from_hf(hf.read_tensors(path), config, param_shapes(config))
     return Pretrained(config, hf.unflatten(flat))
 

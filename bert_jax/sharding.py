@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from bert_jax.config import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -33,17 +34,17 @@ def mesh_shape(sizes: dict, device_count: int) -> tuple[int, ...]:
     """(data, fsdp, tensor) sizes with one -1 filled from `device_count`."""
     shape = [int(sizes[axis]) for axis in MESH_AXES]
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))}: expected positive sizes and at "
-                         f"most one -1")
+        raise ConfigError(f"mesh {dict(zip(MESH_AXES, shape))}: expected positive sizes and at "
+                          f"most one -1")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if device_count % known:
-            raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} cannot fill {device_count} "
-                             f"devices: {device_count} is not a multiple of {known}")
+            raise ConfigError(f"mesh {dict(zip(MESH_AXES, shape))} cannot fill {device_count} "
+                              f"devices: {device_count} is not a multiple of {known}")
         shape[shape.index(-1)] = device_count // known
     if math.prod(shape) != device_count:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} has {math.prod(shape)} devices: "
-                         f"expected {device_count}")
+        raise ConfigError(f"mesh {dict(zip(MESH_AXES, shape))} has {math.prod(shape)} devices: "
+                          f"expected {device_count}")
     return tuple(shape)
 
 
@@ -160,9 +161,9 @@ def process_rows(mesh: Mesh, global_batch_size: int) -> slice:
                     for index in indices.values()})
     for (_, stop), (start, _) in zip(spans, spans[1:]):
         if start != stop:
-            raise ValueError(f"this process's devices hold batch rows {spans}, not one "
-                             f"contiguous range: order the mesh so that each process's "
-                             f"devices are adjacent along the batch axes {BATCH_AXES}")
+            raise ConfigError(f"this process's devices hold batch rows {spans}, not one "
+                              f"contiguous range: order the mesh so that each process's "
+                              f"devices are adjacent along the batch axes {BATCH_AXES}")
     return slice(spans[0][0], spans[-1][1])
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from bert_jax import builtin_task
+from bert_jax.config import ConfigError
 
 BUILTIN = "builtin"
 GLUE_PREFIX = "glue/"
@@ -102,7 +103,7 @@ def load(task_config) -> tuple[Task, dict[str, Examples]]:
         return _load_glue(name[len(GLUE_PREFIX):], task_config.tfds_data_dir or None)
     if name in FILE_TASKS:
         return _load_files(name, task_config)
-    raise ValueError(f"unknown task {name!r}: expected one of {list(TASK_NAMES)}")
+    raise ConfigError(f"unknown task {name!r}: expected one of {list(TASK_NAMES)}")
 
 
 # --- GLUE from TFDS ------------------------------------------------------------------------
@@ -121,10 +122,10 @@ def _load_glue(config_name: str, data_dir: str | None) -> tuple[Task, dict[str, 
         try:
             dataset = tfds.load(name, split=tfds_split, data_dir=data_dir, download=False)
         except (AssertionError, FileNotFoundError) as e:  # TFDS asserts the data is there
-            raise ValueError(f"task {name} is not prepared in the TFDS data directory "
-                             f"{data_dir or tfds.core.constants.DATA_DIR}: expected it built "
-                             f"there (`tfds build {name}`; bert-jax never downloads), or set "
-                             f"--config.task.tfds_data_dir") from e
+            raise ConfigError(f"task {name} is not prepared in the TFDS data directory "
+                              f"{data_dir or tfds.core.constants.DATA_DIR}: expected it built "
+                              f"there (`tfds build {name}`; bert-jax never downloads), or set "
+                              f"--config.task.tfds_data_dir") from e
         rows = list(tfds.as_numpy(dataset))
         texts = [[row[field].decode("utf-8") for row in rows] for field in fields]
         values = np.array([row["label"] for row in rows])
@@ -140,22 +141,22 @@ def _load_files(name: str, task_config) -> tuple[Task, dict[str, Examples]]:
     files = {"train": task_config.train_file, "validation": task_config.validation_file}
     for split, path in files.items():
         if not path:
-            raise ValueError(f"task {name} reads local files: expected --{split}-file=PATH "
-                             f"(CSV, TSV or JSON Lines with text{', text_pair' * pair}, label)")
+            raise ConfigError(f"task {name} reads local files: expected --{split}-file=PATH "
+                              f"(CSV, TSV or JSON Lines with text{', text_pair' * pair}, label)")
     rows = {split: _read_rows(path, pair) for split, path in files.items()}
     declared = tuple(label.strip() for label in str(task_config.labels or "").split(",")
                      if label.strip())
     if regression:
         if declared:
-            raise ValueError(f"task.labels={task_config.labels!r} declares classes but task "
-                             f"{name} predicts a score: expected no labels")
+            raise ConfigError(f"task.labels={task_config.labels!r} declares classes but task "
+                              f"{name} predicts a score: expected no labels")
         labels = ()
     else:
         labels = declared or _sorted_labels({label for _, _, label, _ in rows["train"]})
         if len(labels) < 2:
             source = "task.labels" if declared else files["train"]
-            raise ValueError(f"task {name} has the one class {list(labels)} in {source}: "
-                             f"expected at least 2 classes to tell apart")
+            raise ConfigError(f"task {name} has the one class {list(labels)} in {source}: "
+                              f"expected at least 2 classes to tell apart")
     task = Task(name, pair, labels,
                 REGRESSION_METRICS if regression else CLASSIFICATION_METRICS)
     splits = {split: _examples(task, rows[split], files[split], bool(declared))
@@ -167,7 +168,7 @@ def _read_rows(path: str, pair: bool) -> list[tuple[str, str | None, str, int]]:
     """(text, text_pair, label as text, line number) of each row of a CSV/TSV/JSONL file."""
     file = Path(path)
     if not file.is_file():
-        raise ValueError(f"{path} does not exist: expected a CSV, TSV or JSON Lines file")
+        raise ConfigError(f"{path} does not exist: expected a CSV, TSV or JSON Lines file")
     wanted = ["text", "label"] + (["text_pair"] if pair else [])
     if file.suffix in (".jsonl", ".json"):
         records = []
@@ -177,11 +178,11 @@ def _read_rows(path: str, pair: bool) -> list[tuple[str, str | None, str, int]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not JSON ({e.msg}): expected one object "
-                                 f"per line") from None
+                raise ConfigError(f"{path}:{number}: not JSON ({e.msg}): expected one object "
+                                  f"per line") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object with "
-                                 f"{', '.join(wanted)}")
+                raise ConfigError(f"{path}:{number}: expected a JSON object with "
+                                  f"{', '.join(wanted)}")
             records.append((number, record))
     else:
         with file.open(newline="", encoding="utf-8") as f:
@@ -190,8 +191,8 @@ def _read_rows(path: str, pair: bool) -> list[tuple[str, str | None, str, int]]:
             columns = reader.fieldnames or []
         _check_columns(path, columns, wanted, pair)
     if not records:
-        raise ValueError(f"{path} has no examples: expected a header and rows with "
-                         f"{', '.join(wanted)}")
+        raise ConfigError(f"{path} has no examples: expected a header and rows with "
+                          f"{', '.join(wanted)}")
     rows = []
     for number, record in records:
         _check_columns(f"{path}:{number}", list(record), wanted, pair)
@@ -204,14 +205,14 @@ def _read_rows(path: str, pair: bool) -> list[tuple[str, str | None, str, int]]:
 def _check_columns(where: str, columns: list[str], wanted: list[str], pair: bool) -> None:
     missing = [column for column in wanted if column not in columns]
     if missing == ["text_pair"]:
-        raise ValueError(f"{where} has single texts (columns {columns}): a pair task expects a "
-                         f"text_pair column too, or use a single-text task")
+        raise ConfigError(f"{where} has single texts (columns {columns}): a pair task expects a "
+                          f"text_pair column too, or use a single-text task")
     if missing:
-        raise ValueError(f"{where} has no {missing[0]!r} column (columns {columns}): expected "
-                         f"{', '.join(wanted)}")
+        raise ConfigError(f"{where} has no {missing[0]!r} column (columns {columns}): expected "
+                          f"{', '.join(wanted)}")
     if not pair and "text_pair" in columns:
-        raise ValueError(f"{where} has a text_pair column but the task takes single texts: use "
-                         f"pair-classification or pair-regression")
+        raise ConfigError(f"{where} has a text_pair column but the task takes single texts: use "
+                          f"pair-classification or pair-regression")
 
 
 def _label_text(value) -> str:
@@ -242,16 +243,16 @@ def _examples(task: Task, rows, path: str, declared: bool) -> Examples:
             try:
                 labels.append(float(label))
             except ValueError:
-                raise ValueError(f"{path}:{number}: label {label!r} is not a number: task "
-                                 f"{task.name} expects a score") from None
+                raise ConfigError(f"{path}:{number}: label {label!r} is not a number: task "
+                                  f"{task.name} expects a score") from None
         values = np.array(labels, np.float32)
     else:
         index = {label: i for i, label in enumerate(task.labels)}
         for _, _, label, number in rows:
             if label not in index:
                 source = "the declared classes" if declared else "the training file's classes"
-                raise ValueError(f"{path}:{number}: label {label!r} is not one of {source} "
-                                 f"{list(task.labels)}" + ("" if declared else
+                raise ConfigError(f"{path}:{number}: label {label!r} is not one of {source} "
+                                  f"{list(task.labels)}" + ("" if declared else
                                                            ": declare all with --labels"))
         values = np.array([index[label] for _, _, label, _ in rows], np.int32)
     return Examples([text for text, _, _, _ in rows],

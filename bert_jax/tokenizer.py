@@ -26,6 +26,7 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers,
 from tokenizers.models import Unigram, WordPiece
 
 from bert_jax import files
+from bert_jax.config import ConfigError
 
 PAD, UNK, CLS, SEP, MASK = SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -89,7 +90,7 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_path, *
     """
     model_path = epath.Path(model_path)
     if model_path.suffix != ".model":
-        raise ValueError(f"{model_path}: a SentencePiece model path must end in .model")
+        raise ConfigError(f"{model_path}: a SentencePiece model path must end in .model")
     sample = _sample(sentences, MAX_TRAINING_SENTENCES, seed)
     model = io.BytesIO()  # no model_prefix: the model's bytes then do not depend on its path
     try:
@@ -99,9 +100,9 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_path, *
             bos_id=-1, eos_id=-1, user_defined_symbols=[CLS, SEP, MASK],
             input_sentence_size=0, num_threads=_TRAINING_THREADS, minloglevel=1)
     except RuntimeError as e:
-        raise ValueError(f"cannot train a SentencePiece vocabulary of {vocab_size} pieces on "
-                         f"this corpus ({str(e).strip().splitlines()[-1]}): lower "
-                         f"data.vocab_size or give a larger corpus") from e
+        raise ConfigError(f"cannot train a SentencePiece vocabulary of {vocab_size} pieces on "
+                          f"this corpus ({str(e).strip().splitlines()[-1]}): lower "
+                          f"data.vocab_size or give a larger corpus") from e
     model_path.parent.mkdir(parents=True, exist_ok=True)
     files.write_atomically(model_path, model.getvalue())
     return model_path
@@ -173,8 +174,8 @@ class Tokenizer:
         ids = np.asarray(ids, np.int64).tolist()
         tokens = [self._backend.id_to_token(i) for i in ids]
         if None in tokens:
-            raise ValueError(f"id {ids[tokens.index(None)]} is outside the vocabulary of "
-                             f"{self.vocab_size}")
+            raise ConfigError(f"id {ids[tokens.index(None)]} is outside the vocabulary of "
+                              f"{self.vocab_size}")
         return tokens
 
     def decode(self, ids) -> str:
@@ -220,7 +221,7 @@ def load_tokenizer(vocab_file, *, lowercase: bool = True) -> Tokenizer:
     try:
         content = path.read_bytes()
     except OSError as e:
-        raise ValueError(f"cannot read the vocabulary file {path}: {e}") from e
+        raise ConfigError(f"cannot read the vocabulary file {path}: {e}") from e
     if _is_sentencepiece(path, content):
         kind, backend = "sentencepiece", _sentencepiece_backend(path, content)
         hf_config, hf_files = {"tokenizer_class": "PreTrainedTokenizerFast"}, {}
@@ -265,16 +266,16 @@ def _sentencepiece_backend(path: epath.Path, content: bytes) -> tokenizers.Token
     try:
         proto.ParseFromString(content)
     except Exception as e:  # protobuf raises its own DecodeError, not a ValueError
-        raise ValueError(f"{path} is not a SentencePiece model: {e}") from e
+        raise ConfigError(f"{path} is not a SentencePiece model: {e}") from e
     if not proto.pieces:
-        raise ValueError(f"{path} is not a SentencePiece model: it has no pieces")
+        raise ConfigError(f"{path} is not a SentencePiece model: it has no pieces")
     for spec_name, options in _CONVERTIBLE_SPM_OPTIONS.items():
         spec = getattr(proto, spec_name)
         for option, expected in options.items():
             if getattr(spec, option) != expected:
-                raise ValueError(f"{path}: SentencePiece models with {spec_name}.{option}="
-                                 f"{getattr(spec, option)!r} are not supported: expected "
-                                 f"{expected!r}, as train_sentencepiece writes")
+                raise ConfigError(f"{path}: SentencePiece models with {spec_name}.{option}="
+                                  f"{getattr(spec, option)!r} are not supported: expected "
+                                  f"{expected!r}, as train_sentencepiece writes")
     backend = tokenizers.Tokenizer(Unigram([(p.piece, p.score) for p in proto.pieces],
                                            unk_id=proto.trainer_spec.unk_id, byte_fallback=False))
     backend.normalizer = normalizers.Sequence([
@@ -304,10 +305,10 @@ def _wordpiece_backend(path: epath.Path, content: bytes,
         try:
             vocab = WordPiece.read_file(local)
         except Exception as e:  # tokenizers raises a bare Exception on undecodable files
-            raise ValueError(f"cannot read the WordPiece vocabulary {path}: {e}") from e
+            raise ConfigError(f"cannot read the WordPiece vocabulary {path}: {e}") from e
     if vocab and max(vocab.values()) + 1 != len(vocab):
-        raise ValueError(f"{path} repeats tokens: {max(vocab.values()) + 1} lines hold "
-                         f"{len(vocab)} distinct tokens, so ids would not match lines")
+        raise ConfigError(f"{path} repeats tokens: {max(vocab.values()) + 1} lines hold "
+                          f"{len(vocab)} distinct tokens, so ids would not match lines")
     backend = tokenizers.Tokenizer(WordPiece(vocab, unk_token=UNK, max_input_chars_per_word=100,
                                              continuing_subword_prefix=_WORDPIECE_PREFIX))
     # strip_accents=None follows `lowercase`: BERT-uncased strips accents, cased keeps them.
@@ -323,8 +324,8 @@ def _add_bert_special_tokens(backend: tokenizers.Tokenizer, path: epath.Path) ->
     vocab = backend.get_vocab()
     missing = [token for token in SPECIAL_TOKENS if token not in vocab]
     if missing:
-        raise ValueError(f"the vocabulary {path} lacks {missing[0]}: expected all of "
-                         f"{' '.join(SPECIAL_TOKENS)}")
+        raise ConfigError(f"the vocabulary {path} lacks {missing[0]}: expected all of "
+                          f"{' '.join(SPECIAL_TOKENS)}")
     backend.add_special_tokens([AddedToken(token, special=True, normalized=False)
                                 for token in SPECIAL_TOKENS])
     backend.post_processor = processors.TemplateProcessing(

@@ -7,7 +7,8 @@ import stat
 import numpy as np
 import pytest
 
-from bert_jax import export
+from bert_jax import export, inference
+from bert_jax import workdir as workdirs
 from bert_jax.config import preset
 from bert_jax.model import create
 from bert_jax.pretrained import Pretrained
@@ -23,14 +24,14 @@ class Interrupted(Exception):
 def test_interrupted_export_leaves_no_directory_and_keeps_the_previous_one(straight_run,
                                                                           tmp_path, monkeypatch):
     workdir, _, _ = straight_run
-    pretrained, config = export.load_workdir(workdir)
+    pretrained, config = workdirs.load_weights(workdir)
     out = tmp_path / "export"
 
     def interrupted(*args):
         raise Interrupted  # the last write of an export: weights and tokenizer are written
 
     with monkeypatch.context() as patch:
-        patch.setattr(export, "keep_tokenizer", interrupted)
+        patch.setattr(workdirs, "keep_tokenizer", interrupted)
         with pytest.raises(Interrupted):
             export.write_export(pretrained, workdir, out, config.data.lowercase)
     assert not out.exists()
@@ -39,7 +40,7 @@ def test_interrupted_export_leaves_no_directory_and_keeps_the_previous_one(strai
     complete = {p.name: p.read_bytes() for p in out.iterdir()}
     assert {"config.json", "model.safetensors"} <= set(complete)
     with monkeypatch.context() as patch:
-        patch.setattr(export, "keep_tokenizer", interrupted)
+        patch.setattr(workdirs, "keep_tokenizer", interrupted)
         with pytest.raises(Interrupted):
             export.write_export(pretrained, workdir, out, config.data.lowercase)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == complete
@@ -74,7 +75,7 @@ def test_export_to_a_bucket_loads_back(tiny, bucket):
     export.write_export(pretrained, workdir, "gs://bucket/runs/export", lowercase=True)
     assert {"model.safetensors", "config.json", "tokenizer.json", "vocab.txt"} <= {
         p.name for p in (bucket / "runs" / "export").iterdir()}
-    loaded, tokenizer = export.load_with_tokenizer("gs://bucket/runs/export")
+    loaded, tokenizer = inference.load_with_tokenizer("gs://bucket/runs/export")
     ids = np.array([[2, 5, 6, 4, 3]])
     np.testing.assert_array_equal(loaded.logits(ids)[0], pretrained.logits(ids)[0])
     assert tokenizer.encode("the cat") == [5, 6]

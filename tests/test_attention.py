@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bert_jax import attention, sharding, train
-from bert_jax.config import ModelConfig, default_config
+from bert_jax import attention, sharding
+from bert_jax import run as runs
+from bert_jax.config import ModelConfig, TrainConfig
 from bert_jax.data.synthetic import synthetic_batch
-from bert_jax.optim import learning_rate_schedule, make_optimizer
 
 B, S, H, K = 2, 64, 2, 32
 # Packed rows: instances numbered from 1, then padding (0); unpacked: tokens, then padding.
@@ -79,7 +79,6 @@ def test_a_sharded_train_step_with_interpreted_splash_equals_the_xla_one():
     gradient norm and new parameters equal those of the XLA path. (Splash alone: the Pallas
     GPU kernel is mapped by the same `_mapped`, and equals XLA alone above.)"""
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    tx = make_optimizer(default_config("tiny").train)
     batch = sharding.global_batch(synthetic_batch(0, 8, 64, 512, 10, instances_per_row=3),
                                   mesh, 8)
     implementation, results = "splash", {}
@@ -87,11 +86,9 @@ def test_a_sharded_train_step_with_interpreted_splash_equals_the_xla_one():
         config = ModelConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4,
                              intermediate_size=128, max_position_embeddings=64,
                              attention_impl=name)
-        spec = train.state_spec(config, tx, 0, mesh)
-        assert spec.attention == name
-        state = train.init_state(config, tx, 0, spec)
-        step = train.jit_train_step(spec, tx, learning_rate_schedule(
-            default_config("tiny").train), mesh, 1)
+        run = runs.build(config, TrainConfig(), mesh)
+        assert run.spec.attention == name
+        state, step = run.init_state(), run.train_step()
         text = step.lower(state, batch).as_text()
         assert ("shard_map" in text or "sdy.manual_computation" in text) == (name != "xla")
         results[name] = jax.device_get(step(state, batch))

@@ -143,12 +143,12 @@ def test_debug_shows_the_traceback():
 
 @pytest.mark.parametrize("debug", [False, True])
 def test_training_stopped_on_nonfinite_values_ends_in_one_line_unless_debugging(debug):
-    from bert_jax import cli, train
+    from bert_jax import cli, loop
 
     def run():
-        raise train.NonFiniteError("non-finite loss in 2 steps in a row")
+        raise loop.NonFiniteError("non-finite loss in 2 steps in a row")
 
-    with pytest.raises(train.NonFiniteError if debug else SystemExit) as stopped:
+    with pytest.raises(loop.NonFiniteError if debug else SystemExit) as stopped:
         cli._stop_on_nonfinite("finetune", debug, run)
     if not debug:  # SystemExit with a message: printed to stderr, exit code 1
         assert stopped.value.code == "bert-jax finetune: error: non-finite loss in 2 steps in a row"

@@ -1,7 +1,6 @@
 import pytest
 
-from bert_jax import train
-from bert_jax.config import (POD_TARGETS, PRESETS, ModelConfig, default_config, lamb_schedule,
+from bert_jax.config import (POD_TARGETS, PRESETS, ModelConfig, RunConfig, default_config, lamb_schedule,
                              pod_config, preset)
 
 
@@ -58,7 +57,7 @@ def test_lamb_schedule_follows_the_lamb_papers_table():
 def test_pod_configs_split_their_batch_evenly_over_chips_and_micro_batches(size, target):
     config = pod_config(size, target)
     chips, memory_gib = POD_TARGETS[target]
-    (short, long_) = train.phases(config)
+    (short, long_) = RunConfig.from_dict(config).phases
     assert (short.max_seq_length, long_.max_seq_length) == (128, 512)
     assert long_.start == config.train.num_steps * 9 // 10
     assert config.train.optimizer == "lamb"

@@ -10,7 +10,7 @@ import pydoc_data.topics
 import pytest
 import tensorflow_datasets as tfds
 
-from bert_jax.config import DataConfig, default_config
+from bert_jax.config import DataConfig, RunConfig, default_config
 from bert_jax.data import dataset, masking, pipeline
 from bert_jax.tokenizer import load_tokenizer
 
@@ -44,12 +44,20 @@ def _config(tmp_path, corpus, **data):
     return config
 
 
+def _prepare(config):
+    return pipeline.prepare(RunConfig.from_dict(config))
+
+
+def _loader(config, prepared, split="train", rows=None):
+    return pipeline.loader(RunConfig.from_dict(config), prepared, split, rows=rows)
+
+
 @pytest.fixture(scope="module")
 def topics(tmp_path_factory):
     root = tmp_path_factory.mktemp("topics")
     corpus = _write_topics(root)
     config = _config(root, corpus)
-    return config, pipeline.prepare(config)
+    return config, _prepare(config)
 
 
 def _all(prepared, split):
@@ -77,7 +85,7 @@ def test_prepared_instances_have_bert_layout_and_summary(topics):
 
 def test_masked_batches_meet_the_acceptance_rates(topics):
     config, prepared = topics
-    loader = pipeline.loader(config, prepared)
+    loader = _loader(config, prepared)
     steps = -(-len(prepared.data_source("train")) // 16)
     maskable = predicted = masked = kept = 0
     tokenizer = prepared.tokenizer
@@ -109,11 +117,11 @@ def test_masked_batches_meet_the_acceptance_rates(topics):
 
 def test_batches_are_the_same_for_fresh_resumed_and_resharded_runs(topics):
     config, prepared = topics
-    fresh = [b for _, b in pipeline.loader(config, prepared).iterate(0, 6)]
-    resumed = [b for _, b in pipeline.loader(config, prepared).iterate(3, 3)]
+    fresh = [b for _, b in _loader(config, prepared).iterate(0, 6)]
+    resumed = [b for _, b in _loader(config, prepared).iterate(3, 3)]
     for process_count in (2, 4):
         rows = config.train.global_batch_size // process_count
-        parts = [[b for _, b in pipeline.loader(config, prepared, rows=slice(
+        parts = [[b for _, b in _loader(config, prepared, rows=slice(
                      p * rows, (p + 1) * rows)).iterate(3, 3)] for p in range(process_count)]
         for step in range(3):
             for name, value in fresh[3 + step].items():
@@ -133,7 +141,7 @@ def test_inspect_data_out_saves_exactly_the_training_batches(topics, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "[MASK](" in result.stdout  # decoded text with labels beside masks
     saved = np.load(out)
-    expected = [b for _, b in pipeline.loader(config, prepared).iterate(2, 3)]
+    expected = [b for _, b in _loader(config, prepared).iterate(2, 3)]
     for name in expected[0]:
         np.testing.assert_array_equal(saved[name], np.stack([b[name] for b in expected]))
 
@@ -143,7 +151,7 @@ def test_packed_rows_hold_exactly_the_instances_and_batch_them_apart(topics):
     assert "instances_per_row" not in prepared.metadata["identity"]  # unpacked: as before
     packed_config = _config(Path(config.data.data_dir).parent, config.data.corpus,
                             instances_per_row=3)
-    packed = pipeline.prepare(packed_config)
+    packed = _prepare(packed_config)
     summary = packed.metadata["summary"]
     assert packed.metadata["identity"]["instances_per_row"] == 3
     assert summary["instances"] == prepared.metadata["summary"]["instances"]
@@ -161,7 +169,7 @@ def test_packed_rows_hold_exactly_the_instances_and_batch_them_apart(topics):
                 r["next_sentence_labels"]))
         assert unpacked == alone
     cls_id = packed.tokenizer.cls_id
-    batch = pipeline.loader(packed_config, packed).batch(0)
+    batch = _loader(packed_config, packed).batch(0)
     weights = batch["next_sentence_weights"] > 0
     cls_positions = batch["next_sentence_positions"]
     assert (np.take_along_axis(batch["input_ids"], cls_positions, 1)[weights] == cls_id).all()
@@ -172,7 +180,7 @@ def test_packed_rows_hold_exactly_the_instances_and_batch_them_apart(topics):
     assert (predicted[batch["masked_lm_weights"] > 0] > 0).all()
     # What the AOT compile is given (`masking.batch_shapes`) is what the loader makes.
     for per_row, (cfg, data) in ((3, (packed_config, packed)), (1, topics)):
-        made = pipeline.loader(cfg, data).batch(0)
+        made = _loader(cfg, data).batch(0)
         assert {k: (v.shape, v.dtype) for k, v in made.items()} == masking.batch_shapes(
             16, SEQ, 10, per_row)
 
@@ -180,13 +188,13 @@ def test_packed_rows_hold_exactly_the_instances_and_batch_them_apart(topics):
 def test_building_is_deterministic_and_reused(topics, tmp_path):
     config, prepared = topics
     again = _config(tmp_path, config.data.corpus, workers=1)
-    rebuilt = pipeline.prepare(again)  # another data_dir, one worker: the same instances
+    rebuilt = _prepare(again)  # another data_dir, one worker: the same instances
     assert rebuilt.path.name == prepared.path.name
     assert rebuilt.path != prepared.path
     for a, b in zip(_all(prepared, "train"), _all(rebuilt, "train")):
         np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
     mtime = os.stat(rebuilt.path / "dataset_info.json").st_mtime
-    assert pipeline.prepare(again).path == rebuilt.path  # reused, not rebuilt
+    assert _prepare(again).path == rebuilt.path  # reused, not rebuilt
     assert os.stat(rebuilt.path / "dataset_info.json").st_mtime == mtime
 
 
@@ -194,12 +202,12 @@ def test_an_edited_corpus_file_gets_a_new_tokenizer_and_dataset(tmp_path):
     """A trained tokenizer and a dataset are those of the corpus's content, not of its glob:
     a file edited in place (same name, same size) is read again, nothing old is reused."""
     config = _config(tmp_path, _write_topics(tmp_path), workers=1, vocab_size=300)
-    before = pipeline.prepare(config)
+    before = _prepare(config)
     part = tmp_path / "part1.txt"
     size, documents = part.stat().st_size, part.read_text().split("\n\n")
     part.write_text("\n\n".join(reversed(documents)))  # its documents in another order
     assert part.stat().st_size == size
-    after = pipeline.prepare(config)
+    after = _prepare(config)
     assert after.path != before.path
     assert len(list((tmp_path / "data" / "tokenizers").iterdir())) == 2  # trained again
     assert ([e["input_ids"].tobytes() for e in _all(after, "validation")]
@@ -233,7 +241,7 @@ def test_an_interrupted_build_leaves_nothing_that_looks_complete(tmp_path):
     config.data.vocab_file = str(dataset.tokenizer_file(DataConfig.from_dict(
         _config(tmp_path, good).data)))
     with pytest.raises(ValueError, match="zz.jsonl"):
-        pipeline.prepare(config)
+        _prepare(config)
     built = list((tmp_path / "data" / "bert_pretraining").glob("*/*/dataset_info.json"))
     assert built == []
     assert not [p for p in (tmp_path / "data" / "bert_pretraining").glob("*/*")
@@ -246,11 +254,11 @@ def test_empty_corpus_and_missing_files_are_clear_errors(tmp_path):
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]) + "\n")
     with pytest.raises(ValueError, match="no documents"):
-        pipeline.prepare(_config(tmp_path, str(empty), vocab_file=str(vocab), vocab_size=7))
+        _prepare(_config(tmp_path, str(empty), vocab_file=str(vocab), vocab_size=7))
     with pytest.raises(ValueError, match="nowhere.txt"):
-        pipeline.prepare(_config(tmp_path, str(tmp_path / "nowhere.txt"), vocab_file=str(vocab)))
+        _prepare(_config(tmp_path, str(tmp_path / "nowhere.txt"), vocab_file=str(vocab)))
     with pytest.raises(ValueError, match="missing.model"):
-        pipeline.prepare(_config(tmp_path, str(empty), vocab_file=str(tmp_path / "missing.model")))
+        _prepare(_config(tmp_path, str(empty), vocab_file=str(tmp_path / "missing.model")))
 
 
 def test_wordpiece_vocabulary_and_preflight_vocab_check(topics, tmp_path):
@@ -264,9 +272,9 @@ def test_wordpiece_vocabulary_and_preflight_vocab_check(topics, tmp_path):
     wordpiece.save_model(str(tmp_path))
     size = len((tmp_path / "vocab.txt").read_text().splitlines())
     with pytest.raises(ValueError, match=f"the tokenizer has {size} tokens but model.vocab_size=1000"):
-        pipeline.prepare(_config(tmp_path, config.data.corpus,
+        _prepare(_config(tmp_path, config.data.corpus,
                                  vocab_file=str(tmp_path / "vocab.txt")))
-    prepared = pipeline.prepare(_config(tmp_path, config.data.corpus,
+    prepared = _prepare(_config(tmp_path, config.data.corpus,
                                         vocab_file=str(tmp_path / "vocab.txt"), vocab_size=size))
     assert prepared.tokenizer.kind == "wordpiece"
     assert prepared.tokenizer.cls_id == (tmp_path / "vocab.txt").read_text().split().index("[CLS]")

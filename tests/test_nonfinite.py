@@ -7,12 +7,14 @@ import jax
 import numpy as np
 import pytest
 
+from bert_jax import loop
+from bert_jax import run as runs
 from bert_jax import sharding, train
-from bert_jax.config import default_run, preset
+from bert_jax.checkpoint import Checkpointer
+from bert_jax.config import MeshConfig, TrainConfig, default_run, preset
 from bert_jax.data import pipeline
 from bert_jax.data.synthetic import synthetic_batch
 from bert_jax.metrics import read_metrics
-from bert_jax.optim import learning_rate_schedule, make_optimizer
 
 FLOAT32_NEAR_MAX = 3e38
 
@@ -30,14 +32,11 @@ def _tiny_steps(**train_values):
     model_config = preset("tiny", vocab_size=256, max_position_embeddings=32)
     train_config = default_run().train
     train_config.update(num_steps=10, learning_rate=1e-3, **train_values)
-    tx = make_optimizer(train_config)
-    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    spec = train.state_spec(model_config, tx, 0, mesh)
-    schedule = learning_rate_schedule(train_config)
-    step = train.jit_train_step(spec, tx, schedule, mesh, 1)
+    run = runs.build(model_config, TrainConfig.from_dict(train_config), MeshConfig())
+    mesh, schedule, step = run.mesh, run.schedule, run.train_step()
     good = sharding.global_batch(synthetic_batch(0, 8, 32, 256, 5), mesh, 8)
     bad = sharding.global_batch(_overflowing(synthetic_batch(1, 8, 32, 256, 5)), mesh, 8)
-    return train.init_state(model_config, tx, 0, spec), step, schedule, good, bad
+    return run.init_state(), step, schedule, good, bad
 
 
 def _qkv_kernel(state):
@@ -88,8 +87,8 @@ def _run(workdir, data_dir, monkeypatch, **train_overrides):
     starts = []
     make_loader = pipeline.loader
 
-    def loader_with_faults(config, prepared, split, rows=None):
-        loader = make_loader(config, prepared, split, rows)
+    def loader_with_faults(config, prepared, split, phase=None, rows=None):
+        loader = make_loader(config, prepared, split, phase, rows)
         if split == "train":
             batch, iterate = loader.batch, loader.iterate
             loader.batch = lambda i: _overflowing(batch(i)) if i in BAD_BATCHES else batch(i)
@@ -133,11 +132,11 @@ def test_two_non_finite_steps_in_a_row_roll_back_past_the_bad_batches(straight_r
 @pytest.mark.slow
 def test_stop_policy_names_the_steps(straight_run, tmp_path, monkeypatch):
     _, data_dir, _ = straight_run
-    with pytest.raises(train.NonFiniteError, match=r"2 steps in a row \(steps 7-8;.*"
+    with pytest.raises(loop.NonFiniteError, match=r"2 steps in a row \(steps 7-8;.*"
                                                    r"train.on_nonfinite='stop'"):
         _run(tmp_path, data_dir, monkeypatch, on_nonfinite="stop")
     # What was trained before the bad steps is kept.
-    assert 4 in train.Checkpointer(tmp_path / "checkpoints").all_steps()
+    assert 4 in Checkpointer(tmp_path / "checkpoints").all_steps()
 
 
 def test_bad_nonfinite_settings_are_refused_up_front():

@@ -3,7 +3,7 @@ import numpy as np
 import optax
 import pytest
 
-from bert_jax.config import default_config, preset
+from bert_jax.config import TrainConfig, default_config, preset
 from bert_jax.model import create
 from bert_jax.optim import decay_mask, learning_rate_schedule, make_optimizer
 from bert_jax.pretrained import Pretrained
@@ -58,4 +58,4 @@ def test_optimizers_clip_and_decay(name):
 
 def test_unknown_optimizer_is_refused():
     with pytest.raises(ValueError, match="train.optimizer='sgd'"):
-        make_optimizer(_train_config(optimizer="sgd"))
+        TrainConfig.from_dict(_train_config(optimizer="sgd"))

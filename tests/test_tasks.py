@@ -144,7 +144,7 @@ def test_encoding_equals_transformers_tokenizer(straight_run):
     from transformers import AutoTokenizer
 
     workdir = straight_run[0]
-    from bert_jax.export import load_tokenizer_of
+    from bert_jax.workdir import load_tokenizer_of
 
     tokenizer = load_tokenizer_of(workdir / "export")
     theirs = AutoTokenizer.from_pretrained(workdir / "export")

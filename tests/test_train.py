@@ -16,11 +16,12 @@ import torch
 import transformers
 
 import bert_jax
-from bert_jax import export, sharding, train
-from bert_jax.config import default_config, preset
+from bert_jax import run as runs
+from bert_jax import sharding, train
+from bert_jax import workdir as workdirs
+from bert_jax.config import RunConfig, TrainConfig, default_config, preset
 from bert_jax.data.synthetic import synthetic_batch
 from bert_jax.metrics import read_metrics
-from bert_jax.optim import learning_rate_schedule, make_optimizer
 from pretrain_runs import PRETRAIN, assert_same_run, one_process_env, overrides, pretrain
 
 
@@ -28,17 +29,11 @@ def _run_steps(config, mesh, batches, accum_steps=1, initial=None):
     """Metrics (floats) and final parameters of steps on `batches`, from `initial` (resharded
     onto `mesh`) or a fresh state."""
     model_config = preset(config.model_size, **config.overrides)
-    train_config = default_config().train
-    train_config.update(num_steps=10, warmup_steps=2, learning_rate=1e-3)
-    tx = make_optimizer(train_config)
-    spec = train.state_spec(model_config, tx, 0, mesh)
-    state = (train.init_state(model_config, tx, 0, spec) if initial is None
-             else jax.device_put(initial, spec.shardings))
-    step = jax.jit(lambda s, b: train.train_step(s, b, graphdef=spec.graphdef, tx=tx,
-                                                 schedule=learning_rate_schedule(train_config),
-                                                 accum_steps=accum_steps),
-                   in_shardings=(spec.shardings, sharding.batch_sharding(mesh)),
-                   out_shardings=(spec.shardings, None))
+    run = runs.build(model_config, TrainConfig(num_steps=10, warmup_steps=2, learning_rate=1e-3),
+                     mesh)
+    state = (run.init_state() if initial is None
+             else jax.device_put(initial, run.spec.shardings))
+    step = run.train_step(accum_steps)
     first = jax.device_get(state)
     records = []
     for batch in batches:
@@ -79,8 +74,7 @@ def test_sharded_meshes_give_the_single_device_losses():
 def test_indivisible_dimensions_are_replicated_with_a_warning():
     mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
     with pytest.warns(UserWarning, match="'heads' of size 2 is not divisible"):
-        spec = train.state_spec(preset("tiny", vocab_size=512), make_optimizer(
-            default_config().train), 0, mesh)
+        spec = runs.build(preset("tiny", vocab_size=512), TrainConfig(), mesh).spec
     qkv = spec.shardings["params"]["encoder"]["layers"]["attention"]["qkv"]["kernel"]
     assert qkv.spec == jax.sharding.PartitionSpec(None, "fsdp", None, None, None)
     up = spec.shardings["params"]["encoder"]["layers"]["mlp"]["up"]["kernel"]
@@ -149,7 +143,7 @@ def test_trained_model_exports_to_transformers_with_equal_logits(straight_run):
     real = encoded["attention_mask"].astype(bool)
     assert np.abs(ours[0] - theirs.prediction_logits.numpy())[real].max() <= 1e-4
     assert np.abs(ours[1] - theirs.seq_relationship_logits.numpy()).max() <= 1e-4
-    tokenizer = export.load_tokenizer_of(workdir)
+    tokenizer = workdirs.load_tokenizer_of(workdir)
     assert hf_tokenizer("Return a new list.", add_special_tokens=False)["input_ids"] == (
         tokenizer.encode("Return a new list."))
     evaluated = subprocess.run([sys.executable, "-m", "bert_jax.cli", "eval",
@@ -161,32 +155,38 @@ def test_trained_model_exports_to_transformers_with_equal_logits(straight_run):
     assert line["mlm_accuracy"] == pytest.approx(validation[-1]["mlm_accuracy"], abs=1e-6)
 
 
+def _phases(config):
+    return RunConfig.from_dict(config).phases
+
+
 def test_phases_cover_the_steps_and_bad_phases_are_refused():
     config = default_config()
     config.train.num_steps = 100
     config.train.phases = ((0, 128, 20, 32), (90, 512, 80, 8))
-    first, second = train.phases(config)
+    two_phases = RunConfig.from_dict(config)
+    first, second = two_phases.phases
     assert (first.start, first.end, first.max_seq_length) == (0, 90, 128)
     assert (second.start, second.end, second.global_batch_size) == (90, 100, 8)
     config.train.grad_accum_steps = 2
     config.train.phases = ((0, 128, 20, 32), (90, 512, 80, 8, 4))
-    assert [p.grad_accum_steps for p in train.phases(config)] == [2, 4]
+    assert [p.grad_accum_steps for p in _phases(config)] == [2, 4]
     config.data.instances_per_row = 2
     config.train.phases = ((0, 128, 20, 32), (90, 512, 80, 8, 4, 3))
-    assert [(p.grad_accum_steps, p.instances_per_row) for p in train.phases(config)] == [
+    assert [(p.grad_accum_steps, p.instances_per_row) for p in _phases(config)] == [
         (2, 2), (4, 3)]
-    assert train.phase_config(config, train.phases(config)[1]).data.instances_per_row == 3
+    settings = RunConfig.from_dict(config)
+    assert settings.phases[1].data(settings.data).instances_per_row == 3
     # Evaluation runs at the lengths of the phase the last step was in.
-    assert [train.phase_of([first, second], step) for step in (0, 1, 90, 91, 100)] == [
+    assert [two_phases.phase_of(step) for step in (0, 1, 90, 91, 100)] == [
         first, first, first, second, second]
     for bad in [((10, 128, 20, 32),), ((0, 128, 20),), ((0, 128, 20, 32, 1, 1, 1),),
                 ((0, 128, 20, 0),), ((0, 128, 20, 32, 0),), ((0, 128, 20, 32, 1, 0),),
                 ((),), (5,), ((0, "128", 20, 32),), ((0, 128.5, 20, 32),)]:
         config.train.phases = bad
         with pytest.raises(ValueError, match="train.phases"):
-            train.phases(config)
+            _phases(config)
     config.train.phases = ()
-    (only,) = train.phases(config)
+    (only,) = _phases(config)
     assert (only.end, only.max_seq_length) == (100, config.data.max_seq_length)
 
 
@@ -200,7 +200,7 @@ def test_bad_train_counts_are_refused_before_anything_runs(field, value, expecte
     config = default_config()
     config.train[field] = value
     with pytest.raises(ValueError, match=f"^train.{field}={value!r}: expected {expected}$"):
-        train.phases(config)
+        _phases(config)
 
 
 @pytest.mark.slow

@@ -31,6 +31,7 @@ import sysconfig
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from bert_jax.config import ConfigError
 
 BUILTIN = "builtin"
 TFDS_PREFIX = "tfds:"
@@ -243,15 +244,15 @@ def _text_sentences(text: str) -> list[str]:
 def _file_sources(spec: str) -> list[str]:
     patterns = [pattern.strip() for pattern in spec.split(",") if pattern.strip()]
     if not patterns:
-        raise ValueError(f"corpus {spec!r} names no file, glob, {BUILTIN!r} or "
-                         f"'{TFDS_PREFIX}NAME[:SPLIT]'")
+        raise ConfigError(f"corpus {spec!r} names no file, glob, {BUILTIN!r} or "
+                          f"'{TFDS_PREFIX}NAME[:SPLIT]'")
     paths = []
     for pattern in patterns:
         expanded = os.path.expanduser(pattern)
         matches = sorted(path for path in glob.glob(expanded, recursive=True)
                          if os.path.isfile(path))
         if not matches:
-            raise ValueError(f"corpus {pattern!r}: {_why_no_files(expanded)}")
+            raise ConfigError(f"corpus {pattern!r}: {_why_no_files(expanded)}")
         paths += matches
     return list(dict.fromkeys(paths))
 
@@ -329,11 +330,11 @@ def _json_lines_documents(path: str, stats: ReadStats, text_field: str) -> Itera
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not valid JSON ({error})") from None
+            raise ConfigError(f"{path}:{number}: not valid JSON ({error})") from None
         text = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(text, str):
-            raise ValueError(f"{path}:{number}: expected a JSON object with a string field "
-                             f"{text_field!r}")
+            raise ConfigError(f"{path}:{number}: expected a JSON object with a string field "
+                              f"{text_field!r}")
         yield _text_sentences(text)
 
 
@@ -422,8 +423,8 @@ def _without_doctests(text: str) -> str:
 def _parse_tfds(spec: str) -> tuple[str, str]:
     name, _, split = spec[len(TFDS_PREFIX):].partition(":")
     if not name.strip():
-        raise ValueError(f"corpus {spec!r}: expected '{TFDS_PREFIX}NAME[:SPLIT]', such as "
-                         f"'{TFDS_PREFIX}wikipedia/20230601.en:train'")
+        raise ConfigError(f"corpus {spec!r}: expected '{TFDS_PREFIX}NAME[:SPLIT]', such as "
+                          f"'{TFDS_PREFIX}wikipedia/20230601.en:train'")
     return name.strip(), split.strip() or DEFAULT_TFDS_SPLIT
 
 
@@ -434,8 +435,8 @@ def _check_tfds_name(spec: str, name: str) -> None:
     try:
         tfds.builder_cls(name.split("/")[0])
     except tfds.core.registered.DatasetNotFoundError:  # its message lists every dataset
-        raise ValueError(f"corpus {spec!r}: TFDS has no dataset {name!r}: expected a TFDS "
-                         f"name, such as '{TFDS_PREFIX}wikipedia/20230601.en:train'") from None
+        raise ConfigError(f"corpus {spec!r}: TFDS has no dataset {name!r}: expected a TFDS "
+                          f"name, such as '{TFDS_PREFIX}wikipedia/20230601.en:train'") from None
 
 
 def _read_tfds(source: str, stats: ReadStats, text_field: str,
@@ -447,7 +448,7 @@ def _read_tfds(source: str, stats: ReadStats, text_field: str,
     try:
         dataset = builder.as_dataset(split=split, shuffle_files=False)
     except AssertionError as error:  # how TFDS says the data directory lacks the dataset
-        raise ValueError(
+        raise ConfigError(
             f"TFDS dataset {name!r} is not prepared in the data directory "
             f"{builder.data_dir_root}: prepare it there first (bert-jax never downloads), "
             f"or point the data directory where it is prepared") from error
@@ -468,5 +469,5 @@ def _text_feature(features, text_field: str, name: str) -> str:
         return texts[0]
     choice = f"; choose one of {', '.join(texts)} with text_field" if texts else ""
     listing = ", ".join(f"{key} ({type(feature).__name__})" for key, feature in features.items())
-    raise ValueError(f"TFDS dataset {name!r} has no text feature {text_field!r}{choice} "
-                     f"(features: {listing})")
+    raise ConfigError(f"TFDS dataset {name!r} has no text feature {text_field!r}{choice} "
+                      f"(features: {listing})")

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from bert_jax import files
 from bert_jax import tokenizer as tokenization
-from bert_jax.config import DataConfig
+from bert_jax.config import ConfigError, DataConfig
 from bert_jax.data import checks
 from bert_jax.data import corpus as corpora
 from bert_jax.data import packing
@@ -87,7 +87,7 @@ class BertPretraining(tfds.core.GeneratorBasedBuilder):
         started = time.perf_counter()
         corpus, stats = tokenize_corpus(data, config.tokenizer_file)
         if corpus.num_documents == 0:
-            raise ValueError(f"corpus {data.corpus!r} has no documents: expected text")
+            raise ConfigError(f"corpus {data.corpus!r} has no documents: expected text")
         splits = _split_documents(corpus.num_documents, data)
         options = InstanceOptions(data.max_seq_length, data.short_seq_prob, data.objective)
         instances = {name: create_instances(corpus.subset(docs), options, data.seed,
@@ -225,8 +225,8 @@ def _split_documents(num_documents: int, data: DataConfig) -> dict[str, np.ndarr
     if data.validation_fraction == 0:
         return {"train": np.sort(order)}
     if num_documents < 2:
-        raise ValueError(f"corpus {data.corpus!r} has {num_documents} document: expected at "
-                         f"least 2 (one for validation), or data.validation_fraction=0")
+        raise ConfigError(f"corpus {data.corpus!r} has {num_documents} document: expected at "
+                          f"least 2 (one for validation), or data.validation_fraction=0")
     held_out = min(num_documents - 1, max(1, round(num_documents * data.validation_fraction)))
     return {"train": np.sort(order[held_out:]), "validation": np.sort(order[:held_out])}
 
@@ -349,14 +349,14 @@ def open_prepared(path, expected: dict | None = None) -> Prepared:
     """Opens a prepared dataset directory; with `expected`, checks its identity matches."""
     path = epath.Path(path)
     if not (path / "dataset_info.json").is_file():
-        raise ValueError(f"{path} is not a prepared dataset: run `bert-jax prepare-data`")
+        raise ConfigError(f"{path} is not a prepared dataset: run `bert-jax prepare-data`")
     metadata = json.loads((path / "metadata.json").read_text())
     if expected is not None:
         for key, want in expected.items():
             got = metadata["identity"].get(key)
             if got != want:
-                raise ValueError(f"dataset {path} was prepared with {key}={got!r}, but the "
-                                 f"config has {key}={want!r}: prepare it again")
+                raise ConfigError(f"dataset {path} was prepared with {key}={got!r}, but the "
+                                  f"config has {key}={want!r}: prepare it again")
     tokenizer = tokenization.load_tokenizer(path / metadata["tokenizer_file"],
                                             lowercase=metadata["identity"]["lowercase"])
     return Prepared(path, tokenizer, metadata)

@@ -1,42 +1,44 @@
-"""From a run config to masked batches: prepare (or reuse) the dataset, check it, load it."""
+"""From a data config to masked batches: prepare (or reuse) the dataset, check it, load it."""
 
 from __future__ import annotations
 
 import time
 
-import ml_collections
 import numpy as np
 
-from bert_jax.config import DataConfig, ModelConfig
-from bert_jax.data import dataset
+from bert_jax.config import ConfigError, Phase, RunConfig
 from bert_jax.data.checks import check_data_against_model
 from bert_jax.data.loader import Loader
 from bert_jax.data.masking import MaskingOptions
 
 
-def prepare(config: ml_collections.ConfigDict) -> dataset.Prepared:
-    """The dataset of `config.data` (built once, then reused), checked against `config.model`."""
-    data = DataConfig.from_dict(config.data)
+def prepare(config: RunConfig, phase: Phase | None = None):
+    """The dataset of a phase's rows (default: the first phase's), built once, then reused
+    (`dataset.Prepared`), checked against the model. TensorFlow Datasets is imported here,
+    not with this module: a run that only compiles or benchmarks never needs it."""
+    from bert_jax.data import dataset
+
+    data = (phase or config.phases[0]).data(config.data)
     prepared = dataset.prepare(data)
-    check_data_against_model(data, ModelConfig.from_dict(config.model),
-                             prepared.tokenizer.vocab_size)
+    check_data_against_model(data, config.model, prepared.tokenizer.vocab_size)
     return prepared
 
 
-def loader(config: ml_collections.ConfigDict, prepared: dataset.Prepared, split: str = "train",
+def loader(config: RunConfig, prepared, split: str = "train", phase: Phase | None = None,
            rows: slice | None = None) -> Loader:
-    """Masked batches of `split`; `rows` of each global batch (default: all)."""
-    data = DataConfig.from_dict(config.data)
+    """Masked batches of `split` of a phase's dataset (default: the first phase's); `rows` of
+    each global batch (default: all)."""
     if split not in prepared.splits:
-        raise ValueError(f"split {split!r} is not in dataset {prepared.path}: expected one of "
-                         f"{prepared.splits}")
-    tokenizer = prepared.tokenizer
+        raise ConfigError(f"split {split!r} is not in dataset {prepared.path}: expected one of "
+                          f"{prepared.splits}")
+    phase = phase or config.phases[0]
+    data, tokenizer = phase.data(config.data), prepared.tokenizer
     masking = MaskingOptions(
         max_predictions=data.max_predictions_per_seq, masked_lm_prob=data.masked_lm_prob,
         whole_word_masking=data.whole_word_masking, mask_id=tokenizer.mask_id,
         vocab_size=tokenizer.vocab_size, special_ids=frozenset(tokenizer.special_ids))
     return Loader(prepared.data_source(split), masking,
-                  global_batch_size=config.train.global_batch_size, seed=config.train.seed,
+                  global_batch_size=phase.global_batch_size, seed=config.train.seed,
                   max_seq_length=data.max_seq_length, rows=rows, shuffle=split == "train",
                   instances_per_row=data.instances_per_row)
 
