@@ -351,8 +351,8 @@ def default_config(size: str = "tiny") -> ml_collections.ConfigDict:
 
 
 def default_run() -> ml_collections.ConfigDict:
-    """What plain `bert-jax pretrain` runs: BERT-tiny on the built-in corpus in about 8 minutes
-    on a 2-core CPU. Chosen for that budget: length 64, no hidden dropout (as short
+    """What plain `bert-jax pretrain` runs: BERT-tiny on the built-in corpus, sized to finish
+    within 10 minutes on a 2-core CPU (README has the time). Chosen for that budget: length 64, no hidden dropout (as short
     Cramming-style runs do; it also saves the dropout RNG, costly on CPU), a 4,096-piece
     vocabulary, learning rate 1e-3 with Adam's beta2 at 0.98."""
     config = default_config("tiny")
@@ -366,23 +366,8 @@ def default_run() -> ml_collections.ConfigDict:
     return config
 
 
-def wikipedia_two_phase(size: str, *, num_steps: int, learning_rate: float, warmup_steps: int,
-                        global_batch_size: int = 256) -> ml_collections.ConfigDict:
-    """BERT's recipe on English Wikipedia from the TFDS catalog: a 30,522-piece vocabulary,
-    90% of the steps at length 128 (20 predictions), the last 10% at length 512 (80)."""
-    config = default_config(size)
-    config.data.corpus = "tfds:wikipedia/20230601.en"
-    config.data.vocab_size = 30522
-    config.train.update(num_steps=num_steps, learning_rate=learning_rate,
-                        warmup_steps=warmup_steps, global_batch_size=global_batch_size)
-    config.train.phases = ((0, 128, 20, global_batch_size),
-                           (num_steps * 9 // 10, 512, 80, global_batch_size))
-    return config
-
-
-# Where pod configs run: chips (or GPUs) and the memory of each in GiB (GPUs: GB as sold; CUDA
-# reports about as many GiB, 79.6 of an H100, 140.4 of an H200, of which JAX takes 90%:
-# launch/gpu_env.sh).
+# Where pod configs run: chips (or GPUs) and the memory of each in GiB (GPUs: GB as sold, about
+# what CUDA reports in GiB; JAX takes 90% of it: launch/gpu_env.sh).
 POD_TARGETS = {"v4-32": (16, 32), "v5e-16": (16, 16), "v5e-64": (64, 16),
                "v5p-128": (64, 95),
                "8xh100": (8, 80), "8xh200": (8, 141), "64xh200": (64, 141)}
@@ -417,7 +402,9 @@ def pod_config(size: str, target: str) -> ml_collections.ConfigDict:
     chips, memory_gib = POD_TARGETS[target]
     batch = _POD_BATCH[target]
     schedule = lamb_schedule(batch)
-    config = wikipedia_two_phase(size, global_batch_size=batch, **schedule)
+    config = default_config(size)
+    config.data.corpus = "tfds:wikipedia/20230601.en"
+    config.data.vocab_size = 30522  # BERT's
     rows_128 = _ROWS_PER_16GIB[size] * memory_gib // 16
 
     def accumulation(rows_per_chip):  # a power of two, so that it divides the batch
@@ -427,11 +414,11 @@ def pod_config(size: str, target: str) -> ml_collections.ConfigDict:
     config.train.phases = ((0, 128, 20, batch, accumulation(rows_128)),
                            (num_steps * 9 // 10, 512, 80, batch, accumulation(rows_128 // 4)))
     # LAMB's settings: beta2 0.999, epsilon 1e-6, weight decay 0.01 (google-research/bert's).
-    config.train.update(optimizer="lamb", log_every=100)
+    config.train.update(optimizer="lamb", global_batch_size=batch, **schedule)
     config.model.dtype = "bfloat16"
     config.model.scan_layers = True
-    # Recompute each layer in the backward pass: without it BERT-base at 256 rows of 128 per
-    # v5e chip needs 25.5 GiB of temporaries; with it 3.3 (`bert-jax compile`).
+    # Recompute each layer in the backward pass: without it, BERT-base's temporaries at 256
+    # rows of 128 outgrow a v5e chip (docs/scale-out.md has `bert-jax compile`'s figures).
     config.model.remat_policy = "full"
     # BERT-large's state (parameters, LAMB's two moments, gradients: 5.4 GB) fills a third of a
     # 16 GiB TPU chip: sharded there (FSDP). A GPU of 80 GB or more holds it whole, so GPU runs

@@ -5,8 +5,14 @@ point --config.data.tfds_data_dir at a copy), then:
 Run: bert-jax pretrain --config=configs/small.py --workdir=runs/small
 """
 
-from bert_jax.config import wikipedia_two_phase
+from bert_jax.config import default_config
 
 
 def get_config():
-    return wikipedia_two_phase("small", num_steps=100_000, learning_rate=5e-4, warmup_steps=2_000)
+    config = default_config("small")
+    config.data.corpus = "tfds:wikipedia/20230601.en"
+    config.data.vocab_size = 30522  # BERT's
+    config.train.update(num_steps=100_000, learning_rate=5e-4, warmup_steps=2_000)
+    # (start step, length, predictions, batch): 90% of the steps at 128, the rest at 512.
+    config.train.phases = ((0, 128, 20, 256), (90_000, 512, 80, 256))
+    return config
