@@ -352,9 +352,9 @@ def default_config(size: str = "tiny") -> ml_collections.ConfigDict:
 
 def default_run() -> ml_collections.ConfigDict:
     """What plain `bert-jax pretrain` runs: BERT-tiny on the built-in corpus, sized to finish
-    within 10 minutes on a 2-core CPU (README has the time). Chosen for that budget: length 64, no hidden dropout (as short
-    Cramming-style runs do; it also saves the dropout RNG, costly on CPU), a 4,096-piece
-    vocabulary, learning rate 1e-3 with Adam's beta2 at 0.98."""
+    within 10 minutes on a 2-core CPU (README has the time). Chosen for that budget: length
+    64, no hidden dropout (as short Cramming-style runs do; it also saves the dropout RNG,
+    costly on CPU), a 4,096-piece vocabulary, learning rate 1e-3 with Adam's beta2 at 0.98."""
     config = default_config("tiny")
     config.data.vocab_size = 4096
     config.data.max_seq_length = 64

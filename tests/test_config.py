@@ -1,6 +1,7 @@
 import pytest
 
-from bert_jax.config import (POD_TARGETS, PRESETS, ModelConfig, RunConfig, default_config, lamb_schedule,
+from bert_jax.config import (POD_TARGETS, PRESETS, ModelConfig, RunConfig, default_config,
+                             lamb_schedule,
                              pod_config, preset)
 
 
