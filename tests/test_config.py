@@ -1,8 +1,7 @@
 import pytest
 
 from bert_jax.config import (POD_TARGETS, PRESETS, ModelConfig, RunConfig, default_config,
-                             lamb_schedule,
-                             pod_config, preset)
+                             lamb_schedule, pod_config, preset)
 
 
 def test_presets_follow_google_research_bert_sizes():
