@@ -1,11 +1,17 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from etils import epath
 
-PODS = Path(__file__).parents[1] / "configs" / "pods"
+from bert_jax import cli, loop
+from pretrain_runs import overrides
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+PODS = CONFIGS / "pods"
 
 
 def _bert_jax(*args, timeout=300):
@@ -13,15 +19,24 @@ def _bert_jax(*args, timeout=300):
                           text=True, timeout=timeout)
 
 
-def test_help_explains_every_subcommand():
+def _words(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_help_explains_every_subcommand_of_the_table():
     result = _bert_jax("--help")
     assert result.returncode == 0
-    subcommands = ["pretrain", "prepare-data", "inspect-data", "benchmark-data", "eval",
-                   "export", "fill-mask", "compile"]
-    for name in subcommands:
-        assert name in result.stdout
-        sub = _bert_jax(name, "--help")
-        assert sub.returncode == 0 and len(sub.stdout.splitlines()) > 4, name
+    assert {"pretrain", "prepare-data", "inspect-data", "benchmark-data", "benchmark", "eval",
+            "export", "fill-mask", "finetune", "finetune-eval", "compile"} == {
+        command.name for command in cli.COMMANDS}
+    for command in cli.COMMANDS:
+        listed = re.search(rf"^    {command.name}\s+(.*?)(?=\n    \S|\n\n)", result.stdout,
+                           re.M | re.S)
+        assert listed and _words(listed[1]) == _words(command.help), command.name
+        sub = _bert_jax(command.name, "--help")
+        assert sub.returncode == 0 and _words(command.description) in _words(sub.stdout)
+        assert ("--config FILE" in sub.stdout) == (command.config is not None), command.name
+        assert ("--num-processes" in sub.stdout) == command.distributed, command.name
 
 
 @pytest.mark.parametrize("name, default, other", [
@@ -39,7 +54,11 @@ def test_config_help_names_the_subcommands_own_default(capsys, name, default, ot
 
 @pytest.mark.parametrize("args, words", [
     (["pretrain", "--config.model.num_heads=3"], ["hidden_size=128", "num_heads=3"]),
-    (["pretrain", "--config.model.bogus=1"], ["bogus"]),
+    (["pretrain", "--config.model.bogus=1"], ["unknown field 'bogus' in config.model"]),
+    (["pretrain", "--config.train.num_step=3"],  # ml_collections' own text has \n and quotes
+     ["bad config (built-in default): unknown field 'num_step' in config.train: did you mean "
+      "'num_steps'?"]),
+    (["pretrain", "--config.modl.x=1"], ["unknown field 'modl' in config: did you mean 'model'?"]),
     (["pretrain", "--config.model.num_layers=two"], ["num_layers", "two"]),
     (["pretrain", "--config=missing.py"], ["missing.py", "does not exist"]),
     (["pretrain", f"--config={PODS}/base.py:v9-8"], ["v9-8", "v4-32"]),
@@ -80,6 +99,8 @@ def test_config_help_names_the_subcommands_own_default(capsys, name, default, ot
      ["train.phases=((),)", "row ()", "expected (start, max_seq_length"]),
     (["compile"], ["one of the arguments --tpu --platform is required"]),
     (["compile", "--tpu=v9-8"], ["TPU type 'v9-8'", "expected e.g. v4-32"]),
+    (["benchmark", f"--config={CONFIGS}/tiny.py", "--batch=8"], ["--batch with --config"]),
+    (["benchmark", "--seq=64", "--config.train.num_steps=5"], ["--seq with --config"]),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, words):
     result = _bert_jax(*args)
@@ -141,15 +162,79 @@ def test_debug_shows_the_traceback():
     assert "Traceback" in result.stderr and "train.optimizer='sgd'" in result.stderr
 
 
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """The data of a 20-step tiny run (`pretrain_runs.overrides`), prepared once: the runs
+    below then fail within seconds, where they first write to the workdir."""
+    data_dir = tmp_path_factory.mktemp("data")
+    result = _bert_jax("prepare-data", *overrides(data_dir))
+    assert result.returncode == 0, result.stderr
+    return overrides(data_dir)
+
+
 @pytest.mark.parametrize("debug", [False, True])
-def test_training_stopped_on_nonfinite_values_ends_in_one_line_unless_debugging(debug):
-    from bert_jax import cli, loop
+def test_a_full_disk_is_one_line_naming_it_and_exit_code_1(tmp_path, prepared, debug):
+    # The kernel answers every write to /dev/full with ENOSPC, as a full disk does.
+    (tmp_path / "config.json").symlink_to("/dev/full")
+    debugging = ["--debug"] if debug else []
+    result = _bert_jax("pretrain", f"--workdir={tmp_path}", *prepared, *debugging)
+    assert result.returncode == 1, result.stderr
+    if debug:
+        assert "Traceback" in result.stderr and "[Errno 28]" in result.stderr
+        return
+    assert result.stderr.splitlines() == [
+        f"bert-jax pretrain: error: disk full writing {tmp_path / 'config.json'}: free space "
+        f"there or write elsewhere (a run resumes from its last checkpoint)"]
 
-    def run():
-        raise loop.NonFiniteError("non-finite loss in 2 steps in a row")
 
-    with pytest.raises(loop.NonFiniteError if debug else SystemExit) as stopped:
-        cli._stop_on_nonfinite("finetune", debug, run)
-    if not debug:  # SystemExit with a message: printed to stderr, exit code 1
-        assert stopped.value.code == "bert-jax finetune: error: non-finite loss in 2 steps in a row"
-    assert cli._stop_on_nonfinite("pretrain", debug, lambda: 7) == 7
+def test_a_failure_that_is_not_the_users_mistake_is_one_line_and_exit_code_1(tmp_path, prepared):
+    (tmp_path / "config.json").mkdir()  # where the run writes its config
+    result = _bert_jax("pretrain", f"--workdir={tmp_path}", *prepared)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [
+        f"bert-jax pretrain: error: IsADirectoryError: [Errno 21] Is a directory: "
+        f"'{tmp_path / 'config.json'}' (a bug or a problem of this machine, not of the input: "
+        f"run again with --debug for the traceback)"]
+
+
+def _raised(function):
+    try:
+        function()
+    except Exception as e:  # noqa: BLE001
+        return e
+    pytest.fail("nothing raised")
+
+
+def test_the_cause_behind_a_librarys_own_error_is_named(tmp_path):
+    full = tmp_path / "metadata"
+    full.symlink_to("/dev/full")
+
+    def save():  # as Orbax re-raises its save thread's error: the OSError is only the context
+        try:
+            epath.Path(full).write_text("{}")  # the error of close() names no file
+        except OSError:
+            raise RuntimeError("checkpoint save failed")
+
+    assert cli.failure(_raised(save)) == (f"disk full writing {full}: free space there or write "
+                                          f"elsewhere (a run resumes from its last checkpoint)")
+
+    def denied():
+        try:
+            raise PermissionError(13, "Permission denied", str(tmp_path / "run"))
+        except PermissionError as e:
+            raise ValueError("RESOURCE_EXHAUSTED: could not write") from e
+
+    assert cli.failure(_raised(denied)) == (f"permission denied on {tmp_path / 'run'}: fix its "
+                                            f"permissions or write elsewhere")
+    assert cli.failure(loop.NonFiniteError("non-finite loss in 2 steps in a row: lower "
+                                           "train.learning_rate")) == (
+        "non-finite loss in 2 steps in a row: lower train.learning_rate")  # already one line
+
+
+def test_benchmark_times_the_first_phase_of_a_config():
+    result = _bert_jax("benchmark", f"--config={CONFIGS}/tiny.py", "--steps=1",
+                       "--config.train.phases=((0, 32, 5, 8),)", "--config.model.num_layers=1")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (figures["batch"], figures["seq"], figures["predictions"]) == (8, 32, 5)
+    assert figures["model"] == {"num_layers": 1, "hidden_size": 128, "num_heads": 2}
