@@ -1,14 +1,9 @@
 """The built-in fine-tuning task: is a sentence's word order its own, or shuffled?
 
-A word-order acceptability task (in the spirit of GLUE's CoLA) made from the built-in corpus,
-so it runs offline wherever `bert-jax pretrain` does, and small enough for a CPU: 1,200
-training and 600 validation sentences of 6 to 30 words drawn with a fixed seed, every
-other one with its words randomly permuted (never into their own order). Labels are
-`original` and `shuffled`, balanced. Telling them apart takes knowing which word sequences
-English (and Python documentation) uses, which masked-LM pretraining learns and a randomly
-initialized model must learn from the 1,200 examples alone: the task shows what pretraining
-bought. (The pretraining corpus holds the original sentences, never the shuffled ones nor
-the labels.) The sentences depend on the Python version's standard library.
+Made from the built-in corpus, so it runs offline wherever `bert-jax pretrain` does, and small
+enough for a CPU; every other sentence has its words permuted (never into their own order).
+It shows what pretraining bought: telling them apart takes knowing which word sequences the
+language uses (docs/finetune.md). The sentences depend on the Python version's standard library.
 """
 
 from __future__ import annotations
@@ -29,9 +24,8 @@ SEED = 0
 
 
 def splits() -> dict[str, tuple[list[str], np.ndarray]]:
-    """Texts and labels (int32 indices into `LABELS`) by split, "train" and "validation" (the
-    same on every call). Plain data: `bert_jax.tasks` makes them a task, so this module needs
-    nothing from it."""
+    """Texts and labels (int32 indices into `LABELS`) by split, "train" and "validation", the
+    same on every call (`bert_jax.tasks` makes them a task)."""
     sentences = _sentences()
     needed = TRAIN_EXAMPLES + VALIDATION_EXAMPLES
     if len(sentences) < needed:
@@ -57,9 +51,8 @@ def splits() -> dict[str, tuple[list[str], np.ndarray]]:
 
 @functools.lru_cache(maxsize=1)
 def _sentences() -> tuple[str, ...]:
-    """The built-in corpus's distinct sentences of `MIN_WORDS` to `MAX_WORDS` words, sorted
-    (read once per process: parsing the whole standard library is slow; docs/finetune.md has
-    the time)."""
+    """The built-in corpus's distinct sentences of `MIN_WORDS` to `MAX_WORDS` words, sorted;
+    read once per process, as parsing the standard library is slow (docs/finetune.md)."""
     found = set()
     for source in corpus.list_sources(corpus.BUILTIN):
         found.update(sentence for document in corpus.read_source(source)

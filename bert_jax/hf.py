@@ -1,12 +1,9 @@
-"""Hugging Face interop: our parameters <-> `transformers.BertForPreTraining` (and
-`BertForSequenceClassification`) state dicts.
+"""Hugging Face interop: our flat parameters `{"encoder/layers/mlp/up/kernel": array}` <->
+the state dicts of `transformers.BertForPreTraining` and `BertForSequenceClassification`.
 
-Parameters travel as flat dicts `{"encoder/layers/mlp/up/kernel": array}` of numpy arrays (see
-`flatten` / `unflatten`); Hugging Face tensors as `{"bert.encoder.layer.0....": array}`.
-One table (`_entries`) lists every correspondence, and both directions read it, so they
-cannot drift apart. Files are `config.json` + `model.safetensors` (or a sharded safetensors
-index); PyTorch `.bin` files load only through `torch.load(weights_only=True)`, which cannot
-execute code.
+One table (`_entries`) lists every correspondence and both directions read it, so they cannot
+drift apart. PyTorch `.bin` files load only through `torch.load(weights_only=True)`, which
+cannot execute code.
 """
 
 from __future__ import annotations
@@ -14,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 
 import numpy as np
 import safetensors.numpy
@@ -49,6 +47,9 @@ _CONFIG_KEYS = {
     "initializer_range": "initializer_range",
 }
 
+# The config.json values of the one architecture implemented: written, and required of a read.
+_ARCHITECTURE = {"model_type": "bert", "hidden_act": "gelu", "position_embedding_type": "absolute"}
+
 # Each head's Hugging Face class, and per class the ModelConfig choices it represents, {field:
 # (values, what it has instead)}: export refuses others. Another family's classes add rows.
 _CLASSES = {"pretraining": "BertForPreTraining", "classification": "BertForSequenceClassification"}
@@ -56,16 +57,18 @@ _BERT_CHOICES = {"layer_norm": (("post",), "has post-LayerNorm layers only")}
 _SUPPORTED = {"BertForPreTraining": _BERT_CHOICES, "BertForSequenceClassification": _BERT_CHOICES}
 
 
+# How one of our (sub-)arrays is laid out as a Hugging Face tensor (`_Entry.inputs`): as it is,
+# flattened, or as a linear kernel with 1 or 2 leading input dims (PyTorch stores the
+# transposed 2-D matrix).
+_SAME, _FLAT, _KERNEL, _KERNEL_2D_IN = None, 0, 1, 2
+
+
 @dataclasses.dataclass(frozen=True)
-class _Layout:
-    """How one of our (sub-)arrays is laid out as a Hugging Face tensor.
-
-    `inputs` is the number of leading input dims of a linear kernel (PyTorch stores the
-    transposed 2-D matrix); 0 means the tensor is our array flattened, None that it is
-    our array as it is.
-    """
-
-    inputs: int | None
+class _Entry:
+    ours: str  # flat parameter path
+    index: tuple  # the part of our array this tensor fills (layer, q/k/v)
+    hf: str
+    inputs: int | None  # the layout: _SAME, _FLAT, _KERNEL or _KERNEL_2D_IN
 
     def hf_shape(self, shape) -> tuple:
         if self.inputs is None:
@@ -83,19 +86,8 @@ class _Layout:
         return (w.T if self.inputs else w).reshape(shape)
 
 
-_SAME, _FLAT, _KERNEL, _KERNEL_2D_IN = _Layout(None), _Layout(0), _Layout(1), _Layout(2)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-    ours: str  # flat parameter path
-    index: tuple  # the part of our array this tensor fills (layer, q/k/v)
-    hf: str
-    layout: _Layout
-
-
-def _dense(ours, hf, index=(), layout=_KERNEL):
-    return [_Entry(f"{ours}/kernel", index, f"{hf}.weight", layout),
+def _dense(ours, hf, index=(), inputs=_KERNEL):
+    return [_Entry(f"{ours}/kernel", index, f"{hf}.weight", inputs),
             _Entry(f"{ours}/bias", index, f"{hf}.bias", _FLAT)]
 
 
@@ -150,32 +142,27 @@ def unflatten(flat: dict[str, np.ndarray]) -> dict:
 
 def to_hf(flat_params: dict[str, np.ndarray], config: ModelConfig,
           head: str = "pretraining") -> dict[str, np.ndarray]:
-    """Our flat parameters -> the tensors of `BertForPreTraining.save_pretrained` (with
-    `head="classification"`, of `BertForSequenceClassification`), float32."""
-    return {e.hf: np.ascontiguousarray(e.layout.to_hf(np.asarray(flat_params[e.ours])[e.index]),
+    """Our flat parameters -> the float32 tensors of `head`'s Hugging Face class."""
+    return {e.hf: np.ascontiguousarray(e.to_hf(np.asarray(flat_params[e.ours])[e.index]),
                                        dtype=np.float32)
             for e in _entries(config.num_layers, head)}
 
 
 def from_hf(tensors: dict[str, np.ndarray], config: ModelConfig,
             shapes: dict[str, tuple], head: str | None = "pretraining") -> dict[str, np.ndarray]:
-    """Hugging Face tensors -> our flat parameters, whose shapes `shapes` gives (`head`: as
-    in `to_hf`; None reads the encoder alone, from tensors `encoder_tensors` kept).
-
-    Raises ValueError naming the first missing, unexpected or misshapen tensor (with both
-    shapes); nothing is returned unless every parameter was filled.
-    """
+    """Hugging Face tensors -> our flat parameters of `shapes` (`head` None: the encoder alone,
+    from what `encoder_tensors` kept). ConfigError names the first missing, unexpected or
+    misshapen tensor."""
     tensors = _modern_names(tensors)
     entries = _entries(config.num_layers, head)
-    expected = {e.hf for e in entries}
-    extra = sorted(set(tensors) - expected - set(_TIED) - {_POSITION_IDS})
+    extra = sorted(set(tensors) - {e.hf for e in entries} - set(_TIED) - {_POSITION_IDS})
     if extra:
         raise ConfigError(f"unexpected tensor {extra[0]!r} (shape {np.shape(tensors[extra[0]])}) "
                           f"in a checkpoint for {_describe(config)}: expected none such "
                           f"({len(extra)} unexpected in all)")
     flat = {path: np.zeros(shape, np.float32) for path, shape in shapes.items()}
     for e in entries:
-        want = e.layout.hf_shape(np.broadcast_to(0, shapes[e.ours])[e.index].shape)
+        want = e.hf_shape(np.broadcast_to(0, shapes[e.ours])[e.index].shape)
         if e.hf not in tensors:
             raise ConfigError(f"missing tensor {e.hf!r}: expected shape {want} for "
                               f"{_describe(config)}")
@@ -184,8 +171,7 @@ def from_hf(tensors: dict[str, np.ndarray], config: ModelConfig,
             raise ConfigError(f"tensor {e.hf!r} has shape {got}: expected {want} for "
                               f"{_describe(config)}")
         target = flat[e.ours]
-        target[e.index] = e.layout.from_hf(np.asarray(tensors[e.hf], np.float32),
-                                           target[e.index].shape)
+        target[e.index] = e.from_hf(np.asarray(tensors[e.hf], np.float32), target[e.index].shape)
     for tied, source in _TIED.items():
         if tied in tensors and not np.array_equal(np.asarray(tensors[tied], np.float32),
                                                   np.asarray(tensors[source], np.float32)):
@@ -207,12 +193,9 @@ def encoder_tensors(tensors: dict) -> dict:
 def _modern_names(tensors: dict) -> dict:
     """Released BERT checkpoints (e.g. bert-base-uncased) name LayerNorm parameters
     `gamma`/`beta`; `transformers` renames them to `weight`/`bias` on load, and so do we."""
-    renames = {".LayerNorm.gamma": ".LayerNorm.weight", ".LayerNorm.beta": ".LayerNorm.bias"}
     def modern(name):
-        for old, new in renames.items():
-            if name.endswith(old):
-                return name[:-len(old)] + new
-        return name
+        name = re.sub(r"\.LayerNorm\.gamma$", ".LayerNorm.weight", name)
+        return re.sub(r"\.LayerNorm\.beta$", ".LayerNorm.bias", name)
 
     return {modern(name): value for name, value in tensors.items()}
 
@@ -235,14 +218,11 @@ def check_exportable(config: ModelConfig, head: str = "pretraining") -> None:
 
 def config_to_hf(config: ModelConfig, head: str = "pretraining",
                  labels: tuple[str, ...] = ()) -> dict:
-    """ModelConfig -> the `config.json` of `transformers.BertConfig`. A classification head
-    names its classes `labels` (none: regression, one output). Raises ConfigError for a
-    config the head's class cannot represent (`check_exportable`)."""
+    """ModelConfig -> the `config.json` of `transformers.BertConfig` (checked exportable). A
+    classification head names its classes `labels` (none: regression, one output)."""
     check_exportable(config, head)
-    values = {"architectures": [_CLASSES[head]], "model_type": "bert",
-              "hidden_act": "gelu", "position_embedding_type": "absolute",
-              "tie_word_embeddings": True, "pad_token_id": 0,
-              **{hf: getattr(config, ours) for ours, hf in _CONFIG_KEYS.items()}}
+    values = {"architectures": [_CLASSES[head]], **_ARCHITECTURE, "tie_word_embeddings": True,
+              "pad_token_id": 0, **{hf: getattr(config, ours) for ours, hf in _CONFIG_KEYS.items()}}
     if head == "classification":
         names = list(labels) or ["score"]
         values.update(id2label={str(i): name for i, name in enumerate(names)},
@@ -253,11 +233,9 @@ def config_to_hf(config: ModelConfig, head: str = "pretraining",
 
 def config_from_hf(values: dict) -> ModelConfig:
     """`config.json` -> ModelConfig; rejects architectures this model does not implement."""
-    requirements = {"model_type": ("bert",), "hidden_act": ("gelu",),
-                    "position_embedding_type": ("absolute",)}
-    for key, allowed in requirements.items():
-        if key in values and values[key] not in allowed:
-            raise ConfigError(f"config.json has {key}={values[key]!r}: expected {allowed[0]!r}")
+    for key, expected in _ARCHITECTURE.items():
+        if values.get(key, expected) != expected:
+            raise ConfigError(f"config.json has {key}={values[key]!r}: expected {expected!r}")
     missing = [hf for hf in _CONFIG_KEYS.values() if hf not in values]
     if missing:
         raise ConfigError(f"config.json lacks {missing[0]!r}: expected a BERT config with "
@@ -267,8 +245,8 @@ def config_from_hf(values: dict) -> ModelConfig:
 
 def save(out_dir, config: ModelConfig, flat_params: dict[str, np.ndarray],
          head: str = "pretraining", labels: tuple[str, ...] = ()) -> None:
-    """Writes config.json and model.safetensors (`head`, `labels`: as in `to_hf` and
-    `config_to_hf`, which refuses a config first); each appears whole or not at all."""
+    """Writes config.json and model.safetensors, each whole or not at all (nothing for a config
+    `config_to_hf` refuses)."""
     hf_config = json.dumps(config_to_hf(config, head, labels), indent=2) + "\n"
     out_dir = epath.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -290,8 +268,8 @@ def architectures(path) -> list[str]:
 
 
 def read_labels(path) -> tuple[str, ...]:
-    """The class names of a sequence classification directory's config.json (in id order);
-    none for a regression model."""
+    """The class names of a sequence classification directory (in id order); none for a
+    regression model."""
     values = json.loads((epath.Path(path) / CONFIG_FILE).read_text())
     id2label = values.get("id2label") or {}
     if values.get("problem_type") == "regression" or len(id2label) == 1:  # as transformers
@@ -308,10 +286,18 @@ def read_tensors(path) -> dict[str, np.ndarray]:
         shards = sorted(set(json.loads((path / WEIGHTS_INDEX_FILE).read_text())["weight_map"]
                             .values()))
         return {k: v for shard in shards for k, v in _read_safetensors(path / shard).items()}
-    if (path / TORCH_WEIGHTS_FILE).is_file():
-        return _read_torch_weights(path / TORCH_WEIGHTS_FILE)
-    raise ConfigError(f"{path} has no {WEIGHTS_FILE}, {WEIGHTS_INDEX_FILE} or "
-                      f"{TORCH_WEIGHTS_FILE}: expected a Hugging Face model directory")
+    if not (path / TORCH_WEIGHTS_FILE).is_file():
+        raise ConfigError(f"{path} has no {WEIGHTS_FILE}, {WEIGHTS_INDEX_FILE} or "
+                          f"{TORCH_WEIGHTS_FILE}: expected a Hugging Face model directory")
+    try:
+        import torch
+    except ImportError as e:
+        raise ConfigError(f"{path / TORCH_WEIGHTS_FILE} is a PyTorch file: install torch to read "
+                          f"it, or convert it to {WEIGHTS_FILE}") from e
+    # weights_only=True refuses pickled code: a checkpoint cannot run anything on load.
+    with (path / TORCH_WEIGHTS_FILE).open("rb") as f:  # a file object: torch.load reads no URLs
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    return {k: v.float().numpy() for k, v in state.items()}
 
 
 def _read_safetensors(path: epath.Path) -> dict[str, np.ndarray]:
@@ -320,15 +306,3 @@ def _read_safetensors(path: epath.Path) -> dict[str, np.ndarray]:
     if files.is_url(path):
         return safetensors.numpy.load(path.read_bytes())
     return safetensors.numpy.load_file(path)
-
-
-def _read_torch_weights(path: epath.Path) -> dict[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError as e:
-        raise ConfigError(f"{path} is a PyTorch file: install torch to read it, or convert "
-                          f"it to {WEIGHTS_FILE}") from e
-    # weights_only=True refuses pickled code: a checkpoint cannot run anything on load.
-    with path.open("rb") as f:  # a file object, as torch.load reads no URLs
-        state = torch.load(f, map_location="cpu", weights_only=True)
-    return {k: v.float().numpy() for k, v in state.items()}

@@ -25,6 +25,9 @@ class _Weights:
     """A model's config and float32 parameters (the nested dict of numpy arrays that
     `nnx.to_pure_dict` gives), with the model's inference forward jitted."""
 
+    _head = "pretraining"  # the Hugging Face class `save_hf` writes (`hf.save`)
+    labels: tuple[str, ...] = ()
+
     def __init__(self, config: ModelConfig, params: dict, num_labels: int | None, forward):
         self.config = config
         self.params = params
@@ -38,6 +41,16 @@ class _Weights:
         """A live NNX model holding these parameters."""
         return nnx.merge(self._graphdef, self._state)
 
+    def logits(self, input_ids, token_type_ids=None, attention_mask=None):
+        """Float32 numpy logits: (MLM [B, S, V], NSP [B, 2]) of a `Pretrained`, [B, num_labels]
+        of a `Classifier`. The model checks shapes and dtypes and fills the defaults."""
+        return jax.tree.map(np.asarray, self._forward(self._state, input_ids, token_type_ids,
+                                                      attention_mask))
+
+    def save_hf(self, out_dir) -> None:
+        """Writes a Hugging Face directory (config.json + model.safetensors)."""
+        hf.save(out_dir, self.config, hf.flatten(self.params), self._head, self.labels)
+
 
 class Pretrained(_Weights):
     """A pretrained BERT (MLM and NSP heads)."""
@@ -50,34 +63,17 @@ class Pretrained(_Weights):
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return cls(model.config, jax.tree.map(np.asarray, params))
 
-    def logits(self, input_ids, token_type_ids=None, attention_mask=None):
-        """Returns (MLM logits [B, S, V], NSP logits [B, 2]) as float32 numpy arrays."""
-        # The model checks shapes and dtypes and fills the defaults.
-        mlm, nsp = self._forward(self._state, input_ids, token_type_ids, attention_mask)
-        return np.asarray(mlm), np.asarray(nsp)
-
-    def save_hf(self, out_dir) -> None:
-        """Writes a Hugging Face directory (config.json + model.safetensors)."""
-        hf.save(out_dir, self.config, hf.flatten(self.params))
-
 
 class Classifier(_Weights):
     """A fine-tuned BERT sequence classifier whose classes are `labels` (none: a regression
     model with one output)."""
 
+    _head = "classification"
+
     def __init__(self, config: ModelConfig, params: dict, labels: tuple[str, ...]):
         super().__init__(config, params, len(labels) or 1,
                          lambda model, *inputs: model(*inputs))
         self.labels = tuple(labels)
-
-    def logits(self, input_ids, token_type_ids=None, attention_mask=None) -> np.ndarray:
-        """Returns float32 logits [B, num_labels] as a numpy array."""
-        return np.asarray(self._forward(self._state, input_ids, token_type_ids, attention_mask))
-
-    def save_hf(self, out_dir) -> None:
-        """Writes a directory `transformers.BertForSequenceClassification` loads."""
-        hf.save(out_dir, self.config, hf.flatten(self.params), head="classification",
-                labels=self.labels)
 
 
 def load_hf(path) -> Pretrained:
@@ -92,8 +88,7 @@ def load_hf(path) -> Pretrained:
 
 def load_encoder(path) -> tuple[ModelConfig, dict]:
     """The config and encoder parameters (`ENCODER_PARAMS` subtrees) of any Hugging Face BERT
-    directory: pretraining, sequence classification, or a bare `BertModel`; heads are
-    ignored."""
+    directory (pretraining, sequence classification, a bare `BertModel`), heads ignored."""
     config = hf.read_config(path)
     shapes = {name: shape for name, shape in param_shapes(config).items()
               if name.split("/")[0] in ENCODER_PARAMS}

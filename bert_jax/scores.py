@@ -16,15 +16,11 @@ def score(names, logits: np.ndarray, labels: np.ndarray, regression: bool) -> di
     F1 is of class 1 for two classes (GLUE's MRPC and QQP), else the macro average over
     classes. A correlation of constant predictions (an untrained model may give them) is 0.
     """
-    if regression:
-        predictions = logits[:, 0].astype(np.float64)
-    else:
-        predictions = np.argmax(logits, axis=-1)
-    two_classes = logits.shape[-1] == 2
+    predictions = logits[:, 0].astype(np.float64) if regression else logits.argmax(-1)
+    average = "binary" if logits.shape[-1] == 2 else "macro"
     functions = {
         "accuracy": lambda: sk.accuracy_score(labels, predictions),
-        "f1": lambda: sk.f1_score(labels, predictions, average="binary" if two_classes
-                                  else "macro", zero_division=0.0),
+        "f1": lambda: sk.f1_score(labels, predictions, average=average, zero_division=0.0),
         "matthews": lambda: sk.matthews_corrcoef(labels, predictions),
         "pearson": lambda: _correlation(stats.pearsonr, predictions, labels),
         "spearman": lambda: _correlation(stats.spearmanr, predictions, labels),

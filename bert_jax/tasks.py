@@ -1,14 +1,7 @@
 """Fine-tuning tasks: what is predicted (one of several classes, or a score) from one text or a
-pair of texts, and the labelled examples of the train and validation splits.
-
-A task (`config.task.name`) is one of:
-- `builtin`: the built-in task, made from the built-in corpus (`bert_jax.builtin_task`);
-- `glue/NAME`: a GLUE task from TFDS, already prepared in the TFDS data directory (nothing is
-  ever downloaded);
-- `classification`, `pair-classification`, `regression`, `pair-regression`: local CSV, TSV
-  or JSON Lines files (`task.train_file`, `task.validation_file`) with columns `text`,
-  `text_pair` (pair tasks only) and `label`. Classes are `task.labels` when declared (comma
-  separated), else the training file's labels, sorted.
+pair, and the labelled examples of the train and validation splits: `builtin`
+(`bert_jax.builtin_task`), `glue/NAME` (prepared in TFDS, never downloaded), or local CSV, TSV
+or JSON Lines files (`FILE_TASKS`); docs/finetune.md has the table.
 
 Examples are read whole into memory: fine-tuning sets are small (GLUE's largest, QQP, is
 364k pairs), and the batches of any step are then a permutation away (`bert_jax.finetune`).
@@ -89,11 +82,9 @@ TASK_NAMES = (BUILTIN, *(GLUE_PREFIX + name for name in GLUE), *FILE_TASKS)
 
 
 def load(task_config) -> tuple[Task, dict[str, Examples]]:
-    """The task of `config.task` and its examples by split ("train", "validation").
-
-    Raises ValueError naming the bad value (an unknown task, a missing file or column, a
-    label outside the classes, single texts for a pair task) before anything is trained.
-    """
+    """The task of `config.task` and its examples by split ("train", "validation"); bad input
+    (an unknown task, a missing file or column, a label outside the classes, ...) raises a
+    ConfigError naming it."""
     name = task_config.name
     if name == BUILTIN:
         task = Task(BUILTIN, False, builtin_task.LABELS, builtin_task.METRICS)
@@ -106,15 +97,12 @@ def load(task_config) -> tuple[Task, dict[str, Examples]]:
     raise ConfigError(f"unknown task {name!r}: expected one of {list(TASK_NAMES)}")
 
 
-# --- GLUE from TFDS ------------------------------------------------------------------------
-
 def _load_glue(config_name: str, data_dir: str | None) -> tuple[Task, dict[str, Examples]]:
     import tensorflow_datasets as tfds
 
     fields, validation_split, metrics = GLUE[config_name]
     name = GLUE_PREFIX + config_name
-    builder = tfds.builder(name, data_dir=data_dir)
-    label = builder.info.features["label"]
+    label = tfds.builder(name, data_dir=data_dir).info.features["label"]
     labels = tuple(label.names) if hasattr(label, "names") else ()
     task = Task(name, len(fields) == 2, labels, metrics)
     splits = {}
@@ -133,8 +121,6 @@ def _load_glue(config_name: str, data_dir: str | None) -> tuple[Task, dict[str, 
                                  values.astype(np.float32 if task.regression else np.int32))
     return task, splits
 
-
-# --- local files ---------------------------------------------------------------------------
 
 def _load_files(name: str, task_config) -> tuple[Task, dict[str, Examples]]:
     pair, regression = FILE_TASKS[name]
@@ -157,11 +143,9 @@ def _load_files(name: str, task_config) -> tuple[Task, dict[str, Examples]]:
             source = "task.labels" if declared else files["train"]
             raise ConfigError(f"task {name} has the one class {list(labels)} in {source}: "
                               f"expected at least 2 classes to tell apart")
-    task = Task(name, pair, labels,
-                REGRESSION_METRICS if regression else CLASSIFICATION_METRICS)
-    splits = {split: _examples(task, rows[split], files[split], bool(declared))
-              for split in files}
-    return task, splits
+    task = Task(name, pair, labels, REGRESSION_METRICS if regression else CLASSIFICATION_METRICS)
+    return task, {split: _examples(task, rows[split], files[split], bool(declared))
+                  for split in files}
 
 
 def _read_rows(path: str, pair: bool) -> list[tuple[str, str | None, str, int]]:
@@ -187,7 +171,7 @@ def _read_rows(path: str, pair: bool) -> list[tuple[str, str | None, str, int]]:
     else:
         with file.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f, delimiter="\t" if file.suffix == ".tsv" else ",")
-            records = [(number, row) for number, row in enumerate(reader, 2)]
+            records = list(enumerate(reader, 2))  # line 1 is the header
             columns = reader.fieldnames or []
         _check_columns(path, columns, wanted, pair)
     if not records:
@@ -197,8 +181,11 @@ def _read_rows(path: str, pair: bool) -> list[tuple[str, str | None, str, int]]:
     for number, record in records:
         _check_columns(f"{path}:{number}", list(record), wanted, pair)
         text_pair = record["text_pair"] if pair else None
+        label = record["label"]
+        if isinstance(label, float) and label.is_integer():
+            label = int(label)  # JSON's 1.0 is the class "1"
         rows.append((str(record["text"]), None if text_pair is None else str(text_pair),
-                     _label_text(record["label"]), number))
+                     str(label).strip(), number))
     return rows
 
 
@@ -215,25 +202,12 @@ def _check_columns(where: str, columns: list[str], wanted: list[str], pair: bool
                           f"pair-classification or pair-regression")
 
 
-def _label_text(value) -> str:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return str(value).strip()
-
-
 def _sorted_labels(values: set[str]) -> tuple[str, ...]:
     """Numerically when all labels are integers (so 10 comes after 9), else as text."""
-    if all(_is_int(v) for v in values):
-        return tuple(sorted(values, key=int))
-    return tuple(sorted(values))
-
-
-def _is_int(text: str) -> bool:
     try:
-        int(text)
+        return tuple(sorted(values, key=int))
     except ValueError:
-        return False
-    return True
+        return tuple(sorted(values))
 
 
 def _examples(task: Task, rows, path: str, declared: bool) -> Examples:
@@ -259,13 +233,10 @@ def _examples(task: Task, rows, path: str, declared: bool) -> Examples:
                     [text_pair for _, text_pair, _, _ in rows] if task.pair else None, values)
 
 
-# --- encoding ------------------------------------------------------------------------------
-
 def encode(tokenizer, examples: Examples, max_seq_length: int) -> dict[str, np.ndarray]:
-    """Model inputs of the examples: `[CLS] text [SEP]` or `[CLS] text [SEP] pair [SEP]`,
-    truncated to `max_seq_length` longest-first (as `transformers`' fast tokenizers),
-    padded with [PAD]; `segment_ids` are 1 on the pair's
-    tokens. Returns input_ids, segment_ids, input_mask (int32) and labels."""
+    """Model inputs (input_ids, segment_ids, input_mask: int32) and labels of the examples:
+    `[CLS] text [SEP]` or `[CLS] text [SEP] pair [SEP]` (segment 1), truncated longest-first
+    to `max_seq_length` as `transformers`' fast tokenizers do, padded with [PAD]."""
     firsts = [ids for ids, _ in tokenizer.encode_batch(examples.texts)]
     seconds = ([ids for ids, _ in tokenizer.encode_batch(examples.pairs)]
                if examples.pairs is not None else [None] * len(firsts))

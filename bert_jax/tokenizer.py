@@ -13,7 +13,6 @@ import hashlib
 import io
 import itertools
 import json
-import os
 import tempfile
 from collections.abc import Iterable
 
@@ -35,9 +34,6 @@ PAD, UNK, CLS, SEP, MASK = SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]",
 # differs from run to run whatever seed it is given.
 MAX_TRAINING_SENTENCES = 2_000_000
 _SAMPLING_CHUNK = 1 << 16
-# Fixed rather than os.cpu_count(): the EM statistics are summed per thread, so the model
-# could depend on the thread count. 16 is SentencePiece's default.
-_TRAINING_THREADS = 16
 
 _SPM = sentencepiece_model_pb2.ModelProto
 # The SentencePiece options the conversion to `tokenizers` reproduces: those of
@@ -71,22 +67,13 @@ def kept_file_name(vocabulary_file) -> str:
 
 def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_path, *,
                         seed: int = 0) -> epath.Path:
-    """Trains a SentencePiece unigram model on `sentences` and writes it to `model_path`.
+    """Trains a SentencePiece unigram model on `sentences`; returns `model_path` (written whole
+    or not at all).
 
-    The vocabulary holds [PAD] [UNK] [CLS] [SEP] [MASK] at ids 0..4 and exactly `vocab_size`
-    pieces: a corpus too small for that many raises ValueError (SentencePiece's message gives
-    the largest size it supports) rather than quietly yielding fewer ids than the model's
-    embedding table expects. [CLS] [SEP] [MASK] are user-defined symbols, so training sees
-    them as the atomic tokens encoding makes of them.
-
-    Training is deterministic for the same sentences and seed. It sees at most
-    `MAX_TRAINING_SENTENCES` sentences, a uniform sample drawn with `seed` in one pass over
-    `sentences` (which may be a generator over a corpus of any size). SentencePiece skips
-    sentences longer than 4192 bytes and covers 99.95% of characters, the rarest becoming
-    [UNK].
-
-    Returns:
-      `model_path` (a `.model` file, written whole or not at all).
+    [PAD] [UNK] [CLS] [SEP] [MASK] are ids 0..4 and the vocabulary has exactly `vocab_size`
+    pieces: a corpus too small for that raises rather than quietly giving the model fewer ids.
+    Deterministic for the same sentences and seed; trains on a sample of at most
+    `MAX_TRAINING_SENTENCES` drawn in one pass, so `sentences` may be a generator of any size.
     """
     model_path = epath.Path(model_path)
     if model_path.suffix != ".model":
@@ -98,7 +85,8 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_path, *
             sentence_iterator=iter(sample), model_writer=model, vocab_size=vocab_size,
             model_type="unigram", pad_id=0, pad_piece=PAD, unk_id=1, unk_piece=UNK,
             bos_id=-1, eos_id=-1, user_defined_symbols=[CLS, SEP, MASK],
-            input_sentence_size=0, num_threads=_TRAINING_THREADS, minloglevel=1)
+            # A fixed thread count (SentencePiece's default): EM sums statistics per thread.
+            input_sentence_size=0, num_threads=16, minloglevel=1)
     except RuntimeError as e:
         raise ConfigError(f"cannot train a SentencePiece vocabulary of {vocab_size} pieces on "
                           f"this corpus ({str(e).strip().splitlines()[-1]}): lower "
@@ -109,10 +97,8 @@ def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_path, *
 
 
 def _sample(items: Iterable, k: int, seed: int) -> list:
-    """A uniform random sample of at most `k` of `items`, in one pass (reservoir sampling).
-
-    Algorithm R, with the random draws and the iteration done a chunk at a time in C.
-    """
+    """A uniform random sample of at most `k` of `items`, in one pass (reservoir sampling,
+    Algorithm R, drawing a chunk at a time)."""
     rng = np.random.default_rng(seed)
     items = iter(items)
     sample = list(itertools.islice(items, k))
@@ -129,14 +115,10 @@ def _sample(items: Iterable, k: int, seed: int) -> list:
 class Tokenizer:
     """A BERT tokenizer backed by a `tokenizers.Tokenizer`; build it with `load_tokenizer`.
 
-    Attributes:
-      kind: "sentencepiece" or "wordpiece".
-      vocab_size: the number of ids (the model's vocabulary must be at least this large).
-      pad_id, unk_id, cls_id, sep_id, mask_id: the special tokens' ids.
-      special_ids: ids never masked nor predicted: [PAD] [CLS] [SEP] [MASK]. [UNK] is not
-        among them: it stands for real text, and original BERT masks and predicts it too.
-      fingerprint: hex sha256 of the kind, the vocabulary file and (WordPiece only) the
-        lowercase flag: names the tokenizer in dataset metadata.
+    `kind` is "sentencepiece" or "wordpiece". `special_ids` are never masked nor predicted:
+    [PAD] [CLS] [SEP] [MASK], not [UNK], which stands for real text (original BERT masks it).
+    `fingerprint` (sha256 of the kind, the vocabulary file and the WordPiece lowercase flag)
+    names the tokenizer in dataset metadata.
     """
 
     def __init__(self, backend: tokenizers.Tokenizer, *, kind: str, fingerprint: str,
@@ -156,15 +138,18 @@ class Tokenizer:
                 f"fingerprint={self.fingerprint[:12]!r})")
 
     def encode_batch(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """For each text: its ids (int32, no [CLS]/[SEP]) and, as long, word-start flags.
-
-        A token starts a word when its word differs from the previous token's (`word_ids`
-        of the encoding), for whole-word masking. Words are what the pre-tokenizer splits:
-        whitespace-separated for SentencePiece; for WordPiece also each punctuation mark and
-        CJK character, as in BERT's whole-word masking. Texts are encoded in parallel in Rust.
+        """For each text: its ids (int32, no [CLS]/[SEP]) and, as long, word-start flags for
+        whole-word masking. Words are what the pre-tokenizer splits: whitespace-separated for
+        SentencePiece, and for WordPiece also each punctuation mark and CJK character, as BERT's.
         """
-        return [_ids_and_word_starts(encoding)
-                for encoding in self._backend.encode_batch(texts, add_special_tokens=False)]
+        results = []
+        for encoding in self._backend.encode_batch(texts, add_special_tokens=False):
+            # A token starts a word when its word id differs from the previous token's; no word
+            # (None) is NaN, which differs from everything, so such a token is a word of its own.
+            words = np.array(encoding.word_ids, np.float64)
+            results.append((np.array(encoding.ids, np.int32),
+                            np.diff(words, prepend=np.nan) != 0))
+        return results
 
     def encode(self, text: str) -> list[int]:
         """The ids of `text`, without [CLS]/[SEP]."""
@@ -184,14 +169,10 @@ class Tokenizer:
                                     skip_special_tokens=False)
 
     def save_hf(self, out_dir, *, model_max_length: int | None = None) -> None:
-        """Writes the tokenizer for `transformers.AutoTokenizer.from_pretrained(out_dir)`.
-
-        tokenizer.json is this tokenizer's own pipeline plus a [CLS] a [SEP] (b [SEP])
-        template with token_type_ids 0 (1 for b); tokenizer_config.json and
-        special_tokens_map.json name the special tokens; WordPiece adds the vocab.txt it was
-        loaded from, and names `BertTokenizer` (which `transformers` 5 rebuilds from the
-        vocabulary and `do_lower_case`). Each file is written whole or not at all.
-        `model_max_length` (the model's maximum positions) lets `transformers` truncate.
+        """Writes the tokenizer for `transformers.AutoTokenizer.from_pretrained(out_dir)`, each
+        file whole or not at all: tokenizer.json is this very pipeline; WordPiece adds its
+        vocab.txt and names `BertTokenizer`, which `transformers` 5 rebuilds from the vocabulary
+        and `do_lower_case`. `model_max_length` (the model's positions) lets it truncate.
         """
         out_dir = epath.Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -207,22 +188,25 @@ class Tokenizer:
 
 
 def load_tokenizer(vocab_file, *, lowercase: bool = True) -> Tokenizer:
-    """The tokenizer of a SentencePiece `.model` or a WordPiece `vocab.txt`.
+    """The tokenizer of a SentencePiece `.model` or a WordPiece `vocab.txt`; ConfigError names
+    the path of a file that is unreadable, of neither kind, or lacks a special token.
 
-    A file of UTF-8 text is a WordPiece vocabulary (a token a line), any other a SentencePiece
-    model (a binary protobuf), whatever its name. `lowercase` applies to WordPiece only
-    (True: BERT-uncased, lowercasing and stripping accents; False: cased); a SentencePiece
-    model carries its own normalization.
-
-    Raises ValueError naming the path when the file is missing or unreadable, is not a
-    vocabulary of that kind, or lacks one of [PAD] [UNK] [CLS] [SEP] [MASK].
+    `lowercase` applies to WordPiece only (True: BERT-uncased, lowercasing and stripping
+    accents); a SentencePiece model carries its own normalization.
     """
     path = epath.Path(vocab_file)
     try:
         content = path.read_bytes()
     except OSError as e:
         raise ConfigError(f"cannot read the vocabulary file {path}: {e}") from e
-    if _is_sentencepiece(path, content):
+    # Content decides the kind, whatever the name: a SentencePiece model is never UTF-8 in
+    # practice (each score is a float's raw bytes), while a vocab.txt is (a token a line).
+    try:
+        content.decode("utf-8")
+        is_sentencepiece = False
+    except UnicodeDecodeError:
+        is_sentencepiece = path.suffix != ".txt"  # a broken vocab.txt stays one
+    if is_sentencepiece:
         kind, backend = "sentencepiece", _sentencepiece_backend(path, content)
         hf_config, hf_files = {"tokenizer_class": "PreTrainedTokenizerFast"}, {}
     else:
@@ -230,37 +214,29 @@ def load_tokenizer(vocab_file, *, lowercase: bool = True) -> Tokenizer:
         hf_config = {"tokenizer_class": "BertTokenizer", "do_lower_case": lowercase,
                      "strip_accents": None, "tokenize_chinese_chars": True}
         hf_files = {VOCAB_FILE: content}
-    _add_bert_special_tokens(backend, path)
+    vocab = backend.get_vocab()
+    missing = [token for token in SPECIAL_TOKENS if token not in vocab]
+    if missing:
+        raise ConfigError(f"the vocabulary {path} lacks {missing[0]}: expected all of "
+                          f"{' '.join(SPECIAL_TOKENS)}")
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False)
+                                for token in SPECIAL_TOKENS])  # atomic in any text
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{CLS}:0 $A:0 {SEP}:0", pair=f"{CLS}:0 $A:0 {SEP}:0 $B:1 {SEP}:1",
+        special_tokens=[(CLS, vocab[CLS]), (SEP, vocab[SEP])])
     fingerprint = hashlib.sha256(
         f"{kind}\0{lowercase if kind == 'wordpiece' else ''}\0".encode() + content).hexdigest()
     return Tokenizer(backend, kind=kind, fingerprint=fingerprint, hf_config=hf_config,
                      hf_files=hf_files)
 
 
-def _is_sentencepiece(path: epath.Path, content: bytes) -> bool:
-    # A SentencePiece model is not UTF-8 in practice: every piece's score is stored as the
-    # four raw bytes of a float. So content decides, whatever the file's name.
-    try:
-        content.decode("utf-8")
-    except UnicodeDecodeError:
-        return path.suffix != ".txt"  # a .txt file that is not UTF-8 is a broken vocab.txt
-    return False
-
-
 def _sentencepiece_backend(path: epath.Path, content: bytes) -> tokenizers.Tokenizer:
-    """A `tokenizers` Unigram pipeline that encodes as SentencePiece does, but for three cases.
+    """A `tokenizers` Unigram pipeline that encodes as SentencePiece does, but for the three
+    cases docs/data.md lists.
 
-    Normalization is NFKC, then SentencePiece's own character map (NFKC plus NMT rules), then
-    SentencePiece's whitespace handling (collapse runs, strip the ends). NFKC comes first
-    because `tokenizers` applies the map one grapheme at a time where SentencePiece takes the
-    longest match over characters: without it halfwidth katakana with sound marks ("ｶﾞ"),
-    compatibility jamo ("ㄱㅏ") and decomposed accents ("e" + U+0301 + U+0302) normalize
-    differently or lose marks.
-
-    The cases: NFKC puts runs of combining marks in canonical order, where SentencePiece
-    keeps their order; where several segmentations score the same (runs such as "-----"),
-    each library breaks the tie its own way; and special tokens in a text are atomic here,
-    absorbing the spaces around them, where SentencePiece splits [PAD] and [UNK].
+    NFKC comes before SentencePiece's own character map because `tokenizers` applies the map
+    one grapheme at a time where SentencePiece takes the longest match over characters:
+    without it "ｶﾞ", "ㄱㅏ" and decomposed accents normalize differently or lose marks.
     """
     proto = _SPM()
     try:
@@ -295,15 +271,13 @@ def _sentencepiece_backend(path: epath.Path, content: bytes) -> tokenizers.Token
 
 def _wordpiece_backend(path: epath.Path, content: bytes,
                        lowercase: bool) -> tokenizers.Tokenizer:
-    """The pipeline of `transformers.BertTokenizerFast` for this vocabulary (`content`, read
-    from `path`) and casing."""
+    """The pipeline of `transformers.BertTokenizerFast` for this vocabulary and casing."""
     # `tokenizers` parses vocabularies from local files only; `path` may be a URL.
     with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, VOCAB_FILE)
-        with open(local, "wb") as f:
-            f.write(content)
+        local = epath.Path(tmp) / VOCAB_FILE
+        local.write_bytes(content)
         try:
-            vocab = WordPiece.read_file(local)
+            vocab = WordPiece.read_file(str(local))
         except Exception as e:  # tokenizers raises a bare Exception on undecodable files
             raise ConfigError(f"cannot read the WordPiece vocabulary {path}: {e}") from e
     if vocab and max(vocab.values()) + 1 != len(vocab):
@@ -317,29 +291,6 @@ def _wordpiece_backend(path: epath.Path, content: bytes,
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.decoder = decoders.WordPiece(prefix=_WORDPIECE_PREFIX)
     return backend
-
-
-def _add_bert_special_tokens(backend: tokenizers.Tokenizer, path: epath.Path) -> None:
-    """Makes the special tokens atomic and adds the [CLS] a [SEP] (b [SEP]) template."""
-    vocab = backend.get_vocab()
-    missing = [token for token in SPECIAL_TOKENS if token not in vocab]
-    if missing:
-        raise ConfigError(f"the vocabulary {path} lacks {missing[0]}: expected all of "
-                          f"{' '.join(SPECIAL_TOKENS)}")
-    backend.add_special_tokens([AddedToken(token, special=True, normalized=False)
-                                for token in SPECIAL_TOKENS])
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{CLS}:0 $A:0 {SEP}:0", pair=f"{CLS}:0 $A:0 {SEP}:0 $B:1 {SEP}:1",
-        special_tokens=[(CLS, vocab[CLS]), (SEP, vocab[SEP])])
-
-
-def _ids_and_word_starts(encoding: tokenizers.Encoding) -> tuple[np.ndarray, np.ndarray]:
-    # float so that None (no word) becomes NaN, which differs from everything: a token
-    # without a word is a word of its own.
-    words = np.array(encoding.word_ids, dtype=np.float64)
-    starts = np.ones(len(words), bool)
-    starts[1:] = words[1:] != words[:-1]
-    return np.array(encoding.ids, np.int32), starts
 
 
 def _json_bytes(value: dict) -> bytes:
