@@ -166,7 +166,7 @@ def _train(config, run: runs.Run, task, init: Init, encoded: dict, export: bool,
     if run.is_main:
         workdirs.write_config(run.workdir, metadata)
         workdirs.keep_tokenizer(run.workdir, init.tokenizer_file)
-    evaluator = _Evaluator(task, run, encoded["validation"], config.train.eval_batch_size)
+    evaluator = _evaluator(task, run, encoded["validation"], config.train.eval_batch_size)
     summary = {"task": task.name, "train": {}, "validation": {}, "best": {}, "export": None}
 
     def save(step, state, force=False):
@@ -284,37 +284,33 @@ def _log_validation(metrics: dict, step: int, writer, summary: dict, task) -> No
         summary["best"] = {"step": step, **metrics}
 
 
-class _Evaluator:
+def _evaluator(task, run: runs.Run, data: dict, batch_size: int):
     """Validation of parameters: the loss (and accuracy) from summed batches, and the task's
     scores from every example's logits. The last batch is filled with weight-0 rows."""
+    objective, count = run.objective, len(data["labels"])
+    rows = sharding.process_rows(run.mesh, batch_size)
 
-    def __init__(self, task, run: runs.Run, data: dict, batch_size: int):
-        self.task, self._objective, self._mesh = task, run.objective, run.mesh
-        self._data, self._batch_size = data, batch_size
-        self._rows = sharding.process_rows(run.mesh, batch_size)
+    def forward(model, batch):
+        logits = objective.logits(model, batch)
+        return logits, objective.sums_of_logits(logits, batch)
 
-        def forward(model, batch):
-            logits = run.objective.logits(model, batch)
-            return logits, run.objective.sums_of_logits(logits, batch)
+    forward = run.jit_eval(forward)
 
-        self._forward = run.jit_eval(forward)
-
-    def __call__(self, params) -> dict:
-        count = len(self._data["labels"])
+    def evaluate(params) -> dict:
         all_logits, totals = [], None
-        for first in range(0, count, self._batch_size):
-            index = np.arange(first, first + self._batch_size)
+        for first in range(0, count, batch_size):
+            index = np.arange(first, first + batch_size)
             real = index < count
-            local = {name: values[np.where(real, index, 0)][self._rows]
-                     for name, values in self._data.items()}
-            local["weights"] = real[self._rows].astype(np.float32)
-            logits, sums = self._forward(params, sharding.global_batch(local, self._mesh,
-                                                                        self._batch_size))
+            local = {name: values[np.where(real, index, 0)][rows]
+                     for name, values in data.items()}
+            local["weights"] = real[rows].astype(np.float32)
+            logits, sums = forward(params, sharding.global_batch(local, run.mesh, batch_size))
             all_logits.append(np.asarray(multihost_utils.process_allgather(logits, tiled=True))
                               [real])
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-        metrics = {k: float(v) for k, v in
-                   jax.device_get(self._objective.metrics(totals)).items()}
-        metrics.update(scores.score(self.task.metrics, np.concatenate(all_logits),
-                                    self._data["labels"], self.task.regression))
+        metrics = {k: float(v) for k, v in jax.device_get(objective.metrics(totals)).items()}
+        metrics.update(scores.score(task.metrics, np.concatenate(all_logits), data["labels"],
+                                    task.regression))
         return metrics
+
+    return evaluate
