@@ -171,7 +171,7 @@ def _unknown_field(error: KeyError, overrides: list[str]) -> str:
 def _pretrain(args, config) -> None:
     import jax
 
-    from bert_jax import export, inference, train, workdir
+    from bert_jax import export, hf, inference, train, workdir
 
     summary = train.train_and_evaluate(config, args.workdir)
     if jax.process_index() != 0:
@@ -193,6 +193,11 @@ def _pretrain(args, config) -> None:
               f"nsp_accuracy {validation['nsp_accuracy']:.3f}")
     pretrained = summary["pretrained"]
     if pretrained is None:
+        return
+    try:
+        hf.check_exportable(pretrained.config)
+    except ConfigError as e:  # a variant Hugging Face lacks: the workdir holds the weights
+        print(f"  not exported: {e}")
         return
     out = export.write_export(pretrained, args.workdir, Path(args.workdir) / "export",
                               config.data.lowercase)

@@ -197,6 +197,15 @@ def test_a_failure_that_is_not_the_users_mistake_is_one_line_and_exit_code_1(tmp
         f"run again with --debug for the traceback)"]
 
 
+def test_a_model_hugging_face_cannot_hold_trains_and_says_it_is_not_exported(tmp_path, prepared):
+    result = _bert_jax("pretrain", f"--workdir={tmp_path}", *prepared,
+                       "--config.train.num_steps=2", "--config.model.layer_norm=pre")
+    assert result.returncode == 0, result.stderr
+    assert "  not exported: model.layer_norm='pre': Hugging Face BertForPreTraining has " \
+        "post-LayerNorm layers only" in result.stdout
+    assert (tmp_path / "checkpoints").is_dir() and not (tmp_path / "export").exists()
+
+
 def _raised(function):
     try:
         function()
