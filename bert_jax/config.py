@@ -1,8 +1,8 @@
-"""Configuration: the model's typed schema, the size presets, and the run config.
+"""Configuration: typed sections, phases, size presets and pod sizing.
 
 The run config is an `ml_collections.ConfigDict` (overridable on the command line as
-`--config.model.num_layers=4`); its `model` part is validated by turning it into a frozen
-`ModelConfig`, so a bad value fails once, early, with a message naming it.
+`--config.model.num_layers=4`); `RunConfig.from_dict` turns it into frozen sections once,
+so a bad value fails early, with a message naming it, and later code reads typed fields.
 """
 
 from __future__ import annotations
