@@ -9,8 +9,8 @@ from bert_jax.config import ConfigError, DataConfig, ModelConfig
 
 
 def vocab_file(data: DataConfig) -> epath.Path:
-    """The configured `data.vocab_file`; ValueError when it does not exist (found before data
-    preparation or training starts, not in their middle)."""
+    """The configured `data.vocab_file`, checked to exist before data preparation or training
+    starts, not in their middle."""
     path = files.path(data.vocab_file)
     if not path.is_file():
         raise ConfigError(f"data.vocab_file={data.vocab_file!r} does not exist: expected a "
@@ -19,7 +19,7 @@ def vocab_file(data: DataConfig) -> epath.Path:
 
 
 def check_data_against_model(data: DataConfig, model: ModelConfig, tokenizer_vocab_size: int):
-    """Raises ValueError (one line, both values) when data and model cannot work together."""
+    """A one-line ConfigError naming both values when data and model cannot work together."""
     if tokenizer_vocab_size != model.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer_vocab_size} tokens but "
                           f"model.vocab_size={model.vocab_size}: set "

@@ -1,18 +1,11 @@
 """Corpus readers: raw text in, documents as lists of sentences out.
 
-A corpus (`config.data.corpus`) is one of:
-- a file glob, or several separated by commas: each file is read in the format its content
-  shows (see `read_source`): google-research/bert's (one sentence per line, a blank line
-  between documents), one document per line, or JSON Lines with a text field;
-- `builtin`: the documentation of the Python standard library in use (module, class and
-  function docstrings, and the language reference topics of `pydoc_data`): real English
-  prose that every machine has offline, so `bert-jax pretrain` runs with no data at hand;
-- `tfds:NAME[:SPLIT]`: a TFDS catalog dataset with a text feature, already prepared in the
-  TFDS data directory (nothing is ever downloaded).
-
-`list_sources` cuts a corpus into independently readable units named by picklable strings,
-so that parallel workers can each read some; `read_source` reads one of them; `fingerprint`
-digests what they read, the identity of what is built from a corpus.
+A corpus (`config.data.corpus`) is a file glob (several separated by commas), `builtin` (the
+Python standard library's documentation: real English prose that every machine has offline,
+so `bert-jax pretrain` runs with no data at hand) or `tfds:NAME[:SPLIT]` (a TFDS dataset
+already prepared: nothing is ever downloaded). `list_sources` cuts it into units named by
+picklable strings, so that parallel workers can each read some; `read_source` reads one;
+`fingerprint` digests what they read, the identity of what is built from a corpus.
 """
 
 from __future__ import annotations
@@ -24,6 +17,7 @@ import functools
 import glob
 import hashlib
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -31,14 +25,13 @@ import sysconfig
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
 from bert_jax.config import ConfigError
 
 BUILTIN = "builtin"
 TFDS_PREFIX = "tfds:"
-DEFAULT_TFDS_SPLIT = "train"
 _BUILTIN_PREFIX = f"{BUILTIN}:"
 _PYDOC_TOPICS = f"{BUILTIN}:pydoc_topics"
-_JSON_LINES_SUFFIXES = (".jsonl", ".json")
 
 # Standard-library folders that hold tests, tools and vendored code rather than library
 # documentation; matched against a folder's name or its path relative to the library root.
@@ -47,7 +40,6 @@ _BUILTIN_SKIPPED = frozenset({"test", "tests", "idlelib", "lib2to3", "site-packa
 
 _GLOB_CHARS = re.compile(r"[*?[]")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
-# What surrogateescape decoding turns each undecodable byte into.
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 
 # A possible sentence end: terminal punctuation, closing quotes or brackets, whitespace; the
@@ -79,60 +71,42 @@ class ReadStats:
     replaced_bytes: int = 0  # undecodable (non-UTF-8) bytes replaced by U+FFFD
 
     def add(self, other: ReadStats) -> None:
-        """Adds `other`'s counts to these, to merge the stats of parallel workers."""
         for field in dataclasses.fields(self):
             setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
 
 
 def list_sources(spec: str) -> list[str]:
-    """The independently readable units of a corpus, as picklable strings, in a fixed order.
-
-    Args:
-      spec: a file glob (several separated by commas; `~` expanded), `builtin`, or
-        `tfds:NAME[:SPLIT]` (SPLIT defaults to `train` and may be a TFDS slice such as
-        `train[:10%]`).
-
-    Returns:
-      For files, the matching paths (each glob's sorted, in the order of the globs, each path
-      once); for `builtin`, one `builtin:PATH` per standard-library module file and
-      `builtin:pydoc_topics`; for TFDS, the one source `tfds:NAME:SPLIT`.
-
-    Raises:
-      ValueError: a glob matches no file, or a path does not exist or is a folder.
+    """The independently readable units of a corpus, as picklable strings, in a fixed order:
+    the files of each glob (`~` expanded) sorted, in the order of the globs, each once; for
+    `builtin`, one `builtin:PATH` per standard-library module and `builtin:pydoc_topics`; for
+    TFDS, the one source `tfds:NAME:SPLIT` (SPLIT: `train` by default, or a slice such as
+    `train[:10%]`). A glob that matches no file is a ConfigError naming it.
     """
     spec = spec.strip()
     if spec == BUILTIN:
         return _builtin_sources()
-    if spec.startswith(TFDS_PREFIX):
-        name, split = _parse_tfds(spec)
-        _check_tfds_name(spec, name)
-        return [f"{TFDS_PREFIX}{name}:{split}"]
-    return _file_sources(spec)
+    if not spec.startswith(TFDS_PREFIX):
+        return _file_sources(spec)
+    import tensorflow_datasets as tfds  # heavy, and needed on this path only
+
+    name, split = _parse_tfds(spec)
+    try:  # checked before any reading starts
+        tfds.builder_cls(name.split("/")[0])
+    except tfds.core.registered.DatasetNotFoundError:  # its message lists every dataset
+        raise ConfigError(f"corpus {spec!r}: TFDS has no dataset {name!r}: expected a TFDS "
+                          f"name, such as '{TFDS_PREFIX}wikipedia/20230601.en:train'") from None
+    return [f"{TFDS_PREFIX}{name}:{split}"]
 
 
 def read_source(source: str, stats: ReadStats | None = None, *, text_field: str = "text",
                 tfds_data_dir: str | None = None) -> Iterator[list[str]]:
-    """Yields the documents of one source of `list_sources`, each a list of sentences.
+    """Yields the non-empty documents of one source of `list_sources`, each a list of
+    stripped, non-empty sentences, counted in `stats`.
 
-    Sentences are stripped and non-empty; empty documents are skipped. `stats`, if given, is
-    updated as documents are yielded.
-
-    A file is read as UTF-8, each undecodable byte replaced by U+FFFD and counted, in the
-    first format that fits:
-    - `.jsonl` / `.json`: JSON Lines, one document per line in the string field `text_field`;
-    - a blank line between non-blank lines: google-research/bert's format, one sentence per
-      line (taken as it is) and blank lines between documents;
-    - otherwise one document per line, split into sentences by `split_sentences`.
-    A builtin module file gives one document: its docstrings in source order, without
-    doctest examples and non-prose paragraphs. `builtin:pydoc_topics` gives one document per
-    topic of the language reference. A TFDS source gives one document per example, from the
-    feature `text_field` or else the dataset's only text feature; `tfds_data_dir` is the TFDS
-    data directory (None: TFDS's default).
-
-    Raises:
-      ValueError: a JSON line is invalid or lacks `text_field` (naming file and line); a
-        TFDS dataset is not prepared in the data directory, or has no text feature to read.
-      FileNotFoundError: the file does not exist.
+    A file is UTF-8 (undecodable bytes replaced and counted) in the first format that fits
+    (docs/data.md): JSON Lines (`.jsonl` / `.json`, field `text_field`), google-research/bert's
+    (a blank line between documents, a sentence per line), or a document per line. A TFDS
+    example's text is the feature `text_field`, or else the only text feature.
     """
     stats = ReadStats() if stats is None else stats
     if source.startswith(TFDS_PREFIX):
@@ -153,15 +127,10 @@ def read_source(source: str, stats: ReadStats | None = None, *, text_field: str 
 def fingerprint(spec: str, tfds_data_dir: str | None = None) -> str:
     """A digest (hex SHA-256) of the text that corpus `spec` reads: what a tokenizer trained
     on it and a dataset built from it are named by, so that an edited file is never served
-    by what was built from its old content.
+    by what was built from its old content (docs/data.md says what is hashed).
 
-    Each source of `list_sources` gives its name (a file's path) and, for a file or a
-    `builtin` module (`builtin:pydoc_topics`: `pydoc_data/topics.py`), the file's size and
-    SHA-256; for TFDS, the dataset's full name: name, config and version (TFDS gives one
-    version fixed data), the split being in the source's name. Files are hashed in threads
-    (hashlib runs outside the GIL; docs/data.md has the speed), and one
-    process reads a file again only when its size or modification time has changed: the
-    several datasets of one run (phases, validation) read a big corpus once.
+    Files are hashed in threads (hashlib runs outside the GIL) and again only when their
+    size or modification time has changed: a run's several datasets read a corpus once.
     """
     part = functools.partial(_source_fingerprint, tfds_data_dir=tfds_data_dir)
     with concurrent.futures.ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
@@ -171,7 +140,7 @@ def fingerprint(spec: str, tfds_data_dir: str | None = None) -> str:
 
 def _source_fingerprint(source: str, tfds_data_dir: str | None) -> list:
     if source.startswith(TFDS_PREFIX):
-        import tensorflow_datasets as tfds  # heavy, and needed on this path only
+        import tensorflow_datasets as tfds
 
         name, _ = _parse_tfds(source)
         return [source, tfds.builder(name, data_dir=tfds_data_dir).info.full_name]
@@ -193,13 +162,10 @@ def split_sentences(text: str) -> list[str]:
     """Splits running text into sentences, with whitespace (newlines included) collapsed.
 
     Rule-based, because a learned splitter (NLTK's punkt, spaCy) needs model files that
-    cannot be downloaded offline, and the rules cover what matters for next-sentence
-    prediction. A sentence ends at `.`, `!`, `?` or an ellipsis, with any closing quotes or
-    brackets, when whitespace and an upper-case letter or digit follow (past any opening
-    quote or bracket); except after a title or Latin abbreviation (Mr., Dr., cf., vs.),
-    a dotted initialism (e.g., i.e., U.S.), a capital initial (J. Smith), or a reference
-    abbreviation before a number (No. 5, Fig. 2). Decimals (3.14) have no whitespace after
-    the point, and "etc." ends a sentence only where a capital follows.
+    cannot be downloaded offline. A sentence ends at `.`, `!`, `?` or an ellipsis, with any
+    closing quotes or brackets, when whitespace and an upper-case letter or digit follow;
+    except after an abbreviation (Mr., cf.), a dotted initialism (e.g., U.S.), a capital
+    initial (J. Smith), or a reference abbreviation before a number (No. 5, Fig. 2).
     """
     text = " ".join(text.split())
     sentences, start = [], 0
@@ -237,9 +203,7 @@ def _text_sentences(text: str) -> list[str]:
             for sentence in split_sentences(paragraph)]
 
 
-# ---------------------------------------------------------------------------------------------
-# Files
-
+# --- files --------------------------------------------------------------------------------
 
 def _file_sources(spec: str) -> list[str]:
     patterns = [pattern.strip() for pattern in spec.split(",") if pattern.strip()]
@@ -252,21 +216,17 @@ def _file_sources(spec: str) -> list[str]:
         matches = sorted(path for path in glob.glob(expanded, recursive=True)
                          if os.path.isfile(path))
         if not matches:
-            raise ConfigError(f"corpus {pattern!r}: {_why_no_files(expanded)}")
+            if os.path.isdir(expanded):
+                why = f"is a folder; give a glob of its files, such as {expanded.rstrip('/')}/*"
+            else:
+                why = "matches no file" if _GLOB_CHARS.search(expanded) else "no such file"
+            raise ConfigError(f"corpus {pattern!r}: {why}")
         paths += matches
     return list(dict.fromkeys(paths))
 
 
-def _why_no_files(pattern: str) -> str:
-    if os.path.isdir(pattern):
-        return f"is a folder; give a glob of its files, such as {pattern.rstrip('/')}/*"
-    if _GLOB_CHARS.search(pattern):
-        return "matches no file"
-    return "no such file"
-
-
 def _read_file(path: str, stats: ReadStats, text_field: str) -> Iterator[list[str]]:
-    if path.lower().endswith(_JSON_LINES_SUFFIXES):
+    if path.lower().endswith((".jsonl", ".json")):
         documents = _json_lines_documents(path, stats, text_field)
     elif _separates_documents_by_blank_lines(path):
         documents = _bert_format_documents(_decoded_lines(path, stats))
@@ -278,23 +238,14 @@ def _read_file(path: str, stats: ReadStats, text_field: str) -> Iterator[list[st
 
 def _separates_documents_by_blank_lines(path: str) -> bool:
     """Whether a blank line stands between non-blank ones: google-research/bert's format.
-
-    Reads only as far as the first such blank line (the end of the first document).
-    """
-    seen_text = seen_blank_after_text = False
+    Reads only as far as the second document's first line."""
     with open(path, "rb") as file:
-        for line in file:
-            if line.strip():
-                if seen_blank_after_text:
-                    return True
-                seen_text = True
-            elif seen_text:
-                seen_blank_after_text = True
-    return False
+        text_onward = itertools.dropwhile(lambda line: not line.strip(), file)
+        runs = itertools.groupby(text_onward, key=lambda line: bool(line.strip()))
+        return len(list(itertools.islice(runs, 3))) == 3  # text, blank, text
 
 
 def _decoded_lines(path: str, stats: ReadStats) -> Iterator[str]:
-    """The lines of a file as UTF-8; each undecodable byte becomes U+FFFD and is counted."""
     with open(path, "rb") as file:
         for number, raw in enumerate(file):
             line = _decode_utf8(raw, stats)
@@ -312,15 +263,9 @@ def _decode_utf8(raw: bytes, stats: ReadStats) -> str:
 
 
 def _bert_format_documents(lines: Iterable[str]) -> Iterator[list[str]]:
-    document = []
-    for line in lines:
-        sentence = line.strip()
-        if sentence:
-            document.append(sentence)
-        elif document:
-            yield document
-            document = []
-    yield document
+    for is_text, sentences in itertools.groupby((line.strip() for line in lines), key=bool):
+        if is_text:
+            yield list(sentences)
 
 
 def _json_lines_documents(path: str, stats: ReadStats, text_field: str) -> Iterator[list[str]]:
@@ -338,9 +283,7 @@ def _json_lines_documents(path: str, stats: ReadStats, text_field: str) -> Itera
         yield _text_sentences(text)
 
 
-# ---------------------------------------------------------------------------------------------
-# The builtin corpus: the standard library's documentation
-
+# --- the builtin corpus: the standard library's documentation -----------------------------
 
 def _builtin_sources() -> list[str]:
     root = builtin_stdlib_root()
@@ -369,19 +312,15 @@ def _read_builtin_module(path: str, stats: ReadStats) -> Iterator[list[str]]:
 
 
 def _docstrings(node: ast.AST) -> Iterator[str]:
-    """The docstrings of a module, its classes and functions, in source order.
-
-    Descends only through statements, as no expression holds a docstring.
-    """
+    """The docstrings of a module, its classes and functions, in source order (through
+    statements only: no expression holds a docstring)."""
     if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
         docstring = ast.get_docstring(node, clean=True)  # clean: inspect.cleandoc
         if docstring:
             yield docstring
     for field in ("body", "orelse", "finalbody", "handlers", "cases"):
-        children = getattr(node, field, None)
-        if isinstance(children, list):
-            for child in children:
-                yield from _docstrings(child)
+        for child in getattr(node, field, ()):  # lists of statements, handlers or cases
+            yield from _docstrings(child)
 
 
 def _read_pydoc_topics(stats: ReadStats) -> Iterator[list[str]]:
@@ -394,12 +333,9 @@ def _read_pydoc_topics(stats: ReadStats) -> Iterator[list[str]]:
 
 
 def _documentation_sentences(text: str) -> list[str]:
-    """Sentences of the prose of documentation text.
-
-    Doctest examples go, and so does every paragraph that does not end like a sentence:
-    headings, tables, code and grammar blocks, signatures, argument lists and lead-ins
-    such as "For example:". List markers go too, so that "1." is no sentence.
-    """
+    """Sentences of the prose of documentation text: doctest examples go, and so does every
+    paragraph that does not end like a sentence (headings, tables, code, signatures, lead-ins
+    such as "For example:"). List markers go too, so that "1." is no sentence."""
     return [sentence for paragraph in _PARAGRAPH_BREAK.split(_without_doctests(text))
             if _PROSE_END.search(paragraph.rstrip())
             for sentence in split_sentences(_LIST_MARKER.sub("", paragraph))]
@@ -416,32 +352,19 @@ def _without_doctests(text: str) -> str:
     return "\n".join(kept)
 
 
-# ---------------------------------------------------------------------------------------------
-# TFDS
-
+# --- TFDS ---------------------------------------------------------------------------------
 
 def _parse_tfds(spec: str) -> tuple[str, str]:
     name, _, split = spec[len(TFDS_PREFIX):].partition(":")
     if not name.strip():
         raise ConfigError(f"corpus {spec!r}: expected '{TFDS_PREFIX}NAME[:SPLIT]', such as "
                           f"'{TFDS_PREFIX}wikipedia/20230601.en:train'")
-    return name.strip(), split.strip() or DEFAULT_TFDS_SPLIT
-
-
-def _check_tfds_name(spec: str, name: str) -> None:
-    """A TFDS corpus must name a dataset TFDS knows (checked before any reading starts)."""
-    import tensorflow_datasets as tfds
-
-    try:
-        tfds.builder_cls(name.split("/")[0])
-    except tfds.core.registered.DatasetNotFoundError:  # its message lists every dataset
-        raise ConfigError(f"corpus {spec!r}: TFDS has no dataset {name!r}: expected a TFDS "
-                          f"name, such as '{TFDS_PREFIX}wikipedia/20230601.en:train'") from None
+    return name.strip(), split.strip() or "train"
 
 
 def _read_tfds(source: str, stats: ReadStats, text_field: str,
                data_dir: str | None) -> Iterator[list[str]]:
-    import tensorflow_datasets as tfds  # heavy, and needed on this path only
+    import tensorflow_datasets as tfds
 
     name, split = _parse_tfds(source)
     builder = tfds.builder(name, data_dir=data_dir)
@@ -452,22 +375,14 @@ def _read_tfds(source: str, stats: ReadStats, text_field: str,
             f"TFDS dataset {name!r} is not prepared in the data directory "
             f"{builder.data_dir_root}: prepare it there first (bert-jax never downloads), "
             f"or point the data directory where it is prepared") from error
-    field = _text_feature(builder.info.features, text_field, name)
+    features = builder.info.features
+    texts = [key for key, feature in features.items() if isinstance(feature, tfds.features.Text)]
+    if text_field not in texts and len(texts) != 1:
+        choice = f"; choose one of {', '.join(texts)} with text_field" if texts else ""
+        listing = ", ".join(f"{key} ({type(value).__name__})" for key, value in features.items())
+        raise ConfigError(f"TFDS dataset {name!r} has no text feature {text_field!r}{choice} "
+                          f"(features: {listing})")
+    field = text_field if text_field in texts else texts[0]  # else: the only text feature
     stats.sources += 1
     for raw in tfds.as_numpy(dataset.map(lambda example: example[field])):
         yield _text_sentences(_decode_utf8(raw, stats))
-
-
-def _text_feature(features, text_field: str, name: str) -> str:
-    """`text_field` if the dataset has that text feature, else its only text feature."""
-    import tensorflow_datasets as tfds
-
-    texts = [key for key, feature in features.items() if isinstance(feature, tfds.features.Text)]
-    if text_field in texts:
-        return text_field
-    if len(texts) == 1:
-        return texts[0]
-    choice = f"; choose one of {', '.join(texts)} with text_field" if texts else ""
-    listing = ", ".join(f"{key} ({type(feature).__name__})" for key, feature in features.items())
-    raise ConfigError(f"TFDS dataset {name!r} has no text feature {text_field!r}{choice} "
-                      f"(features: {listing})")

@@ -1,13 +1,9 @@
 """The prepared pretraining dataset: a TFDS builder that writes NSP/SOP instances as ArrayRecord.
 
-`prepare(data_config)` turns a corpus into `DATA_DIR/bert_pretraining/NAME/VERSION/`, where
-NAME hashes everything that determines the instances (the corpus's content, tokenizer
-fingerprint, lengths, probabilities, seed), so neither a changed config nor an edited corpus
-file reuses a stale dataset. DATA_DIR is a local folder or a `gs://` URL (where every host
-of a pod reads it). The directory also holds the tokenizer file and, in TFDS metadata, that
-identity and the build summary. TFDS builds into an `incomplete` directory and renames it at
-the end: an interrupted build never looks complete. Instances store no masks (masking is
-dynamic, in the loader).
+`prepare(data_config)` builds `DATA_DIR/bert_pretraining/NAME/VERSION/` (DATA_DIR local or
+`gs://`, where every host of a pod reads it) once: NAME hashes everything that determines the
+instances (`identity`), so neither a changed config nor an edited corpus file reuses a stale
+dataset. Instances store no masks: masking is dynamic.
 """
 
 from __future__ import annotations
@@ -36,7 +32,7 @@ from bert_jax.data import checks
 from bert_jax.data import corpus as corpora
 from bert_jax.data import packing
 from bert_jax.data.instances import (InstanceOptions, TokenizedCorpus,
-                                     create_instances_from_document, document_rng)
+                                     create_instances_from_document, document_rng, offsets_of)
 
 VERSION = "1.0.0"
 # Every bert-jax dataset is a custom builder config (its name hashes the data config), which
@@ -58,9 +54,8 @@ class BertPretrainingConfig(tfds.core.BuilderConfig):
 
 
 class BertPretraining(tfds.core.GeneratorBasedBuilder):
-    """BERT pretraining instances: `[CLS] A [SEP] B [SEP]` ids, word starts, NSP/SOP label;
-    or, with `data.instances_per_row` > 1, packed rows of several instances back to back,
-    with each instance's length, len(A) and label."""
+    """BERT pretraining instances, one per example or (`data.instances_per_row` > 1) packed
+    back to back, with each instance's length, len(A) and label."""
 
     VERSION = tfds.core.Version(VERSION)
     BUILDER_CONFIGS = []  # made per identity at run time
@@ -93,16 +88,16 @@ class BertPretraining(tfds.core.GeneratorBasedBuilder):
         instances = {name: create_instances(corpus.subset(docs), options, data.seed,
                                             data.dupe_factor, tokenizer, data.workers)
                      for name, docs in splits.items()}
-        epath.Path(config.tokenizer_file).copy(
-            epath.Path(self.data_dir) / tokenization.kept_file_name(config.tokenizer_file),
-            overwrite=True)
+        kept_tokenizer = tokenization.kept_file_name(config.tokenizer_file)
+        epath.Path(config.tokenizer_file).copy(epath.Path(self.data_dir) / kept_tokenizer,
+                                               overwrite=True)
         rows = {name: (packing.pack([len(i.input_ids) for i in examples], data.max_seq_length,
                                     data.instances_per_row)
                        if data.instances_per_row > 1 else None)
                 for name, examples in instances.items()}
         self.info.metadata.update({
             "identity": config.identity,
-            "tokenizer_file": tokenization.kept_file_name(config.tokenizer_file),
+            "tokenizer_file": kept_tokenizer,
             "summary": _summary(stats, corpus, instances, rows, data.max_seq_length,
                                 time.perf_counter() - started),
         })
@@ -111,12 +106,8 @@ class BertPretraining(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, instances, rows=None):
         """Instances one per example, or with `rows` (lists of instance indices) packed."""
-        if rows is None:
-            for index, instance in enumerate(instances):
-                yield index, {"input_ids": instance.input_ids,
-                              "word_starts": instance.word_starts,
-                              "a_length": instance.a_length,
-                              "next_sentence_label": instance.next_sentence_label}
+        if rows is None:  # an `Instance`'s fields are the unpacked features
+            yield from ((index, vars(instance)) for index, instance in enumerate(instances))
             return
         for index, row in enumerate(rows):
             members = [instances[i] for i in row]
@@ -174,22 +165,21 @@ def _worker_tokenizer(path: str, lowercase: bool) -> tokenization.Tokenizer:
 
 
 def _tokenize_source(source: str, data: DataConfig, tokenizer_file: str):
-    """Tokenizes one corpus source (runs in a worker). Returns flat arrays and stats."""
+    """Tokenizes one corpus source, in a worker: (ids, word starts, sentence lengths,
+    sentences per document, read stats)."""
     tokenizer = _worker_tokenizer(tokenizer_file, data.lowercase)
     stats = corpora.ReadStats()
-    ids, starts, sentence_lengths, document_sizes = [], [], [], []
+    sentences, document_sizes = [], []
     for document in corpora.read_source(source, stats, text_field=data.text_field,
                                         tfds_data_dir=data.tfds_data_dir or None):
         encoded = [pair for pair in tokenizer.encode_batch(document) if len(pair[0])]
-        if not encoded:
-            continue
-        document_sizes.append(len(encoded))
-        for sentence_ids, sentence_starts in encoded:
-            ids.append(sentence_ids)
-            starts.append(sentence_starts)
-            sentence_lengths.append(len(sentence_ids))
-    return (_concat(ids, np.int32), _concat(starts, bool),
-            np.array(sentence_lengths, np.int64), np.array(document_sizes, np.int64), stats)
+        if encoded:
+            sentences += encoded
+            document_sizes.append(len(encoded))
+    return (_concat([ids for ids, _ in sentences], np.int32),
+            _concat([starts for _, starts in sentences], bool),
+            np.array([len(ids) for ids, _ in sentences], np.int64),
+            np.array(document_sizes, np.int64), stats)
 
 
 def _concat(arrays, dtype) -> np.ndarray:
@@ -203,19 +193,14 @@ def tokenize_corpus(data: DataConfig, tokenizer_file) -> tuple[TokenizedCorpus, 
                                               tokenizer_file=str(tokenizer_file)),
                             sources, data.workers, "tokenizing", "source")
     stats = corpora.ReadStats()
-    for result in results:
-        stats.add(result[-1])
-    parts = [result[:4] for result in results]
+    for *_, source_stats in results:
+        stats.add(source_stats)
     if stats.replaced_bytes:
         print(f"warning: replaced {stats.replaced_bytes} undecodable (non-UTF-8) bytes in "
               f"corpus {data.corpus!r}")
-    ids, starts, sentence_lengths, document_sizes = (
-        np.concatenate([part[i] for part in parts]) if parts else np.zeros(0, np.int64)
-        for i in range(4))
-    corpus = TokenizedCorpus(
-        ids=ids.astype(np.int32), word_starts=starts.astype(bool),
-        sentence_offsets=np.concatenate([[0], np.cumsum(sentence_lengths)]).astype(np.int64),
-        document_offsets=np.concatenate([[0], np.cumsum(document_sizes)]).astype(np.int64))
+    ids, starts, sentence_lengths, document_sizes = (  # list_sources never gives none
+        np.concatenate([result[i] for result in results]) for i in range(4))
+    corpus = TokenizedCorpus(ids, starts, offsets_of(sentence_lengths), offsets_of(document_sizes))
     return corpus, stats
 
 
@@ -241,13 +226,10 @@ def _set_worker_corpus(corpus: TokenizedCorpus) -> None:
 
 def _instances_of(documents: range, options: InstanceOptions, seed: int, dupe_factor: int,
                   cls_id: int, sep_id: int):
-    instances = []
-    for dupe in range(dupe_factor):
-        for document in documents:
-            instances += create_instances_from_document(
+    return [instance for dupe in range(dupe_factor) for document in documents
+            for instance in create_instances_from_document(
                 _WORKER_CORPUS, document, options, document_rng(seed, dupe, document),
-                cls_id, sep_id)
-    return instances
+                cls_id, sep_id)]
 
 
 def create_instances(corpus: TokenizedCorpus, options: InstanceOptions, seed: int,
@@ -265,8 +247,8 @@ def create_instances(corpus: TokenizedCorpus, options: InstanceOptions, seed: in
 
 def _summary(stats, corpus: TokenizedCorpus, instances: dict, rows: dict,
              max_seq_length: int, seconds: float) -> dict:
-    """What the build made. `examples` counts what a split stores (instances, or packed
-    rows); `fill_ratio` is the share of the stored rows' tokens that are not padding."""
+    """What the build made: `examples` counts what a split stores (instances, or packed
+    rows), `fill_ratio` the share of the stored rows' tokens that are not padding."""
     examples = {name: len(items) if rows[name] is None else len(rows[name])
                 for name, items in instances.items()}
     tokens = sum(len(i.input_ids) for items in instances.values() for i in items)
@@ -283,9 +265,8 @@ def _summary(stats, corpus: TokenizedCorpus, instances: dict, rows: dict,
 # --- the tokenizer, trained on the corpus when no vocabulary file is given ----------------
 
 def tokenizer_file(data: DataConfig) -> epath.Path:
-    """The vocabulary file to use: the configured one, or a SentencePiece model trained on the
-    corpus once and cached under `data_dir/tokenizers/`, named by the corpus's content (not
-    its glob: an edited file trains another)."""
+    """The configured vocabulary file, or a SentencePiece model trained on the corpus once and
+    cached under `data_dir/tokenizers/`, named by the corpus's content (`corpus_fingerprint`)."""
     if data.vocab_file:
         return checks.vocab_file(data)
     key = json.dumps([corpus_fingerprint(data), data.vocab_size, data.seed, data.text_field])
@@ -297,15 +278,13 @@ def tokenizer_file(data: DataConfig) -> epath.Path:
 
 
 def _train_tokenizer(data: DataConfig, path: epath.Path) -> None:
-    """Trains the SentencePiece model of `data` into `path` (written whole or not at all)."""
-    def sentences():
-        for source in tqdm(corpora.list_sources(data.corpus), desc="reading for the tokenizer",
-                           unit="source"):
-            for document in corpora.read_source(source, text_field=data.text_field,
-                                                tfds_data_dir=data.tfds_data_dir or None):
-                yield from document
-
-    tokenization.train_sentencepiece(sentences(), data.vocab_size, path, seed=data.seed)
+    sources = tqdm(corpora.list_sources(data.corpus), desc="reading for the tokenizer",
+                   unit="source")
+    sentences = (sentence for source in sources
+                 for document in corpora.read_source(source, text_field=data.text_field,
+                                                     tfds_data_dir=data.tfds_data_dir or None)
+                 for sentence in document)
+    tokenization.train_sentencepiece(sentences, data.vocab_size, path, seed=data.seed)
 
 
 # --- building and opening -----------------------------------------------------------------
@@ -337,9 +316,8 @@ def prepare(data: DataConfig) -> Prepared:
                                      tokenizer_file=str(vocab), identity=values),
         data_dir=str(files.path(data.data_dir)))
     if not (epath.Path(builder.data_dir) / "dataset_info.json").is_file():
-        # TFDS prints "Downloading and preparing dataset Unknown size ..." and "... downloaded
-        # and prepared" to stdout whatever the builder; nothing is downloaded here, and the
-        # command's own summary says where the data went.
+        # TFDS prints "Downloading and preparing dataset ..." whatever the builder; nothing
+        # is downloaded here, and the command's own summary says where the data went.
         with contextlib.redirect_stdout(io.StringIO()):
             builder.download_and_prepare(file_format=tfds.core.FileFormat.ARRAY_RECORD)
     return open_prepared(builder.data_dir, expected=values)
@@ -351,12 +329,11 @@ def open_prepared(path, expected: dict | None = None) -> Prepared:
     if not (path / "dataset_info.json").is_file():
         raise ConfigError(f"{path} is not a prepared dataset: run `bert-jax prepare-data`")
     metadata = json.loads((path / "metadata.json").read_text())
-    if expected is not None:
-        for key, want in expected.items():
-            got = metadata["identity"].get(key)
-            if got != want:
-                raise ConfigError(f"dataset {path} was prepared with {key}={got!r}, but the "
-                                  f"config has {key}={want!r}: prepare it again")
+    for key, want in (expected or {}).items():
+        got = metadata["identity"].get(key)
+        if got != want:
+            raise ConfigError(f"dataset {path} was prepared with {key}={got!r}, but the "
+                              f"config has {key}={want!r}: prepare it again")
     tokenizer = tokenization.load_tokenizer(path / metadata["tokenizer_file"],
                                             lowercase=metadata["identity"]["lowercase"])
     return Prepared(path, tokenizer, metadata)

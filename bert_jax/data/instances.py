@@ -1,14 +1,10 @@
 """NSP/SOP instances from tokenized documents, with google-research/bert's semantics.
 
-`create_instances_from_document` follows `create_pretraining_data.py` step by step: a target
-length per document (shorter with `short_seq_prob`), chunks of contiguous sentences, a random
-split point for segment A, a random B from another document half of the time (always when the
-chunk holds one segment, which pushes the random-next share above 50% on corpora of long
-sentences), unused sentences put back, and random truncation of the longer segment.
-Masking is not done here: it is dynamic, in the loader (see docs/data.md).
-
-Each document gets its own `random.Random` seeded by (seed, pass, document), so the instances
-do not depend on how documents are spread over worker processes.
+`create_instances_from_document` follows `create_pretraining_data.py` step by step, down to
+its random draws (a test compares them), including a random B whenever a chunk holds one
+segment, which pushes the random-next share above 50% on corpora of long sentences. Each
+document gets its own `random.Random` seeded by (seed, pass, document), so the instances do
+not depend on how documents are spread over worker processes. Masking is dynamic, elsewhere.
 """
 
 from __future__ import annotations
@@ -17,8 +13,6 @@ import dataclasses
 import random
 
 import numpy as np
-
-OBJECTIVES = ("nsp", "sop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,18 +47,22 @@ class TokenizedCorpus:
 
     def subset(self, documents: np.ndarray) -> TokenizedCorpus:
         """A corpus of the given documents, in the given order (e.g. one split)."""
-        sentence_counts = np.diff(self.document_offsets)[documents]
-        sentences = np.concatenate([np.arange(self.document_offsets[d],
-                                              self.document_offsets[d + 1])
-                                    for d in documents]) if len(documents) else np.zeros(0, int)
-        lengths = np.diff(self.sentence_offsets)[sentences]
-        token_index = np.concatenate([np.arange(self.sentence_offsets[s],
-                                                self.sentence_offsets[s + 1])
-                                      for s in sentences]) if len(sentences) else np.zeros(0, int)
-        return TokenizedCorpus(
-            ids=self.ids[token_index], word_starts=self.word_starts[token_index],
-            sentence_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-            document_offsets=np.concatenate([[0], np.cumsum(sentence_counts)]).astype(np.int64))
+        sentences = _spans(self.document_offsets, documents)
+        tokens = _spans(self.sentence_offsets, sentences)
+        return TokenizedCorpus(self.ids[tokens], self.word_starts[tokens],
+                               offsets_of(np.diff(self.sentence_offsets)[sentences]),
+                               offsets_of(np.diff(self.document_offsets)[documents]))
+
+
+def offsets_of(counts) -> np.ndarray:
+    """The int64 offsets [len(counts) + 1] of runs of `counts` items laid end to end."""
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def _spans(bounds: np.ndarray, items) -> np.ndarray:
+    """The indices `bounds[i]` to `bounds[i + 1] - 1` of each of `items`, concatenated."""
+    return np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in items]
+                          or [np.zeros(0, int)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,13 +71,9 @@ class InstanceOptions:
     short_seq_prob: float = 0.1
     objective: str = "nsp"  # "sop": ALBERT's sentence order (B swapped before A)
 
-    def __post_init__(self):
+    def __post_init__(self):  # DataConfig checked the rest; it allows lengths from 1
         if self.max_seq_length < 5:
             raise ValueError(f"max_seq_length={self.max_seq_length}: expected at least 5")
-        if not 0.0 <= self.short_seq_prob <= 1.0:
-            raise ValueError(f"short_seq_prob={self.short_seq_prob}: expected a probability")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective={self.objective!r}: expected one of {list(OBJECTIVES)}")
 
 
 @dataclasses.dataclass
@@ -160,10 +154,8 @@ def _random_segment(corpus: TokenizedCorpus, document: int, target_length: int,
 
 
 def _truncate_pair(a, b, max_num_tokens: int, rng: random.Random):
-    """Trims the longer segment, from a random end, until the pair fits (as the reference).
-
-    `a` and `b` are [ids, word_starts] pairs of lists, trimmed together.
-    """
+    """Trims the longer segment, from a random end, until the pair fits (as the reference);
+    `a` and `b` are [ids, word_starts] pairs of lists, trimmed together."""
     while len(a[0]) + len(b[0]) > max_num_tokens:
         longer = a if len(a[0]) > len(b[0]) else b
         index = 0 if rng.random() < 0.5 else -1

@@ -1,10 +1,9 @@
 """Deterministic, host-sharded batches: the examples of global step k depend on (seed, k) only.
 
-Each epoch has a seeded permutation of the example indices; global step k takes positions
-[k*B, (k+1)*B) of the concatenated permutations. A process reads only the rows its devices
-hold (`sharding.process_rows`), by random access, and masks each row with a generator keyed
-by its position in the stream. So the loader's whole state is the step, and a run resumed on
-another number of processes sees the same global batches.
+Global step k takes positions [k*B, (k+1)*B) of the concatenated seeded per-epoch
+permutations; a process reads only its rows (`sharding.process_rows`) and masks each by its
+stream position. So the loader's whole state is the step, and a run resumed on another
+number of processes sees the same global batches.
 """
 
 from __future__ import annotations
@@ -24,13 +23,10 @@ ORDER_STREAM = 0  # the masks draw from stream 1 (masking.MASK_STREAM)
 class Loader:
     """Masked batches of one split, for one process, by step.
 
-    Args:
-      source: random access to stored instances (`len`, `__getitems__` or `__getitem__`).
-      global_batch_size: rows per step across all processes.
-      seed: keys the epoch permutations and the masks.
-      rows: the rows of each global batch this process reads (default: all).
-      shuffle: False reads the split in stored order (evaluation).
-      instances_per_row: K of a packed split (see `data.packing`); 1: unpacked.
+    `source` gives random access to the stored examples (`len`, `__getitems__` or
+    `__getitem__`); `seed` keys the epoch permutations and the masks; `rows` are the rows of
+    each global batch this process reads (default: all); `shuffle=False` reads the split in
+    stored order (evaluation); `instances_per_row` is K of a packed split (1: unpacked).
     """
 
     def __init__(self, source, masking: MaskingOptions, *, global_batch_size: int, seed: int,
@@ -40,9 +36,6 @@ class Loader:
         if not 0 <= rows.start < rows.stop <= global_batch_size or rows.step not in (None, 1):
             raise ValueError(f"rows {rows.start}:{rows.stop}: expected a contiguous range of "
                              f"the {global_batch_size} rows of a global batch")
-        if instances_per_row < 1:
-            raise ValueError(f"instances_per_row={instances_per_row}: expected a positive "
-                             f"integer")
         if len(source) == 0:
             raise ValueError("the dataset split has no examples: expected a non-empty split")
         self.source = source
@@ -83,8 +76,9 @@ class Loader:
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's rows of global step `step`, masked, as fixed-shape numpy arrays."""
-        indices = self.global_indices(step)[self.rows]
-        examples = _read(self.source, indices)
+        indices = [int(i) for i in self.global_indices(step)[self.rows]]
+        read_many = getattr(self.source, "__getitems__", None)  # TFDS's batched random access
+        examples = list(read_many(indices)) if read_many else [self.source[i] for i in indices]
         first_position = step * self.global_batch_size + self.rows.start
         return mask_batch(examples, self.masking, self.max_seq_length, self.seed, first_position,
                           self.instances_per_row)
@@ -95,12 +89,6 @@ class Loader:
         steps = (range(start_step, start_step + num_steps) if num_steps is not None
                  else itertools.count(start_step))
         return _prefetched(((step, self.batch(step)) for step in steps), prefetch)
-
-
-def _read(source, indices: np.ndarray) -> list[dict]:
-    if hasattr(source, "__getitems__"):
-        return list(source.__getitems__([int(i) for i in indices]))
-    return [source[int(i)] for i in indices]
 
 
 _DONE = object()
@@ -114,8 +102,7 @@ def _prefetched(items: Iterator, size: int) -> Iterator:
     buffer: queue.Queue = queue.Queue(maxsize=size)
     stop = threading.Event()
 
-    def put(value) -> bool:
-        """Waits for room, unless the consumer has stopped (False): never blocks for good."""
+    def put(value) -> bool:  # False once the consumer has stopped: never blocks for good
         while not stop.is_set():
             try:
                 buffer.put(value, timeout=0.1)

@@ -9,8 +9,8 @@ Two deliberate differences: `n` counts maskable tokens only (the reference count
 from ordinary tokens only (the reference may insert [CLS] or [PAD]).
 
 The random numbers of stream position p (row r of step k is position k * B + r) come from
-a generator keyed by (seed, MASK_STREAM, p // BLOCK): the same for every process layout, and cheap,
-since a generator is made per block of rows rather than per row.
+a generator keyed by (seed, MASK_STREAM, p // BLOCK): the same for every process layout, and
+cheap, since a generator is made per block of rows rather than per row.
 """
 
 from __future__ import annotations
@@ -32,12 +32,6 @@ class MaskingOptions:
     mask_id: int = 4
     vocab_size: int = 30522
     special_ids: frozenset = frozenset()
-
-    def __post_init__(self):
-        if not 0.0 < self.masked_lm_prob < 1.0:
-            raise ValueError(f"masked_lm_prob={self.masked_lm_prob}: expected a value in (0, 1)")
-        if self.max_predictions < 1:
-            raise ValueError(f"max_predictions_per_seq={self.max_predictions}: expected >= 1")
 
     @functools.cached_property
     def is_special(self) -> np.ndarray:
@@ -71,19 +65,16 @@ def pad(examples: list[dict], max_seq_length: int,
         instances_per_row: int = 1) -> dict[str, np.ndarray]:
     """Stored examples -> fixed-shape ids, word starts, input mask, segment ids, NSP labels.
 
-    Unpacked (`instances_per_row` 1): one instance per row; `input_mask` is 1 on its tokens
-    and `next_sentence_labels` is [B]. Packed: `input_mask` numbers each token's instance
-    (1, 2, ...; 0 on padding), and [B, K] `next_sentence_labels`, `next_sentence_positions`
-    (each instance's [CLS]) and `next_sentence_weights` (1 where a row has that instance).
+    `input_mask` numbers each token's instance (1, 2, ...; 0 on padding). Unpacked
+    (`instances_per_row` 1), `next_sentence_labels` is [B]; packed, it is [B, K], with
+    `next_sentence_positions` (each instance's [CLS]) and `next_sentence_weights` (1 where a
+    row has that instance).
     """
-    batch = len(examples)
-    ids = np.zeros((batch, max_seq_length), np.int32)
-    starts = np.zeros((batch, max_seq_length), bool)
-    instance_mask = np.zeros((batch, max_seq_length), np.int32)
-    segment_ids = np.zeros((batch, max_seq_length), np.int32)
-    shape = (batch, instances_per_row)
-    labels, cls_positions, weights = (np.zeros(shape, np.int32), np.zeros(shape, np.int32),
-                                      np.zeros(shape, np.float32))
+    tokens, instances = (len(examples), max_seq_length), (len(examples), instances_per_row)
+    ids, instance_mask, segment_ids = (np.zeros(tokens, np.int32) for _ in range(3))
+    starts = np.zeros(tokens, bool)
+    labels, cls_positions = np.zeros(instances, np.int32), np.zeros(instances, np.int32)
+    weights = np.zeros(instances, np.float32)
     for row, example in enumerate(examples):
         length = len(example["input_ids"])
         ids[row, :length] = example["input_ids"]
@@ -97,12 +88,12 @@ def pad(examples: list[dict], max_seq_length: int,
             cls_positions[row, number] = start
             weights[row, number] = 1.0
             start += size
+    padded = {"input_ids": ids, "word_starts": starts, "input_mask": instance_mask,
+              "segment_ids": segment_ids, "next_sentence_labels": labels[:, 0]}
     if instances_per_row == 1:
-        return {"input_ids": ids, "word_starts": starts, "input_mask": instance_mask,
-                "segment_ids": segment_ids, "next_sentence_labels": labels[:, 0]}
-    return {"input_ids": ids, "word_starts": starts, "input_mask": instance_mask,
-            "segment_ids": segment_ids, "next_sentence_labels": labels,
-            "next_sentence_positions": cls_positions, "next_sentence_weights": weights}
+        return padded
+    return {**padded, "next_sentence_labels": labels, "next_sentence_positions": cls_positions,
+            "next_sentence_weights": weights}
 
 
 def _instances(example: dict, instances_per_row: int):
@@ -134,12 +125,8 @@ def batch_shapes(rows: int, length: int, predictions: int,
 def mask_batch(examples: list[dict], options: MaskingOptions, max_seq_length: int,
                seed: int, first_position: int, instances_per_row: int = 1
                ) -> dict[str, np.ndarray]:
-    """Pads and masks stored examples into BERT's fixed-shape features (see `pad`).
-
-    `examples[r]` holds `input_ids`, `word_starts`, `a_length`, `next_sentence_label` (or,
-    packed, `lengths`, `a_lengths`, `next_sentence_labels`); row r is stream position
-    `first_position + r`. A packed row is masked as one sequence: 15% of its tokens.
-    """
+    """Pads (`pad`) and masks stored examples; row r is stream position `first_position + r`.
+    A packed row is masked as one sequence: 15% of its tokens."""
     padded = pad(examples, max_seq_length, instances_per_row)
     ids = padded.pop("input_ids")
     starts = padded.pop("word_starts")
@@ -179,8 +166,8 @@ def _positions(chosen: np.ndarray, max_predictions: int):
 
 
 def _choose_whole_words(candidates, starts, keys, to_predict) -> np.ndarray:
-    """Whole words in random order (each word ranked by its first piece's key), skipping a
-    word that would overshoot, as the reference; a row at a time."""
+    """Whole words in random order (each ranked by its first piece's key), skipping a word
+    that would overshoot, as the reference; a row at a time."""
     # A piece right after a special token starts a word even if truncation cut its head off.
     starts = starts | np.concatenate([np.ones_like(starts[:, :1]), ~candidates[:, :-1]], axis=1)
     chosen = np.zeros_like(candidates)
@@ -189,10 +176,10 @@ def _choose_whole_words(candidates, starts, keys, to_predict) -> np.ndarray:
         word_key = keys[row][np.flatnonzero(starts[row])]
         budget = int(to_predict[row])
         for w in np.argsort(word_key, kind="stable"):
-            members = candidates[row] & (word == w)
-            size = int(members.sum())
             if budget == 0:
                 break
+            members = candidates[row] & (word == w)
+            size = int(members.sum())
             if 0 < size <= budget:
                 chosen[row] |= members
                 budget -= size

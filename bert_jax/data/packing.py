@@ -1,17 +1,9 @@
-"""Packing several instances into each row, for long sequences where many instances are short.
-
-At length 512 a corpus of short documents leaves much of each row padding, which the
-model computes on anyway. A packed row holds up to K whole instances back to back, each
-still `[CLS] A [SEP] B [SEP]`; the model keeps them apart (attention within an instance,
-positions restarting at its [CLS], one NSP prediction each: `model._Bert._encode`), so
-without dropout each instance's logits are what they would be alone. What changes is how
-many instances a step sees, and masking, which picks 15% of a row's tokens, not of each
-instance's.
+"""Packing several instances into each row, for long sequences where many instances are short
+(docs/data.md: what a packed row holds and how the model keeps its instances apart).
 
 Rows are filled by best-fit decreasing: instances longest first, each into the open row it
-fills most tightly. It is deterministic and leaves little room: most rows come out full.
-Rows are returned in the order of their first instance, so a split keeps its stored order
-(evaluation reads it in that order; training shuffles).
+fills most tightly; deterministic, and most rows come out full. Rows are returned in the
+order of their first instance, so a split keeps its stored order (evaluation reads it).
 """
 
 from __future__ import annotations

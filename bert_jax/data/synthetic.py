@@ -16,12 +16,10 @@ def synthetic_batch(seed: int, batch_size: int, seq_length: int, vocab_size: int
                     max_predictions: int, masked_lm_prob: float = 0.15,
                     instances_per_row: int = 1) -> dict[str, np.ndarray]:
     """Rows of random tokens and random lengths in [seq_length / 2, seq_length], laid out as
-    `[CLS] A [SEP] B [SEP] [PAD]...` and masked as training masks them (`masking`).
+    `[CLS] A [SEP] B [SEP] [PAD]...` and masked as `masking.mask_batch` masks them.
 
-    With `instances_per_row` K > 1 each row is cut into 1..K instances of the same layout:
-    packed rows with the unpacked rows' lengths, so that timing both compares what a packed
-    row costs (the real tokens a packed row gains depend on the corpus, not on this).
-    Returns the features `masking.mask_batch` makes.
+    With `instances_per_row` K > 1 each row is cut into 1..K instances: packed rows with the
+    unpacked rows' lengths, so that timing both compares what a packed row costs.
     """
     if seq_length < SHORTEST_INSTANCE or vocab_size <= FIRST_ORDINARY_ID:
         raise ValueError(f"seq_length={seq_length}, vocab_size={vocab_size}: expected at least "
