@@ -2,37 +2,28 @@
 
 Which keys a query sees is given as segment ids, the form the fused kernels take: a query
 sees the keys of its own segment. Unpacked rows need only the keys' ids (the attention
-mask: 1 for tokens, 0 for padding; every query sees the tokens); packed rows number their
-instances (1, 2, ...; 0 for padding, which sees padding) for queries and keys alike.
+mask: 1 for tokens, 0 for padding); packed rows number their instances (1, 2, ...; 0 for
+padding) for queries and keys alike.
 
-Kernels (`model.attention_impl`):
-- `xla`: `jax.nn.dot_product_attention`'s XLA path, with the ids as a boolean mask.
-- `cudnn`: cuDNN flash attention through `jax.nn.dot_product_attention`, the padding as
-  key lengths (rows are right-padded: tokens first). JAX 0.10 exposes no segment ids and no
-  float32 for it, so packed rows and float32 take the Pallas kernel below.
-- `pallas`: JAX's Pallas (Triton) flash attention for GPUs, with segment ids.
-- `splash`: JAX's Splash attention for TPUs, with segment ids.
-`auto` is Splash on TPU, cuDNN on GPU (the Pallas kernel where JAX finds no cuDNN) and XLA
-on CPU. The Pallas kernels are mapped over the mesh by hand (batch rows and heads stay on
-their devices; the mesh is the one the step runs under, `jax.set_mesh`), and run in Pallas's
-interpret mode when lowered for CPU, which is how the tests check them here.
-
-Training prunes the last layer's queries to the predicted positions (and each [CLS]); each
-kernel is given queries in the count it takes: Splash pads them to a multiple of its block,
-cuDNN to an even count, and the Pallas GPU kernel (one segment-id array for queries and
-keys) runs every query and keeps the outputs at the positions.
+Kernels (`model.attention_impl`): `xla` (`jax.nn.dot_product_attention`'s XLA path, the ids
+as a boolean mask); `cudnn` (cuDNN flash attention, the padding as key lengths: rows are
+right-padded; JAX 0.10 exposes no segment ids and no float32 for it, so packed rows and
+float32 take `pallas`); `pallas` (JAX's Triton flash attention for GPUs); `splash` (JAX's
+Splash attention for TPUs). `auto` is Splash on TPU, cuDNN on GPU (Pallas where JAX finds no
+cuDNN) and XLA on CPU. The Pallas kernels are mapped over the mesh the step runs under
+(`jax.set_mesh`) by hand, and run in Pallas's interpret mode when lowered for CPU, which is
+how the tests check them here.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
-
-from bert_jax.config import ATTENTION_IMPLEMENTATIONS, ConfigError
 
 _LANES = 128  # Splash's blocks are multiples of the TPU's 128 lanes
 _PADDING = -1  # the segment of the positions a kernel's block multiple adds: seen by none
@@ -58,20 +49,15 @@ def resolve(implementation: str, platform: str) -> str:
         return implementation
     if platform == "tpu":
         return "splash"
-    if platform == "gpu":
-        return "cudnn" if cudnn_available() else "pallas"
-    return "xla"
-
-
-def cudnn_available() -> bool:
-    """Whether JAX finds the cuDNN library (its fused attention needs it to lower)."""
+    if platform != "gpu":
+        return "xla"
     from jax._src.cudnn import fused_attention_stablehlo
 
-    try:
+    try:  # JAX's cuDNN attention lowers only where it finds the cuDNN library
         fused_attention_stablehlo.check_cudnn_version()
     except RuntimeError:
-        return False
-    return True
+        return "pallas"
+    return "cudnn"
 
 
 def kernel(implementation: str, dtype, packed: bool) -> str:
@@ -91,16 +77,19 @@ def attend(implementation: str, q_bshk, k_bshk, v_bshk, segments: Segments,
     `auto` here (a model called directly) means the kernel of this process's devices."""
     if implementation == "auto":
         implementation = resolve(implementation, platform_of(jax.devices()))
-    if dropout is not None:
-        q_bshk, q_segments = _queries(q_bshk, segments, query_positions_bq)
-        return _softmax_attention(q_bshk, k_bshk, v_bshk, segments.kv, q_segments, dropout)
     name = kernel(implementation, q_bshk.dtype, segments.q is not None)
-    if name == "pallas":  # one segment-id array: every query runs, the positions are kept
+    if name == "pallas" and dropout is None:  # one id array: every query runs, some are kept
         y_bshk = _mapped(_interpreted_on_cpu(_pallas_gpu), q_bshk, k_bshk, v_bshk,
                          segments.kv, segments.kv)
         return (y_bshk if query_positions_bq is None else
                 at_positions(y_bshk, query_positions_bq))
-    q_bshk, q_segments = _queries(q_bshk, segments, query_positions_bq)
+    q_segments = segments.q
+    if query_positions_bq is not None:
+        q_bshk = at_positions(q_bshk, query_positions_bq)
+        if q_segments is not None:
+            q_segments = at_positions(q_segments, query_positions_bq)
+    if dropout is not None:
+        return _softmax_attention(q_bshk, k_bshk, v_bshk, segments.kv, q_segments, dropout)
     if name == "splash":
         if q_segments is None:
             q_segments = jnp.ones(q_bshk.shape[:2], jnp.int32)
@@ -108,20 +97,8 @@ def attend(implementation: str, q_bshk, k_bshk, v_bshk, segments: Segments,
                        segments.kv)
     if name == "cudnn":  # unpacked rows only (`kernel`): the queries' ids are not needed
         return _mapped(_cudnn, q_bshk, k_bshk, v_bshk, segments.kv, segments.kv)
-    if name == "xla":
-        return jax.nn.dot_product_attention(q_bshk, k_bshk, v_bshk,
-                                            mask=_mask(segments.kv, q_segments),
-                                            implementation="xla")
-    raise ConfigError(f"model.attention_impl={implementation!r}: expected one of "
-                      f"{ATTENTION_IMPLEMENTATIONS}")
-
-
-def _queries(q_bshk, segments: Segments, positions_bq):
-    """The queries (and their segments) at `positions_bq`, or all of them."""
-    if positions_bq is None:
-        return q_bshk, segments.q
-    return (at_positions(q_bshk, positions_bq),
-            None if segments.q is None else at_positions(segments.q, positions_bq))
+    return jax.nn.dot_product_attention(q_bshk, k_bshk, v_bshk,
+                                        mask=_mask(segments.kv, q_segments), implementation="xla")
 
 
 def at_positions(x_bs, positions_bq):
@@ -178,11 +155,8 @@ def _interpreted_on_cpu(kernel_fn):
 
 def _dividing(mesh, axes, size):
     """Those of the mesh `axes` (in use) whose product divides `size`: the rest replicate."""
-    kept = tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
-    ways = 1
-    for a in kept:
-        ways *= mesh.shape[a]
-    return kept if kept and size % ways == 0 else None
+    kept = tuple(axis for axis in axes if axis in mesh.axis_names and mesh.shape[axis] > 1)
+    return kept if kept and size % math.prod(mesh.shape[axis] for axis in kept) == 0 else None
 
 
 def _pad(x, axis, multiple, value=0):
@@ -225,10 +199,8 @@ def _splash(q_bqhk, k_bshk, v_bshk, q_segments_bq, kv_segments_bs, *, interpret)
         block_q -= _LANES
     while k.shape[2] % block_kv:
         block_kv -= _LANES
-    blocks = splash.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
-                               block_q_dkv=block_q, block_kv_dkv=block_kv,
-                               block_kv_dkv_compute=block_kv, block_q_dq=block_q,
-                               block_kv_dq=block_kv)
+    blocks = splash.BlockSizes(block_q=block_q, block_kv=block_kv, block_q_dkv=block_q,
+                               block_kv_dkv=block_kv, block_q_dq=block_q, block_kv_dq=block_kv)
     mask = masks.MultiHeadMask([masks.FullMask((q.shape[2], k.shape[2]))] * heads)
     attention = splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1,
                                        q_seq_shards=1, interpret=interpret)
@@ -247,9 +219,9 @@ def _pallas_gpu(q_bshk, k_bshk, v_bshk, q_segments_bs, kv_segments_bs, *, interp
     block = 128 if length >= 128 else 16 * -(-length // 16)
     q, k, v = (_pad(x, 1, block) for x in (q_bshk, k_bshk, v_bshk))
     ids = _pad(kv_segments_bs.astype(jnp.int32), 1, block, _PADDING)
-    blocks = gpu.BlockSizes(block_q=block, block_k=block, block_q_dkv=min(32, block),
-                            block_kv_dkv=min(32, block), block_q_dq=min(32, block),
-                            block_kv_dq=min(32, block))
+    small = min(32, block)
+    blocks = gpu.BlockSizes(block_q=block, block_k=block, block_q_dkv=small, block_kv_dkv=small,
+                            block_q_dq=small, block_kv_dq=small)
     y_bshk = gpu.mha(q, k, v, ids, sm_scale=q_bshk.shape[-1] ** -0.5, block_sizes=blocks,
                      interpret=interpret)
     return y_bshk[:, :length]

@@ -6,12 +6,10 @@ step, ...). Local paths and `gs://` take the same code. Orbax commits a checkpoi
 every process has written it (a rename locally, `commit_success.txt` on GCS) and never lists
 an uncommitted one, so an interrupted save is invisible.
 
-Restore reads onto an abstract state whose shardings may differ from those at save time:
-Orbax reads each device's slice, so nothing is ever gathered unsharded. A newest checkpoint
-that cannot be read (a data file truncated or deleted) is reported, skipped for the newest
-readable one, and then deleted, because the resumed run writes those steps again. The
-restore itself is the check (a failed read is the damage), so a good checkpoint costs
-nothing extra; Orbax keeps no checksums of array data, so bytes altered in place may pass.
+Restore reads each device's slice onto an abstract state whose shardings may differ from
+those at save time, so nothing is ever gathered unsharded. The restore itself is the check
+for damage (a data file truncated or deleted), so a good checkpoint costs nothing extra;
+Orbax keeps no checksums of array data, so bytes altered in place may pass.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -32,21 +30,14 @@ from bert_jax.config import ConfigError, check_int
 STATE = "state"
 METADATA = "metadata"
 
-_T = TypeVar("_T")
-
 
 class Checkpointer:
-    """Thin layer over `orbax.checkpoint.CheckpointManager` for one workdir.
+    """The checkpoints of one directory (local, `~` expanded, or `gs://...`; created if
+    missing): the newest `keep` kept, `should_save` at multiples of `every_steps`, and with
+    `async_save=False` each save blocks until it is committed.
 
     Every process of a multi-process run makes the same calls; Orbax decides which process
     writes what. Usable as a context manager (closing waits for pending saves).
-
-    Args:
-      directory: local path (`~` expanded, relative ones made absolute: TensorStore wants
-        absolute paths) or `gs://...`; created if missing.
-      keep: how many of the newest checkpoints to keep.
-      every_steps: `should_save` is true at multiples of this.
-      async_save: False blocks in `save` until the checkpoint is committed.
     """
 
     def __init__(self, directory, *, keep: int = 3, every_steps: int = 1000,
@@ -66,13 +57,10 @@ class Checkpointer:
             files.path(directory), options=options,
             item_handlers={STATE: ocp.StandardCheckpointHandler(),
                            METADATA: ocp.JsonCheckpointHandler()})
+        self.directory: epath.Path = self._manager.directory
         # Restores bypass the manager (see `_read_newest`); these handlers read one item each.
         self._state_reader = ocp.StandardCheckpointHandler()
         self._metadata_reader = ocp.JsonCheckpointHandler()
-
-    @property
-    def directory(self) -> epath.Path:
-        return self._manager.directory
 
     def latest_step(self) -> int | None:
         """The newest committed step (or one this object is saving), None if there is none."""
@@ -86,13 +74,10 @@ class Checkpointer:
         return self._manager.should_save(step)
 
     def save(self, step: int, state, metadata: dict, *, force: bool = False) -> bool:
-        """Starts saving `state` and the JSON dict `metadata` as step `step`.
-
-        Returns once the arrays are copied off the devices (so `state` may then be donated);
-        the write continues in the background unless `async_save=False`. `force` saves even
-        where `should_save` says no. Returns whether a save started: False when not due, or
-        when `step` is already saved (a preemption right after a periodic save).
-        """
+        """Starts saving `state` and the JSON dict `metadata` as step `step`, where due (or
+        `force`) and not saved yet (a preemption right after a periodic save); returns whether
+        it started. Returns once the arrays are copied off the devices (so `state` may then be
+        donated); the write continues in the background unless `async_save=False`."""
         if step in self._manager.all_steps() or not (force or self.should_save(step)):
             return False
         # Serialized now, not in the background writer: bad values fail here, and later
@@ -102,18 +87,14 @@ class Checkpointer:
             STATE: ocp.args.StandardSave(state), METADATA: ocp.args.JsonSave(metadata)}))
 
     def restore(self, abstract_state, step: int | None = None) -> tuple[Any, dict, int]:
-        """Reads a checkpoint onto `abstract_state`; returns (state, metadata, step).
+        """Reads `step` (None: the newest readable one) onto `abstract_state`, the saved
+        pytree's `jax.ShapeDtypeStruct`s, each with the sharding to restore onto (any mesh);
+        returns (state, metadata, step).
 
-        Args:
-          abstract_state: the saved pytree's structure as `jax.ShapeDtypeStruct`s, each with
-            the `sharding` to restore onto (any mesh: arrays are resharded while read).
-          step: None for the newest readable step. A damaged newer step is named in a
-            warning, skipped, and deleted once an older one restores (the run writes those
-            steps again, and a stale step would block saving them).
-
-        Raises:
-          FileNotFoundError: the directory holds no committed checkpoint, or not `step`.
-          ValueError: no candidate step could be read (the last error is chained).
+        A damaged newer step is named in a warning, skipped, and deleted once an older one
+        restores (the run writes those steps again, and a stale step would block saving them).
+        Raises FileNotFoundError when there is no committed checkpoint (or not `step`), and
+        ConfigError when none of the candidates reads (the last error chained).
         """
         def read(candidate):
             path = self._step_path(candidate)
@@ -131,12 +112,9 @@ class Checkpointer:
         return state, metadata, restored
 
     def restore_metadata(self, step: int | None = None) -> dict:
-        """The JSON item alone (cheap: no arrays are read), e.g. the saved config.
-
-        With `step` None, the newest step whose JSON reads; its arrays are not checked, so
-        `restore` may still fall back to an older step (whose metadata it returns).
-        Raises like `restore`. Needs no other process: any process may call it alone.
-        """
+        """The JSON item alone (no arrays are read), e.g. the saved config; with `step` None,
+        the newest step whose JSON reads (its arrays unchecked: `restore` may still fall back
+        to an older step). Raises like `restore`; any process may call it alone."""
         metadata, _, _ = self._read_newest(
             lambda candidate: self._metadata_reader.restore(self._step_path(candidate) / METADATA),
             step, collective=False)
@@ -167,16 +145,15 @@ class Checkpointer:
     def _step_path(self, step: int) -> epath.Path:
         return self.directory / self._name_format.build_name(step)
 
-    def _read_newest(self, read: Callable[[int], _T], step: int | None, *,
-                     collective: bool) -> tuple[_T, int, list[int]]:
-        """`read(step)` for `step`, or for each committed step from the newest until one reads.
+    def _read_newest(self, read: Callable[[int], Any], step: int | None, *,
+                     collective: bool) -> tuple[Any, int, list[int]]:
+        """`read(step)` for `step`, or for each committed step from the newest until one reads;
+        returns (what `read` returned, its step, the newer steps that failed).
 
-        Returns (what `read` returned, its step, the newer steps that failed). With
-        `collective`, every process must call this: a step counts as read only if it read on
-        every process, so all processes agree on it even where only some hit the damage.
-        (This is why restores go through Orbax's handlers, not `CheckpointManager.restore`,
-        whose barrier a process that failed to read would never reach.)
-        """
+        With `collective`, every process must call this: a step counts as read only if it read
+        on every process, so all processes agree on it even where only some hit the damage
+        (hence Orbax's handlers, not `CheckpointManager.restore`, whose barrier a process that
+        failed to read would never reach)."""
         self.wait()  # a step still being written is listed but not readable yet
         steps = self.all_steps()
         if step is not None and step not in steps:
@@ -192,8 +169,8 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 - any failure to read marks the step damaged
                 result, error = None, e
             readable = error is None
-            if collective:
-                readable = _on_every_process(readable)
+            if collective:  # a collective: every process calls it
+                readable = bool(np.all(multihost_utils.process_allgather(np.int32(readable))))
             if readable:
                 return result, candidate, failed
             failed.append(candidate)
@@ -201,11 +178,6 @@ class Checkpointer:
                           f"unreadable: {_describe(error)}", stacklevel=3)
         raise ConfigError(f"no readable checkpoint among steps {candidates} in "
                           f"{self.directory}: see the warnings for each") from error
-
-
-def _on_every_process(ok: bool) -> bool:
-    """Whether `ok` holds on every process; a collective that every process must call."""
-    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def _describe(error: Exception | None) -> str:

@@ -13,6 +13,8 @@ import dataclasses
 import glob
 import importlib.util
 import os
+from pathlib import Path
+
 from bert_jax.config import ConfigError
 
 # Long enough for a stalled host to recover, short enough that a dead one stops the run
@@ -40,15 +42,10 @@ class Options:
         values = {k: v for k, v in given.items() if v is not None}
         return cls(**{**env, **values})
 
-    @property
-    def explicit(self) -> bool:
-        return any(v is not None for v in (self.coordinator_address, self.num_processes,
-                                            self.process_id))
-
 
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
-    if value is None or value == "":
+    if not value:
         return None
     if not value.isdigit():
         raise ConfigError(f"{name}={value!r}: expected a non-negative integer")
@@ -70,9 +67,8 @@ def detected_cluster() -> str | None:
 def _has_tpu_chips() -> bool:
     for vendor_file in glob.glob("/sys/bus/pci/devices/*/vendor"):
         try:
-            with open(vendor_file) as f:
-                if f.read().strip() == _GOOGLE_PCI_VENDOR:
-                    return True
+            if Path(vendor_file).read_text().strip() == _GOOGLE_PCI_VENDOR:
+                return True
         except OSError:
             continue
     return False
@@ -87,13 +83,14 @@ def initialize(options: Options) -> str | None:
     """
     if options.num_processes == 1:
         return None
-    if options.explicit:
-        missing = [name for name in ("coordinator_address", "num_processes", "process_id")
-                   if getattr(options, name) is None]
+    missing = [name for name in ("coordinator_address", "num_processes", "process_id")
+               if getattr(options, name) is None]
+    if len(missing) < 3:  # given explicitly, all or some
         if missing and detected_cluster() is None:
+            flag = missing[0].replace("_", "-")
             raise ConfigError(f"a multi-process run needs coordinator_address, num_processes and "
-                              f"process_id; missing {missing}: pass --{missing[0].replace('_', '-')}"
-                              f" or set JAX_{missing[0].upper()}")
+                              f"process_id; missing {missing}: pass --{flag} or set "
+                              f"JAX_{missing[0].upper()}")
         how = "given addresses"
     else:
         how = detected_cluster()
@@ -115,11 +112,9 @@ def initialize(options: Options) -> str | None:
 
 
 def barrier(name: str, timeout_s: int = 24 * 3600) -> None:
-    """Waits until every process reaches `name` (a no-op in one process).
-
-    A coordination-service barrier, not a device collective: it may wait for hours (process 0
-    building the dataset) without tripping a collective's timeout. Names must be unique.
-    """
+    """Waits until every process reaches `name` (unique; a no-op in one process): a
+    coordination-service barrier, not a device collective, so it may wait for hours (process 0
+    building the dataset) without tripping a collective's timeout."""
     from orbax.checkpoint import multihost
 
     multihost.get_barrier_sync_fn()(key=f"bert-jax:{name}", timeout_ms=timeout_s * 1000)

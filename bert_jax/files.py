@@ -19,25 +19,18 @@ def is_url(value) -> bool:
 
 
 def path(value) -> epath.Path:
-    """`value` as an `epath.Path`: a URL untouched, a local path with `~` expanded and made
-    absolute.
-
-    Absolute because a relative path would change meaning with the working directory, and
-    TensorStore and TFDS want absolute local paths. Not for URLs: `absolute()` would turn
-    `gs://b/x` into `<cwd>/gs:/b/x`.
-    """
+    """`value` as an `epath.Path`: a URL untouched (`absolute()` would make `gs://b/x`
+    `<cwd>/gs:/b/x`), a local path with `~` expanded and made absolute (TensorStore and TFDS
+    want that, and a relative path would change meaning with the working directory)."""
     if is_url(value):
         return epath.Path(value)
     return epath.Path(value).expanduser().absolute()
 
 
 def write_atomically(target, content: bytes) -> None:
-    """Writes `content` to `target` so that readers see the old file or the new one, never part.
-
-    A local file is written beside `target` under a temporary name, then renamed over it (the
-    temporary file is removed on failure). An object store makes an object appear whole when
-    its write completes, so a URL is written directly (it has no rename to rely on anyway).
-    """
+    """Writes `content` to `target` so that readers see the old file or the new one, never part:
+    a local file under a temporary name beside it, then renamed over it; a URL directly (an
+    object store makes an object appear whole when its write completes)."""
     target = epath.Path(target)
     if is_url(target):
         target.write_bytes(content)

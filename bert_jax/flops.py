@@ -1,5 +1,4 @@
-"""Training FLOPs per sequence and MFU, shared by every report here: the usual count (6 FLOPs
-per weight and token for forward + backward, plus attention's two s x s products)."""
+"""Training FLOPs per sequence and MFU, shared by every report here."""
 
 from __future__ import annotations
 
@@ -14,11 +13,10 @@ PEAK_FLOPS = {
 
 
 def train_flops_per_sequence(config: ModelConfig, seq_length: int, predictions: int) -> float:
-    """Forward + backward FLOPs of one sequence: 6 per weight-matrix entry and token it
-    multiplies (2 forward, 2 each for the input's and the weight's gradient), and as many
-    for attention's weightless products. Each component reads its own config fields, so a
-    variant counts as it is, not as BERT (ARCHITECTURE.md's formula). Elementwise work
-    (norms, biases, activations, softmax) is left out, as usual."""
+    """Forward + backward FLOPs of one sequence, the usual count: 6 per weight-matrix entry and
+    token it multiplies (2 forward, 2 each for the input's and the weight's gradient), as many
+    for attention's weightless products, and no elementwise work. Each component reads its
+    own config fields, so a variant counts as it is, not as BERT (ARCHITECTURE.md's formula)."""
     d, attention_width = config.hidden_size, config.num_heads * config.head_dim
     attention = 3 * d * attention_width + attention_width * d  # QKV, output projection
     mlp = 2 * d * config.intermediate_size  # up, down

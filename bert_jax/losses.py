@@ -25,28 +25,30 @@ def pretraining_sums(mlm_logits_bpv, nsp_logits, batch) -> dict[str, Array]:
     """Summed MLM and NSP losses and hits, with their counts, from a batch holding
     `masked_lm_ids`, `masked_lm_weights` and `next_sentence_labels` (1: B is random): [B], or
     [B, K] for packed rows, whose `next_sentence_weights` mark the instances present."""
-    weights = batch["masked_lm_weights"].astype(jnp.float32)
-    ids, labels = batch["masked_lm_ids"], batch["next_sentence_labels"]
-    nsp_weights = _nsp_weights(batch)
-    mlm_logits = mlm_logits_bpv.astype(jnp.float32)
-    nsp_logits = nsp_logits.astype(jnp.float32)
-    return {
-        "mlm_loss": jnp.sum(optax.softmax_cross_entropy_with_integer_labels(mlm_logits, ids)
-                            * weights),
-        "mlm_hits": jnp.sum((jnp.argmax(mlm_logits, -1) == ids) * weights),
-        "mlm_count": jnp.sum(weights),
-        "nsp_loss": jnp.sum(optax.softmax_cross_entropy_with_integer_labels(nsp_logits, labels)
-                            * nsp_weights),
-        "nsp_hits": jnp.sum((jnp.argmax(nsp_logits, -1) == labels) * nsp_weights),
-        "nsp_count": jnp.sum(nsp_weights),
-    }
+    return {**_classification_sums(mlm_logits_bpv, batch["masked_lm_ids"],
+                                   batch["masked_lm_weights"], "mlm_"),
+            **_classification_sums(nsp_logits, batch["next_sentence_labels"],
+                                   _nsp_weights(batch), "nsp_")}
+
+
+def _classification_sums(logits, labels, weights, prefix="") -> dict[str, Array]:
+    """Weighted sums of the cross-entropy losses and of the hits, and the weights' sum."""
+    logits, weights = logits.astype(jnp.float32), weights.astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return {f"{prefix}loss": jnp.sum(losses * weights),
+            f"{prefix}hits": jnp.sum((jnp.argmax(logits, -1) == labels) * weights),
+            f"{prefix}count": jnp.sum(weights)}
 
 
 def _nsp_weights(batch) -> Array:
     """1 per NSP label (each row of an unpacked batch), or the packed batch's weights."""
     if "next_sentence_weights" in batch:
-        return batch["next_sentence_weights"].astype(jnp.float32)
+        return batch["next_sentence_weights"]
     return jnp.ones(batch["next_sentence_labels"].shape, jnp.float32)
+
+
+def _denominator(weights) -> Array:
+    return jnp.maximum(jnp.sum(weights.astype(jnp.float32)), 1.0)
 
 
 def metrics_from_sums(sums: dict[str, Array]) -> dict[str, Array]:
@@ -85,11 +87,9 @@ class PretrainingObjective:
 
     @staticmethod
     def denominators(batch) -> dict[str, Array]:
-        # Per predicted token for MLM, per instance for NSP, as google-research/bert averages
-        # them.
-        return {"mlm_loss": jnp.maximum(jnp.sum(batch["masked_lm_weights"].astype(jnp.float32)),
-                                        1.0),
-                "nsp_loss": jnp.maximum(jnp.sum(_nsp_weights(batch)), 1.0)}
+        # Per predicted token for MLM, per instance for NSP, as google-research/bert averages.
+        return {"mlm_loss": _denominator(batch["masked_lm_weights"]),
+                "nsp_loss": _denominator(_nsp_weights(batch))}
 
     @staticmethod
     def metrics(sums: dict[str, Array]) -> dict[str, Array]:
@@ -113,19 +113,15 @@ class SequenceObjective:
         return self.sums_of_logits(self.logits(model, batch, dropout_key), batch)
 
     def sums_of_logits(self, logits_bl, batch) -> dict[str, Array]:
+        if not self.regression:
+            return _classification_sums(logits_bl, batch["labels"], batch["weights"])
         weights = batch["weights"].astype(jnp.float32)
-        labels = batch["labels"]
-        if self.regression:
-            errors = (logits_bl[:, 0] - labels.astype(jnp.float32)) ** 2
-            return {"loss": jnp.sum(errors * weights), "count": jnp.sum(weights)}
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits_bl, labels)
-        return {"loss": jnp.sum(losses * weights),
-                "hits": jnp.sum((jnp.argmax(logits_bl, -1) == labels) * weights),
-                "count": jnp.sum(weights)}
+        errors = (logits_bl[:, 0] - batch["labels"].astype(jnp.float32)) ** 2
+        return {"loss": jnp.sum(errors * weights), "count": jnp.sum(weights)}
 
     @staticmethod
     def denominators(batch) -> dict[str, Array]:
-        return {"loss": jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)}
+        return {"loss": _denominator(batch["weights"])}
 
     def metrics(self, sums) -> dict[str, Array]:
         count = jnp.maximum(sums["count"], 1e-12)

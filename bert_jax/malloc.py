@@ -3,15 +3,10 @@
 XLA:CPU allocates a step's buffers afresh every step. glibc gives large blocks their own
 mmap and unmaps them when freed, so every step faults its buffers in again, 4 KB at a time,
 which slows a CPU train step. glibc's `glibc.malloc.hugetlb=1` tunable (glibc 2.35+) has
-malloc ask the kernel for transparent huge pages, 2 MB a fault, and so a small fraction of the
-faults. Tunables are read only when a process starts, so the command re-executes itself once
-with the tunable set, where it helps: glibc 2.35+ and transparent huge pages in `madvise` mode
-(the default of Debian and Ubuntu; in `always` mode malloc gets huge pages anyway).
-
-Tried: TCMalloc through `LD_PRELOAD` does as well but is a system package not every host has;
-glibc with one arena and no mmap reuses freed blocks without any fault, but its heap grows by
-fragmentation. docs/performance.md ("Page faults") has the faults, step times and heap sizes
-of each, and the CPUs where the step gains.
+malloc ask the kernel for transparent huge pages, 2 MB a fault. Tunables are read only when
+a process starts, so the command re-executes itself once with the tunable set, where it helps.
+docs/performance.md ("Page faults") has the measurements, and the alternatives tried (TCMalloc,
+which not every host has; one glibc arena without mmap, whose heap grows by fragmentation).
 """
 
 from __future__ import annotations
@@ -28,8 +23,8 @@ _THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 def huge_pages_would_help() -> bool:
-    """glibc 2.35+ (which has the tunable) and transparent huge pages on request (`madvise`
-    mode; in `always` mode malloc gets them anyway, in `never` mode not at all)."""
+    """glibc 2.35+ (which has the tunable) and transparent huge pages on request (`madvise`,
+    Debian's and Ubuntu's default; in `always` mode malloc gets them anyway)."""
     try:
         name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
         mode = _THP_MODE.read_text()
@@ -40,10 +35,9 @@ def huge_pages_would_help() -> bool:
 
 
 def reexec_with_huge_pages() -> None:
-    """Re-executes this process's command line with `HUGETLB=1` added to `GLIBC_TUNABLES`
-    where that helps (`huge_pages_would_help`), once, and unless the user set a hugetlb
-    tunable. Call it first thing: whatever ran before runs again. If the executable cannot
-    be run again, this process goes on as it is."""
+    """Re-executes this process's command line once with `HUGETLB=1` added to
+    `GLIBC_TUNABLES` where that helps, unless the user set a hugetlb tunable. Call it first
+    thing: whatever ran before runs again."""
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if (_REEXECUTED in os.environ or HUGETLB in tunables or not sys.executable
             or not huge_pages_would_help()):

@@ -11,10 +11,9 @@ class MetricsWriter:
     """Appends one JSON object per call to metrics.jsonl and the same scalars to TensorBoard
     (under `train/` or `validation/`). Disabled writers (processes other than 0) do nothing.
 
-    `start_step` is the step a run starts or resumes at: records of later steps (written
-    after the checkpoint a resumed run restarts from, and a line cut short by a kill) are
-    dropped, so metrics.jsonl holds each step once, as an uninterrupted run would. None
-    keeps every record (a log that is not a run's, e.g. continuous evaluation).
+    Records after `start_step`, the step a run starts or resumes at, are dropped (and a line
+    cut short by a kill), so metrics.jsonl holds each step once, as an uninterrupted run
+    would; None keeps every record (a log that is not a run's, e.g. continuous evaluation).
     """
 
     def __init__(self, workdir, enabled: bool = True, start_step: int | None = 0):
@@ -26,19 +25,17 @@ class MetricsWriter:
         self._path = Path(workdir) / "metrics.jsonl"
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._jsonl = None
-        if start_step is None:
-            self._jsonl = self._path.open("a")
-        else:
-            self.rewind(start_step)
+        self.rewind(start_step)
         self._tensorboard = SummaryWriter(str(self._path.parent / "tensorboard"))
 
-    def rewind(self, step: int) -> None:
-        """Drops the records after `step` (the run goes back there: resume, rollback)."""
+    def rewind(self, step: int | None) -> None:
+        """Drops the records after `step` (the run goes back there: resume, rollback); None
+        keeps them all."""
         if not self.enabled:
             return
         if self._jsonl is not None:
             self._jsonl.close()
-        if self._path.exists():
+        if step is not None and self._path.exists():
             kept = [line for line in self._path.read_text().splitlines()
                     if _step_of(line) is not None and _step_of(line) <= step]
             partial = self._path.with_name(self._path.name + ".rewind")

@@ -19,10 +19,9 @@ from bert_jax.config import ConfigError, ModelConfig
 Array = jax.Array
 
 
-def _axes(*names, init=None):
+def _axes(*names, init=nnx.initializers.zeros_init()):
     """An initializer that tags its parameter with logical axis names (no eager sharding)."""
-    return nnx.with_partitioning(init or nnx.initializers.zeros_init(), names,
-                                 eager_sharding=False)
+    return nnx.with_partitioning(init, names, eager_sharding=False)
 
 
 def _dense_init(config: ModelConfig, *names):
@@ -38,7 +37,6 @@ def _layer_norm(config: ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 def _linear(config: ModelConfig, d_in, d_out, in_axes, out_axes, rngs: nnx.Rngs):
-    in_axes, out_axes = tuple(in_axes), tuple(out_axes)
     return nnx.LinearGeneral(
         d_in, d_out, axis=tuple(range(-len(in_axes), 0)), dtype=config.dtype,
         kernel_init=_dense_init(config, *in_axes, *out_axes),
@@ -59,12 +57,9 @@ class Embeddings(nnx.Module):
         self.norm = _layer_norm(config, rngs)
         self.dropout_rate = config.hidden_dropout_rate
 
-    def __call__(self, input_ids_bs, token_type_ids_bs, dropout_key, position_ids_bs=None
-                 ) -> Array:
-        """`position_ids_bs` defaults to 0, 1, ... in every row."""
-        position_bsd = (self.position(jnp.arange(input_ids_bs.shape[1]))[None]
-                        if position_ids_bs is None else self.position(position_ids_bs))
-        x_bsd = (self.word(input_ids_bs) + position_bsd + self.token_type(token_type_ids_bs))
+    def __call__(self, input_ids_bs, token_type_ids_bs, position_ids_bs, dropout_key) -> Array:
+        x_bsd = (self.word(input_ids_bs) + self.position(position_ids_bs)
+                 + self.token_type(token_type_ids_bs))
         return _dropout(self.dropout_rate, self.norm(x_bsd), dropout_key)
 
 
@@ -82,9 +77,8 @@ class SelfAttention(nnx.Module):
 
     def __call__(self, x_bsd, segments: attention.Segments, dropout_key,
                  query_positions_bq=None) -> Array:
-        """`segments` say which keys each query sees (`attention.Segments`). With
-        `query_positions_bq`, only those positions attend (to all keys) and the output is
-        [B, Q, D] at them."""
+        """With `query_positions_bq`, only those positions attend (to all keys) and the output
+        is [B, Q, D] at them."""
         attention_key, output_key = _split(dropout_key, 2)
         qkv_bs3hk = self.qkv(x_bsd)
         q_bshk, k_bshk, v_bshk = (qkv_bs3hk[:, :, i] for i in range(3))
@@ -99,33 +93,27 @@ class SelfAttention(nnx.Module):
 
 @jax.custom_vjp
 def gelu(x) -> Array:
-    """Exact GELU as BERT, PyTorch and Hugging Face write it, x/2 (1 + erf(x/sqrt 2)), with a
-    hand-written gradient.
+    """Exact GELU as BERT, PyTorch and Hugging Face write it, x/2 (1 + erf(x/sqrt 2)), in
+    float32 whatever the compute dtype, as PyTorch does (in bfloat16, 1 + erf cancels to 0
+    below x = -2).
 
-    Not `jax.nn.gelu`, which uses erfc (relatively exact in the far left tail, where the
-    values are tiny anyway; erf's form is off there by about 1e-7 absolute): XLA:CPU splits
-    erfc's expansion into several passes over the largest activation of each layer and keeps
-    them for the backward; erf is one pass. Autodiff would evaluate the derivative's exp in
-    the forward pass and keep it too; the gradient below recomputes it in the backward pass,
-    fused with the incoming gradient (both timed in docs/performance.md). (A custom VJP:
-    reverse mode only, which is all training uses.) Computed in float32 whatever the compute
-    dtype, as PyTorch does: in bfloat16, 1 + erf would cancel to 0 below x = -2."""
+    Not `jax.nn.gelu`'s erfc form (off from erf's by about 1e-7 absolute in the far left tail):
+    XLA:CPU splits erfc's expansion into several passes and keeps them for the backward; erf
+    is one. The hand-written gradient (reverse mode only, all training uses) recomputes the
+    derivative's exp in the backward, fused with the incoming gradient, where autodiff would
+    keep it from the forward (both timed in docs/performance.md)."""
     x32 = x.astype(jnp.float32)
     return (x32 * 0.5 * (1.0 + jax.lax.erf(x32 * 0.5 ** 0.5))).astype(x.dtype)
 
 
-def _gelu_forward(x):
-    return gelu(x), x
-
-
 def _gelu_backward(x, grad):
-    x32 = x.astype(jnp.float32)  # in float32 whatever the compute dtype (it is fused anyway)
+    x32 = x.astype(jnp.float32)
     cdf = 0.5 * jax.lax.erfc(-x32 * 0.5 ** 0.5)  # not 1 + erf: accurate in the left tail
     pdf = jnp.exp(-0.5 * x32 * x32) * (2.0 * jnp.pi) ** -0.5
     return ((grad * (cdf + x32 * pdf)).astype(grad.dtype),)
 
 
-gelu.defvjp(_gelu_forward, _gelu_backward)
+gelu.defvjp(lambda x: (gelu(x), x), _gelu_backward)
 
 
 class FeedForward(nnx.Module):
@@ -193,12 +181,9 @@ class Encoder(nnx.Module):
         self.final_norm = _layer_norm(config, rngs) if config.layer_norm == "pre" else None
 
     def __call__(self, x_bsd, segments, dropout_key, output_positions_bq=None) -> Array:
-        """Returns the last layer's output [B, S, D], or [B, Q, D] at `output_positions_bq`.
-
-        With positions, the last layer runs only there (its QKV projection still runs at
-        every position, for the keys and values): nothing reads its output elsewhere, and
-        skipping the rest exactly saves most of one layer (the `small` CPU train step: 1 of
-        4 layers at 20 of 128 positions)."""
+        """Returns the last layer's output [B, S, D], or [B, Q, D] at `output_positions_bq`:
+        then the last layer runs only there (its QKV projection still runs everywhere, for the
+        keys and values), since nothing reads its output elsewhere."""
         graphdef, stacked = nnx.split(self.layers)
 
         def apply_layer(x_bsd, layer_state, layer_key, query_positions_bq=None):
@@ -283,7 +268,7 @@ class _Bert(nnx.Module):
         """(sequence output, pooled output); with `positions_bp`, the sequence output is
         [B, P, D] at those positions only, and the last layer runs only there and at [CLS].
 
-        With `cls_positions_bk` (and `positions_bp`: training), rows are packed: K instances
+        With `cls_positions_bk` (training: with `positions_bp`), rows are packed: K instances
         per row, each starting with its [CLS] at those positions, `attention_mask` numbering
         each token's instance (1, 2, ...; 0 for padding). Tokens attend within their
         instance only, position ids restart at each [CLS], and the pooled output is
@@ -292,45 +277,40 @@ class _Bert(nnx.Module):
         packed = cls_positions_bk is not None
         ids_bs = attention_mask.astype(jnp.int32)  # tokens' (packed: instances') segments
         segments = attention.Segments(ids_bs, ids_bs if packed else None)
-        if not packed:
-            cls_positions_bk = jnp.zeros_like(input_ids[:, :1])
-            position_ids_bs = None
+        if packed:  # a token counts its position from its instance's [CLS]
+            starts_bs = jnp.take_along_axis(cls_positions_bk, jnp.maximum(ids_bs - 1, 0), axis=1)
+            position_ids_bs = jnp.arange(ids_bs.shape[1]) - starts_bs
         else:
-            position_ids_bs = _packed_positions(attention_mask, cls_positions_bk)
-        x_bsd = self.embeddings(input_ids, token_type_ids, embed_key, position_ids_bs)
+            cls_positions_bk = jnp.zeros_like(input_ids[:, :1])
+            position_ids_bs = jnp.arange(input_ids.shape[1])[None]
+        x_bsd = self.embeddings(input_ids, token_type_ids, position_ids_bs, embed_key)
         if positions_bp is not None:  # the [CLS] positions first, for the pooler
             positions_bp = jnp.concatenate([cls_positions_bk, positions_bp], axis=1)
         x_bsd = self.encoder(x_bsd, segments, encoder_key, positions_bp)
         k = cls_positions_bk.shape[1]
+        pooled_bkd = jnp.tanh(self.pooler(x_bsd[:, :k]))
         if positions_bp is not None:
-            cls_bkd, x_bsd = x_bsd[:, :k], x_bsd[:, k:]
-        else:  # unpacked: [CLS] is position 0
-            cls_bkd = x_bsd[:, :1]
-        pooled_bkd = jnp.tanh(self.pooler(cls_bkd))
+            x_bsd = x_bsd[:, k:]
         return x_bsd, (pooled_bkd if packed else pooled_bkd[:, 0])
 
     def _check_inputs(self, input_ids, token_type_ids, attention_mask):
         """Validates shapes and dtypes (at trace time) and fills the defaults."""
-        input_ids = jnp.asarray(input_ids)
-        if input_ids.ndim != 2:
-            raise ConfigError(f"input_ids has shape {input_ids.shape}: expected [batch, length]")
-        _check_integer("input_ids", input_ids)
+        input_ids = _checked("input_ids", input_ids, lambda shape: len(shape) == 2,
+                             "[batch, length]")
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise ConfigError(
                 f"input_ids has length {input_ids.shape[1]}: expected at most "
                 f"max_position_embeddings={self.config.max_position_embeddings}")
-        token_type_ids = _like_ids("token_type_ids", token_type_ids, input_ids, 0)
-        _check_integer("token_type_ids", token_type_ids)
-        attention_mask = _like_ids("attention_mask", attention_mask, input_ids, 1)
+
+        def like_ids(name, value, integer=True):
+            return _checked(name, value, lambda shape: shape == input_ids.shape,
+                            f"the shape of input_ids {input_ids.shape}", integer)
+
+        token_type_ids = (jnp.zeros_like(input_ids) if token_type_ids is None else
+                          like_ids("token_type_ids", token_type_ids))
+        attention_mask = (jnp.ones_like(input_ids) if attention_mask is None else
+                          like_ids("attention_mask", attention_mask, integer=False))
         return input_ids, token_type_ids, attention_mask
-
-
-def _packed_positions(instances_bs, cls_positions_bk):
-    """The position ids [B, S] of packed rows, from each token's instance number (0: padding)
-    and each instance's [CLS] position: a token counts its position from its instance's
-    [CLS]. (Which tokens see which is the instances' segments, `attention.Segments`.)"""
-    starts_bs = jnp.take_along_axis(cls_positions_bk, jnp.maximum(instances_bs - 1, 0), axis=1)
-    return jnp.arange(instances_bs.shape[1]) - starts_bs
 
 
 # The parameter subtrees of `_Bert`: what fine-tuning takes from a pretrained model.
@@ -338,12 +318,7 @@ ENCODER_PARAMS = ("embeddings", "encoder", "pooler")
 
 
 class BertForPreTraining(_Bert):
-    """BERT encoder, pooler, masked-LM head and next-sentence head.
-
-    Training calls the model with `masked_lm_positions`, so the vocabulary projection runs
-    only at the P predicted positions of each row ([B, P, V] logits, never [B, S, V]), and
-    the last encoder layer only there and at [CLS] (see `Encoder`).
-    """
+    """BERT encoder, pooler, masked-LM head and next-sentence head."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         super().__init__(config, rngs=rngs)
@@ -352,16 +327,13 @@ class BertForPreTraining(_Bert):
 
     def __call__(self, input_ids, token_type_ids, attention_mask, masked_lm_positions,
                  next_sentence_positions=None, *, dropout_key=None):
-        """Training forward. Returns (MLM logits [B, P, V] at `masked_lm_positions`, NSP
-        logits [B, 2]).
+        """Training forward: float32 (MLM logits [B, P, V], NSP logits [B, 2]). The vocabulary
+        projection runs only at the P `masked_lm_positions` of each row (never [B, S, V]), the
+        last encoder layer only there and at [CLS]. With `next_sentence_positions` [B, K], rows
+        are packed (see `_encode`) and the NSP logits are [B, K, 2].
 
-        With `next_sentence_positions` [B, K], rows are packed (several instances per row,
-        each starting with its [CLS] there; `attention_mask` numbers the instances, see
-        `_encode`) and the NSP logits are [B, K, 2], one per instance.
-
-        Logits are float32 whatever the compute dtype. `dropout_key=None` means deterministic
-        (evaluation); otherwise every dropout mask derives from that key alone, so a step's
-        randomness is reproducible from (seed, step).
+        `dropout_key=None` means deterministic (evaluation); otherwise every dropout mask
+        derives from that key alone, so a step's randomness is reproducible from (seed, step).
         """
         inputs = self._check_inputs(input_ids, token_type_ids, attention_mask)
         batch = inputs[0].shape[0]
@@ -369,15 +341,12 @@ class BertForPreTraining(_Bert):
         cls_positions = (None if next_sentence_positions is None else
                          _positions("next_sentence_positions", next_sentence_positions, batch))
         x_bpd, pooled = self._encode(*inputs, dropout_key, positions, cls_positions)
-        return self.mlm(x_bpd, self.embeddings.word), self._nsp_logits(pooled)
+        return self.mlm(x_bpd, self.embeddings.word), self.nsp(pooled).astype(jnp.float32)
 
     def full_logits(self, input_ids, token_type_ids=None, attention_mask=None):
-        """Inference forward. Returns (MLM logits at every position [B, S, V], NSP logits [B, 2])."""
+        """Inference forward: (MLM logits at every position [B, S, V], NSP logits [B, 2])."""
         x_bsd, pooled_bd = self.encode(input_ids, token_type_ids, attention_mask)
-        return self.mlm(x_bsd, self.embeddings.word), self._nsp_logits(pooled_bd)
-
-    def _nsp_logits(self, pooled_bd) -> Array:
-        return self.nsp(pooled_bd).astype(jnp.float32)
+        return self.mlm(x_bsd, self.embeddings.word), self.nsp(pooled_bd).astype(jnp.float32)
 
 
 class BertForSequenceClassification(_Bert):
@@ -399,29 +368,19 @@ class BertForSequenceClassification(_Bert):
         return self.classifier(pooled_bd).astype(jnp.float32)
 
 
-def _like_ids(name, value, input_ids, default) -> Array:
-    if value is None:
-        return jnp.full_like(input_ids, default)
+def _checked(name, value, shape_ok, expected_shape: str, integer=True) -> Array:
+    """`value` as an array, or a one-line error naming it."""
     value = jnp.asarray(value)
-    if value.shape != input_ids.shape:
-        raise ConfigError(f"{name} has shape {value.shape}: expected the shape of input_ids "
-                          f"{input_ids.shape}")
+    if not shape_ok(value.shape):
+        raise ConfigError(f"{name} has shape {value.shape}: expected {expected_shape}")
+    if integer and not jnp.issubdtype(value.dtype, jnp.integer):
+        raise ConfigError(f"{name} has dtype {value.dtype}: expected an integer dtype")
     return value
 
 
 def _positions(name, value, batch: int) -> Array:
-    """`value` as integer positions [batch, N], or a one-line error naming it."""
-    positions = jnp.asarray(value)
-    if positions.ndim != 2 or positions.shape[0] != batch:
-        raise ConfigError(f"{name} has shape {positions.shape}: expected [batch, N] with batch "
-                          f"{batch}")
-    _check_integer(name, positions)
-    return positions
-
-
-def _check_integer(name, value):
-    if not jnp.issubdtype(value.dtype, jnp.integer):
-        raise ConfigError(f"{name} has dtype {value.dtype}: expected an integer dtype")
+    return _checked(name, value, lambda shape: len(shape) == 2 and shape[0] == batch,
+                    f"[batch, N] with batch {batch}")
 
 
 def _split(key, n):
@@ -430,13 +389,10 @@ def _split(key, n):
 
 
 def _dropout(rate: float, x, key) -> Array:
-    """Inverted dropout on 16 random bits per element.
-
-    Threefry hashes 32 bits per element whatever width is asked for, so each 32-bit draw is
-    split into two 16-bit halves: half the hashing of `jax.random.bernoulli` (timed in
-    docs/performance.md). The drop probability is `rate` rounded to 1/65536 (within 1e-5)
-    and the rescale uses that probability, so the expected output is exactly the input.
-    """
+    """Inverted dropout on 16 random bits per element: Threefry hashes 32 bits per element
+    whatever width is asked for, so each 32-bit draw gives two elements, half the hashing of
+    `jax.random.bernoulli` (docs/performance.md). The drop probability is `rate` rounded to
+    1/65536 and the rescale uses it, so the expected output is exactly the input."""
     if key is None or rate == 0.0:
         return x
     threshold = round(rate * 65536)
@@ -456,15 +412,13 @@ def new_model(config: ModelConfig, seed: int = 0, num_labels: int | None = None)
 
 
 def abstract(config: ModelConfig, num_labels: int | None = None) -> _Bert:
-    """The model (pretraining; with `num_labels`, sequence classification) with shapes and
-    metadata but no values: its graph, parameter shapes and logical axis names, at no
-    compute cost."""
+    """The model (as `new_model`) with shapes and logical axis names but no values."""
     return nnx.eval_shape(lambda: new_model(config, 0, num_labels))
 
 
 def create(config: ModelConfig, seed: int = 0, num_labels: int | None = None) -> _Bert:
-    """A freshly initialized model (as `abstract`), initialized by one compiled computation
-    (eager NNX initialization dispatches op by op and takes seconds even for a tiny model)."""
+    """A freshly initialized model, by one compiled computation (eager NNX initialization
+    dispatches op by op and takes seconds even for a tiny model)."""
     graphdef, _ = nnx.split(abstract(config, num_labels))
     return nnx.merge(graphdef, jax.jit(
         lambda: nnx.state(new_model(config, seed, num_labels)))())

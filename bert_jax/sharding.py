@@ -3,7 +3,8 @@
 Mesh axes: `data` (pure data parallel), `fsdp` (parameters and optimizer state sharded, batch
 sharded too), `tensor` (Megatron-style: heads and MLP hidden split). The model names its
 parameter dimensions logically (`embed`, `mlp`, ...); `RULES` maps those names to mesh axes
-(t5x's standard rules). A dimension its mesh axes do not divide is replicated, with a warning.
+(t5x's standard rules; names it lacks, `kv` and `layers`, are replicated). A dimension its mesh
+axes do not divide is replicated, with a warning.
 """
 
 from __future__ import annotations
@@ -15,19 +16,13 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
 from bert_jax.config import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
-RULES = (
-    ("batch", BATCH_AXES),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("layers", None),
-)
+RULES = {"batch": BATCH_AXES, "vocab": ("tensor",), "embed": ("fsdp",), "mlp": ("tensor",),
+         "heads": ("tensor",)}
 
 
 def mesh_shape(sizes: dict, device_count: int) -> tuple[int, ...]:
@@ -58,18 +53,11 @@ def make_mesh(sizes: dict, devices=None) -> Mesh:
                          axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
-def _mesh_axes_of(name, rules) -> tuple[str, ...]:
-    axes = dict(rules).get(name)
-    if axes is None:
-        return ()
-    return (axes,) if isinstance(axes, str) else tuple(axes)
-
-
-def spec_for(logical_names, shape, mesh: Mesh, rules=RULES, what: str = "") -> PartitionSpec:
-    """PartitionSpec of an array whose dimensions have `logical_names`."""
+def spec_for(logical_names, shape, mesh: Mesh, what: str) -> PartitionSpec:
+    """PartitionSpec of an array (`what`, for the warning) whose dimensions have `logical_names`."""
     spec, used = [], set()
     for name, size in zip(logical_names, shape):
-        axes = tuple(a for a in _mesh_axes_of(name, rules) if a not in used and mesh.shape[a] > 1)
+        axes = tuple(a for a in RULES.get(name, ()) if a not in used and mesh.shape[a] > 1)
         ways = math.prod(mesh.shape[a] for a in axes)
         if axes and size % ways:
             warnings.warn(f"{what}: dimension {name!r} of size {size} is not divisible by mesh "
@@ -87,10 +75,10 @@ def logical_names(abstract_params_state: nnx.State) -> dict:
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def param_shardings(abstract_params: dict, names: dict, mesh: Mesh, rules=RULES) -> dict:
+def param_shardings(abstract_params: dict, names: dict, mesh: Mesh) -> dict:
     """NamedShardings of a pure parameter dict, from the parameters' logical names."""
     def sharding(path, leaf, leaf_names):
-        return NamedSharding(mesh, spec_for(leaf_names, leaf.shape, mesh, rules,
+        return NamedSharding(mesh, spec_for(leaf_names, leaf.shape, mesh,
                                             jax.tree_util.keystr(path)))
 
     return jax.tree_util.tree_map_with_path(
@@ -101,25 +89,16 @@ def like_params(tree, params_shardings: dict, mesh: Mesh):
     """Shardings for a tree (e.g. optimizer state) whose parameter-shaped subtrees mirror the
     parameters: a leaf whose path ends with a parameter's path gets that parameter's
     sharding; anything else (counts, scalars) is replicated."""
-    by_path = {tuple(_key(k) for k in path): leaf_sharding
-               for path, leaf_sharding in jax.tree_util.tree_flatten_with_path(params_shardings)[0]}
+    by_path = dict(jax.tree_util.tree_flatten_with_path(params_shardings)[0])
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def sharding(path, leaf):
-        keys = tuple(_key(k) for k in path)
-        for start in range(len(keys)):
-            if keys[start:] in by_path:
-                return by_path[keys[start:]]
+        for start in range(len(path)):
+            if path[start:] in by_path:
+                return by_path[path[start:]]
         return replicated
 
     return jax.tree_util.tree_map_with_path(sharding, tree)
-
-
-def _key(entry) -> str:
-    for attribute in ("key", "name", "idx"):
-        if hasattr(entry, attribute):
-            return str(getattr(entry, attribute))
-    return str(entry)
 
 
 class MeshJit:
@@ -147,15 +126,13 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def data_parallel_size(mesh: Mesh) -> int:
-    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 def process_rows(mesh: Mesh, global_batch_size: int) -> slice:
-    """The rows of a global batch that this process's devices hold: what its loader reads.
-
-    Taken from the batch sharding itself, not from the process index, so any device order
-    (and processes holding the same rows, when a non-batch axis spans them) is right.
-    """
+    """The rows of a global batch that this process's devices hold (what its loader reads),
+    from the batch sharding itself, not the process index: right for any device order, and
+    for processes holding the same rows (when a non-batch axis spans them)."""
     indices = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
     spans = sorted({(index[0].start or 0, index[0].stop or global_batch_size)
                     for index in indices.values()})
