@@ -99,45 +99,44 @@ def train_loop(state: dict, batches: Iterable[tuple[int, dict]], step_fn, hooks:
     pending = watched = None
     last, tokens = {}, []
     timer = (start, time.perf_counter())
-    progress = tqdm(total=stop - start, desc=hooks.description, unit="step",
-                    disable=not hooks.writer.enabled)
+    with tqdm(total=stop - start, desc=hooks.description, unit="step",
+              disable=not hooks.writer.enabled) as progress:  # closed on errors too
 
-    def log(entry):
-        nonlocal timer
-        values = _log_train(*entry, timer, hooks, progress)
-        timer = (entry[0], time.perf_counter())
-        return values
+        def log(entry):
+            nonlocal timer
+            values = _log_train(*entry, timer, hooks, progress)
+            timer = (entry[0], time.perf_counter())
+            return values
 
-    done = start
-    for step, batch in batches:
-        state, metrics = step_fn(state, batch)
-        if "tokens" in metrics:
-            tokens.append(metrics["tokens"])
+        done = start
+        for step, batch in batches:
+            state, metrics = step_fn(state, batch)
+            if "tokens" in metrics:
+                tokens.append(metrics["tokens"])
+            if watched is not None:
+                _check_finite(*watched, hooks)
+            if pending is not None:
+                last, pending = log(pending), None
+            done = step + 1
+            watched = (done, metrics)
+            progress.update(1)
+            if due(done, hooks.log_every) or done == stop:
+                pending, tokens = (done, metrics, tokens), []
+            if hooks.evaluate is not None and (due(done, hooks.eval_every)
+                                               or done == hooks.evaluate_at):
+                _check_finite(*watched, hooks)
+                if pending is not None:
+                    last, pending = log(pending), None
+                hooks.evaluate(state, done)
+                timer = (done, time.perf_counter())  # training speed leaves out the evaluation
+            if hooks.should_save(done) and done != stop:
+                hooks.save(done, state)
+            if hooks.preemption.reached(done):
+                break
         if watched is not None:
             _check_finite(*watched, hooks)
         if pending is not None:
-            last, pending = log(pending), None
-        done = step + 1
-        watched = (done, metrics)
-        progress.update(1)
-        if due(done, hooks.log_every) or done == stop:
-            pending, tokens = (done, metrics, tokens), []
-        if hooks.evaluate is not None and (due(done, hooks.eval_every)
-                                           or done == hooks.evaluate_at):
-            _check_finite(*watched, hooks)
-            if pending is not None:
-                last, pending = log(pending), None
-            hooks.evaluate(state, done)
-            timer = (done, time.perf_counter())  # training speed leaves out the evaluation
-        if hooks.should_save(done) and done != stop:
-            hooks.save(done, state)
-        if hooks.preemption.reached(done):
-            break
-    if watched is not None:
-        _check_finite(*watched, hooks)
-    if pending is not None:
-        last = log(pending)
-    progress.close()
+            last = log(pending)
     return state, done, last
 
 

@@ -155,11 +155,10 @@ class Run:
                  objective, num_labels: int | None, workdir: Path | None,
                  checkpoint: CheckpointConfig):
         self.model, self.train, self.mesh, self.spec, self.tx = model, train, mesh, spec, tx
-        self.schedule = learning_rate_schedule(train)
         self.objective, self.num_labels = objective, num_labels
         self.workdir, self._checkpoint = workdir, checkpoint
+        self.schedule, self.writer = learning_rate_schedule(train), None
         self.is_main = jax.process_index() == 0
-        self.writer = None
 
     @functools.cached_property
     def checkpointer(self) -> Checkpointer:
@@ -259,8 +258,7 @@ def check_resumable(saved: dict, config: ml_collections.ConfigDict, fixed: dict,
                 continue
             value = saved[section].get(key, defaults[section].get(key))
             now = config[section].get(key)
-            if isinstance(now, (tuple, list)) or isinstance(value, (tuple, list)):
-                value, now = as_tuples(value), as_tuples(now)
+            value, now = as_tuples(value), as_tuples(now)  # JSON gives lists back
             if now != value:
                 raise ConfigError(f"the workdir's checkpoint has {section}.{key}={value!r} but "
                                   f"the config has {now!r}: use another workdir or the same "
