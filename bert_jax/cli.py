@@ -171,7 +171,7 @@ def _unknown_field(error: KeyError, overrides: list[str]) -> str:
 def _pretrain(args, config) -> None:
     import jax
 
-    from bert_jax import export, hf, inference, train, workdir
+    from bert_jax import inference, train, workdir
 
     summary = train.train_and_evaluate(config, args.workdir)
     if jax.process_index() != 0:
@@ -191,19 +191,12 @@ def _pretrain(args, config) -> None:
         print(f"  validation  loss {validation['loss']:.3f}  "
               f"mlm_accuracy {validation['mlm_accuracy']:.3f}  "
               f"nsp_accuracy {validation['nsp_accuracy']:.3f}")
-    pretrained = summary["pretrained"]
-    if pretrained is None:
+    if summary["export"] is None:
         return
-    try:
-        hf.check_exportable(pretrained.config)
-    except ConfigError as e:  # a variant Hugging Face lacks: the workdir holds the weights
-        print(f"  not exported: {e}")
-        return
-    out = export.write_export(pretrained, args.workdir, Path(args.workdir) / "export",
-                              config.data.lowercase)
+    out = summary["export"]
     print(f"  exported to {out} (transformers.BertForPreTraining.from_pretrained loads it)")
     tokenizer = workdir.load_tokenizer_of(out)
-    guesses = inference.fill_mask(pretrained, tokenizer, FILL_MASK_EXAMPLE)[0]
+    guesses = inference.fill_mask(summary["pretrained"], tokenizer, FILL_MASK_EXAMPLE)[0]
     print(f"  fill-mask: {FILL_MASK_EXAMPLE!r} -> " +
           ", ".join(f"{token} ({p:.2f})" for token, p in guesses))
 

@@ -27,20 +27,30 @@ def export(workdir, out_dir, step: int | None = None) -> Path:
     return write_export(pretrained, workdir, out_dir, config.data.lowercase)
 
 
+def export_run(weights: Pretrained | Classifier, workdir, lowercase: bool, log) -> Path | None:
+    """`WORKDIR/export` at the end of a run; None, said in `log`, for a model variant its
+    Hugging Face class cannot hold (the workdir keeps the weights)."""
+    try:
+        hf.check_exportable(weights.config, weights.head)
+    except ConfigError as e:
+        log(f"  not exported: {e}")
+        return None
+    return write_export(weights, workdir, Path(workdir) / workdirs.EXPORT, lowercase)
+
+
 def check_export_dir(out_dir) -> None:
     """An export replaces only an earlier export: `out_dir` must be new, empty, or hold
     nothing but export files, so that no file, folder or workdir is ever deleted for it."""
     out_dir = Path(out_dir)
     if not out_dir.exists():
         return
+    expected = "expected a new directory, an empty one or an earlier export"
     if not out_dir.is_dir():
-        raise ConfigError(f"export directory {out_dir} is a file: expected a new directory, an "
-                          f"empty one or an earlier export")
+        raise ConfigError(f"export directory {out_dir} is a file: {expected}")
     others = sorted(p.name for p in out_dir.iterdir() if p.name not in EXPORT_FILES)
     if others:
         raise ConfigError(f"export directory {out_dir} holds {others[0]!r}, which is not an "
-                          f"export's: expected a new directory, an empty one or an earlier "
-                          f"export")
+                          f"export's: {expected}")
 
 
 def write_export(weights: Pretrained | Classifier, workdir, out_dir, lowercase: bool) -> Path:
@@ -52,15 +62,13 @@ def write_export(weights: Pretrained | Classifier, workdir, out_dir, lowercase: 
     # Written under a temporary name, then renamed: an interrupted export leaves no directory
     # that looks complete (a previous export stays whole until the new one replaces it).
     partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    if partial.exists():
-        partial.rmtree()
+    partial.rmtree(missing_ok=True)
     try:
         weights.save_hf(partial)
         tokenizer.save_hf(partial, model_max_length=weights.config.max_position_embeddings)
         workdirs.keep_tokenizer(partial, workdirs.tokenizer_file_of(workdir))
     except BaseException:
-        if partial.exists():
-            partial.rmtree()
+        partial.rmtree(missing_ok=True)
         raise
     if out_dir.exists():
         previous = out_dir.parent / f".{out_dir.name}.previous-{os.getpid()}"

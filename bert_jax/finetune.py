@@ -27,13 +27,13 @@ import numpy as np
 from etils.epath import Path  # local paths and gs:// alike
 from jax.experimental import multihost_utils
 
-from bert_jax import hf, loop, losses, preflight, scores, sharding, tasks
+from bert_jax import loop, losses, preflight, scores, sharding, tasks
 from bert_jax import run as runs
 from bert_jax import workdir as workdirs
 from bert_jax.config import (CheckpointConfig, ConfigError, MeshConfig, ModelConfig,
                              TrainConfig, check_int)
 from bert_jax.data.checks import check_batch_topology
-from bert_jax.export import write_export
+from bert_jax.export import export_run
 from bert_jax.model import ENCODER_PARAMS
 from bert_jax.pretrained import Classifier, load_encoder
 
@@ -158,11 +158,6 @@ def finetune(config: ml_collections.ConfigDict, workdir, *, init: Init | None = 
 
 
 def _train(config, run: runs.Run, task, init: Init, encoded: dict, export: bool, log) -> dict:
-    try:
-        hf.check_exportable(run.model, "classification")
-    except ConfigError as e:  # a variant Hugging Face lacks: trained, kept, not exported
-        log(f"not exported at the end: {e}")
-        export = False
     state, start, saved = run.start(config, check_resumable, log, init.encoder_params)
     skipped = saved.get("skipped_batches", {})
     train = run.train
@@ -210,9 +205,7 @@ def _train(config, run: runs.Run, task, init: Init, encoded: dict, export: bool,
             params = multihost_utils.process_allgather(state["params"], tiled=True)
             classifier = Classifier(run.model, jax.tree.map(np.asarray, params), task.labels)
             if run.is_main:
-                summary["export"] = str(write_export(classifier, run.workdir,
-                                                     run.workdir / workdirs.EXPORT,
-                                                     init.lowercase))
+                summary["export"] = export_run(classifier, run.workdir, init.lowercase, log)
     finally:
         preemption.restore()
     return {**summary, "step": step, "preempted": preemption.requested,

@@ -25,7 +25,7 @@ class _Weights:
     """A model's config and float32 parameters (the nested dict of numpy arrays that
     `nnx.to_pure_dict` gives), with the model's inference forward jitted."""
 
-    _head = "pretraining"  # the Hugging Face class `save_hf` writes (`hf.save`)
+    head = "pretraining"  # the Hugging Face class `save_hf` writes (`hf.save`)
     labels: tuple[str, ...] = ()
 
     def __init__(self, config: ModelConfig, params: dict, num_labels: int | None, forward):
@@ -49,7 +49,7 @@ class _Weights:
 
     def save_hf(self, out_dir) -> None:
         """Writes a Hugging Face directory (config.json + model.safetensors)."""
-        hf.save(out_dir, self.config, hf.flatten(self.params), self._head, self.labels)
+        hf.save(out_dir, self.config, hf.flatten(self.params), self.head, self.labels)
 
 
 class Pretrained(_Weights):
@@ -68,7 +68,7 @@ class Classifier(_Weights):
     """A fine-tuned BERT sequence classifier whose classes are `labels` (none: a regression
     model with one output)."""
 
-    _head = "classification"
+    head = "classification"
 
     def __init__(self, config: ModelConfig, params: dict, labels: tuple[str, ...]):
         super().__init__(config, params, len(labels) or 1,

@@ -19,6 +19,7 @@ from bert_jax import run as runs
 from bert_jax import workdir as workdirs
 from bert_jax.config import Phase, RunConfig, default_config
 from bert_jax.data import pipeline
+from bert_jax.export import export_run
 from bert_jax.pretrained import Pretrained
 
 # What a resumed run must keep: the architecture, the data and its order, the schedule.
@@ -45,8 +46,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) ->
     latest checkpoint, evaluating on the validation split, and returns a summary.
 
     Every process of a multi-process run calls this; only process 0 writes logs, metrics and
-    files other than checkpoints. The summary of a finished run carries the trained weights
-    (`pretrained`, gathered to the host on every process) for the export.
+    files other than checkpoints. A finished run is exported to WORKDIR/export, and its
+    summary carries the trained weights (`pretrained`, gathered on every process).
     """
     workdir = Path(workdir)
     settings = RunConfig.from_dict(config)
@@ -77,7 +78,7 @@ def _train(config, settings: RunConfig, run: runs.Run, datasets: dict, log) -> d
         workdirs.write_config(run.workdir, config.to_dict())
     stop = settings.train.stop
     preemption = loop.Preemption()
-    summary = {"train": {}, "validation": {}, "pretrained": None}
+    summary = {"train": {}, "validation": {}, "pretrained": None, "export": None}
 
     def save(step, state, force=False):
         # The loader's state is the step, which the state holds, plus the batches skipped by
@@ -117,6 +118,9 @@ def _train(config, settings: RunConfig, run: runs.Run, datasets: dict, log) -> d
         if step == settings.train.num_steps:
             params = multihost_utils.process_allgather(state["params"], tiled=True)
             summary["pretrained"] = Pretrained(settings.model, params)
+            if run.is_main:
+                summary["export"] = export_run(summary["pretrained"], run.workdir,
+                                               settings.data.lowercase, log)
     finally:
         preemption.restore()
     return {"step": step, "preempted": preemption.requested, **summary,
