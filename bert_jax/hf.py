@@ -50,16 +50,13 @@ _CONFIG_KEYS = {
 # The config.json values of the one architecture implemented: written, and required of a read.
 _ARCHITECTURE = {"model_type": "bert", "hidden_act": "gelu", "position_embedding_type": "absolute"}
 
-# Each head's Hugging Face class, and per class the ModelConfig choices it represents, {field:
-# (values, what it has instead)}: export refuses others. Another family's classes add rows.
+# Each head's Hugging Face class, and the ModelConfig choices they represent, {field: (values,
+# what they have instead)}: export refuses others.
 _CLASSES = {"pretraining": "BertForPreTraining", "classification": "BertForSequenceClassification"}
-_BERT_CHOICES = {"layer_norm": (("post",), "has post-LayerNorm layers only")}
-_SUPPORTED = {"BertForPreTraining": _BERT_CHOICES, "BertForSequenceClassification": _BERT_CHOICES}
-
+_SUPPORTED = {"layer_norm": (("post",), "has post-LayerNorm layers only")}
 
 # How one of our (sub-)arrays is laid out as a Hugging Face tensor (`_Entry.inputs`): as it is,
-# flattened, or as a linear kernel with 1 or 2 leading input dims (PyTorch stores the
-# transposed 2-D matrix).
+# flattened, or a linear kernel with 1 or 2 leading input dims (stored transposed, 2-D).
 _SAME, _FLAT, _KERNEL, _KERNEL_2D_IN = None, 0, 1, 2
 
 
@@ -191,13 +188,10 @@ def encoder_tensors(tensors: dict) -> dict:
 
 
 def _modern_names(tensors: dict) -> dict:
-    """Released BERT checkpoints (e.g. bert-base-uncased) name LayerNorm parameters
-    `gamma`/`beta`; `transformers` renames them to `weight`/`bias` on load, and so do we."""
-    def modern(name):
-        name = re.sub(r"\.LayerNorm\.gamma$", ".LayerNorm.weight", name)
-        return re.sub(r"\.LayerNorm\.beta$", ".LayerNorm.bias", name)
-
-    return {modern(name): value for name, value in tensors.items()}
+    """LayerNorm `gamma`/`beta` (released checkpoints) -> `weight`/`bias`, as `transformers`."""
+    renamed = {"gamma": "weight", "beta": "bias"}
+    return {re.sub(r"(?<=\.LayerNorm\.)(gamma|beta)$", lambda match: renamed[match[1]], name):
+            value for name, value in tensors.items()}
 
 
 def _describe(config: ModelConfig) -> str:
@@ -209,7 +203,7 @@ def check_exportable(config: ModelConfig, head: str = "pretraining") -> None:
     """Raises ConfigError naming a field the Hugging Face class of `head` cannot represent
     (`_SUPPORTED`): export calls it, and so can a run before it trains."""
     hf_class = _CLASSES[head]
-    for field, (allowed, instead) in _SUPPORTED[hf_class].items():
+    for field, (allowed, instead) in _SUPPORTED.items():
         if (value := getattr(config, field)) not in allowed:
             raise ConfigError(
                 f"model.{field}={value!r}: Hugging Face {hf_class} {instead}; expected "
@@ -278,7 +272,7 @@ def read_labels(path) -> tuple[str, ...]:
 
 
 def read_tensors(path) -> dict[str, np.ndarray]:
-    """The tensors of a Hugging Face directory: safetensors (single or sharded), else `.bin`."""
+    """The tensors of a Hugging Face directory: safetensors (maybe sharded), else `.bin`."""
     path = epath.Path(path)
     if (path / WEIGHTS_FILE).is_file():
         return _read_safetensors(path / WEIGHTS_FILE)

@@ -1,10 +1,7 @@
-"""Fine-tuning tasks: what is predicted (one of several classes, or a score) from one text or a
-pair, and the labelled examples of the train and validation splits: `builtin`
-(`bert_jax.builtin_task`), `glue/NAME` (prepared in TFDS, never downloaded), or local CSV, TSV
-or JSON Lines files (`FILE_TASKS`); docs/finetune.md has the table.
-
-Examples are read whole into memory: fine-tuning sets are small (GLUE's largest, QQP, is
-364k pairs), and the batches of any step are then a permutation away (`bert_jax.finetune`).
+"""Fine-tuning tasks (classes or a score, from a text or a pair) and their train/validation
+examples: `builtin`, `glue/NAME` (prepared in TFDS, never downloaded), or local CSV, TSV or
+JSON Lines files (`FILE_TASKS`); docs/finetune.md has the table. Examples are read whole into
+memory: fine-tuning sets are small (GLUE's largest, QQP, is 364k pairs).
 """
 
 from __future__ import annotations
@@ -25,11 +22,8 @@ GLUE_PREFIX = "glue/"
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """What a task predicts and how it is scored.
-
-    `labels` names the classes (class i is `labels[i]`); empty for regression, which
-    predicts one score. `metrics` are reported on validation; the first is the headline.
-    """
+    """`labels` names the classes (empty: regression, one score); `metrics` are reported on
+    validation, the first being the headline."""
 
     name: str
     pair: bool
@@ -83,8 +77,7 @@ TASK_NAMES = (BUILTIN, *(GLUE_PREFIX + name for name in GLUE), *FILE_TASKS)
 
 def load(task_config) -> tuple[Task, dict[str, Examples]]:
     """The task of `config.task` and its examples by split ("train", "validation"); bad input
-    (an unknown task, a missing file or column, a label outside the classes, ...) raises a
-    ConfigError naming it."""
+    raises a ConfigError naming it."""
     name = task_config.name
     if name == BUILTIN:
         task = Task(BUILTIN, False, builtin_task.LABELS, builtin_task.METRICS)
@@ -240,10 +233,8 @@ def encode(tokenizer, examples: Examples, max_seq_length: int) -> dict[str, np.n
     firsts = [ids for ids, _ in tokenizer.encode_batch(examples.texts)]
     seconds = ([ids for ids, _ in tokenizer.encode_batch(examples.pairs)]
                if examples.pairs is not None else [None] * len(firsts))
-    count = len(firsts)
-    input_ids = np.full((count, max_seq_length), tokenizer.pad_id, np.int32)
-    segment_ids = np.zeros((count, max_seq_length), np.int32)
-    input_mask = np.zeros((count, max_seq_length), np.int32)
+    input_ids = np.full((len(firsts), max_seq_length), tokenizer.pad_id, np.int32)
+    segment_ids, input_mask = (np.zeros_like(input_ids) for _ in range(2))
     for row, (a, b) in enumerate(zip(firsts, seconds)):
         a, b = _truncate(a, b, max_seq_length - (2 if b is None else 3))
         first = [tokenizer.cls_id, *a, tokenizer.sep_id]
@@ -256,9 +247,8 @@ def encode(tokenizer, examples: Examples, max_seq_length: int) -> dict[str, np.n
 
 
 def _truncate(a, b, budget: int):
-    """Longest-first truncation as Hugging Face `tokenizers` does it: the shorter text keeps
-    up to half the budget (rounded down; the second text counts as the longer on ties) and the
-    longer one the rest."""
+    """Longest-first, as Hugging Face `tokenizers`: the shorter text keeps up to half the budget
+    (rounded down; on ties the second counts as the longer), the longer one the rest."""
     if b is None:
         return a[:budget], None
     if len(a) > len(b):

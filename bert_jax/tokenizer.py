@@ -1,10 +1,8 @@
 """BERT tokenizers: SentencePiece vocabularies trained here, or released WordPiece vocab.txt files.
 
-Both kinds tokenize through one `tokenizers.Tokenizer` (Rust). SentencePiece itself only trains:
-its `.model` is converted into a `tokenizers` Unigram pipeline, so the data pipeline and the
-exported `tokenizer.json` are literally the same tokenizer, and `transformers.AutoTokenizer`
-on the export gives the ids the model was trained on. The BERT special tokens are atomic in
-both kinds: "[MASK]" in a text is the [MASK] id, as in Hugging Face's BertTokenizer.
+Both tokenize through one `tokenizers.Tokenizer` (Rust): a SentencePiece `.model` (SentencePiece
+only trains) becomes a Unigram pipeline, so the data pipeline and the exported `tokenizer.json`
+are the same tokenizer. Special tokens are atomic: "[MASK]" in a text is the [MASK] id.
 """
 
 from __future__ import annotations
@@ -29,15 +27,13 @@ from bert_jax.config import ConfigError
 
 PAD, UNK, CLS, SEP, MASK = SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
-# Training sees a random sample of at most this many sentences: it bounds training memory
-# whatever the corpus size (docs/data.md). Sampled here, not by SentencePiece, whose sample
-# differs from run to run whatever seed it is given.
+# Training sees a random sample of at most this many sentences, bounding its memory (docs/data.md);
+# sampled here: SentencePiece's own sample differs from run to run whatever its seed.
 MAX_TRAINING_SENTENCES = 2_000_000
 _SAMPLING_CHUNK = 1 << 16
 
 _SPM = sentencepiece_model_pb2.ModelProto
-# The SentencePiece options the conversion to `tokenizers` reproduces: those of
-# `train_sentencepiece` (spec name -> field -> value).
+# The SentencePiece options (of `train_sentencepiece`) the conversion to `tokenizers` reproduces.
 _CONVERTIBLE_SPM_OPTIONS = {
     "trainer_spec": {"model_type": sentencepiece_model_pb2.TrainerSpec.UNIGRAM,
                      "byte_fallback": False, "treat_whitespace_as_suffix": False,
@@ -67,14 +63,9 @@ def kept_file_name(vocabulary_file) -> str:
 
 def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_path, *,
                         seed: int = 0) -> epath.Path:
-    """Trains a SentencePiece unigram model on `sentences`; returns `model_path` (written whole
-    or not at all).
-
-    [PAD] [UNK] [CLS] [SEP] [MASK] are ids 0..4 and the vocabulary has exactly `vocab_size`
-    pieces: a corpus too small for that raises rather than quietly giving the model fewer ids.
-    Deterministic for the same sentences and seed; trains on a sample of at most
-    `MAX_TRAINING_SENTENCES` drawn in one pass, so `sentences` may be a generator of any size.
-    """
+    """Trains a SentencePiece unigram model on a seeded sample of `sentences` (any size) and
+    writes it whole to `model_path`. [PAD] [UNK] [CLS] [SEP] [MASK] are ids 0..4; a corpus too
+    small for exactly `vocab_size` pieces raises rather than giving fewer ids."""
     model_path = epath.Path(model_path)
     if model_path.suffix != ".model":
         raise ConfigError(f"{model_path}: a SentencePiece model path must end in .model")
@@ -113,13 +104,9 @@ def _sample(items: Iterable, k: int, seed: int) -> list:
 
 
 class Tokenizer:
-    """A BERT tokenizer backed by a `tokenizers.Tokenizer`; build it with `load_tokenizer`.
-
-    `kind` is "sentencepiece" or "wordpiece". `special_ids` are never masked nor predicted:
-    [PAD] [CLS] [SEP] [MASK], not [UNK], which stands for real text (original BERT masks it).
-    `fingerprint` (sha256 of the kind, the vocabulary file and the WordPiece lowercase flag)
-    names the tokenizer in dataset metadata.
-    """
+    """A BERT tokenizer of `kind` "sentencepiece" or "wordpiece"; build it with `load_tokenizer`.
+    `special_ids` ([PAD] [CLS] [SEP] [MASK]; not [UNK], which stands for real text) are never
+    masked. `fingerprint` names the tokenizer in dataset metadata."""
 
     def __init__(self, backend: tokenizers.Tokenizer, *, kind: str, fingerprint: str,
                  hf_config: dict, hf_files: dict[str, bytes]):
@@ -138,10 +125,8 @@ class Tokenizer:
                 f"fingerprint={self.fingerprint[:12]!r})")
 
     def encode_batch(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """For each text: its ids (int32, no [CLS]/[SEP]) and, as long, word-start flags for
-        whole-word masking. Words are what the pre-tokenizer splits: whitespace-separated for
-        SentencePiece, and for WordPiece also each punctuation mark and CJK character, as BERT's.
-        """
+        """For each text: its ids (int32, no [CLS]/[SEP]) and word-start flags (words: what the
+        pre-tokenizer splits; for WordPiece also each punctuation mark and CJK character)."""
         results = []
         for encoding in self._backend.encode_batch(texts, add_special_tokens=False):
             # A token starts a word when its word id differs from the previous token's; no word
@@ -169,11 +154,9 @@ class Tokenizer:
                                     skip_special_tokens=False)
 
     def save_hf(self, out_dir, *, model_max_length: int | None = None) -> None:
-        """Writes the tokenizer for `transformers.AutoTokenizer.from_pretrained(out_dir)`, each
-        file whole or not at all: tokenizer.json is this very pipeline; WordPiece adds its
-        vocab.txt and names `BertTokenizer`, which `transformers` 5 rebuilds from the vocabulary
-        and `do_lower_case`. `model_max_length` (the model's positions) lets it truncate.
-        """
+        """Writes each file for `transformers.AutoTokenizer.from_pretrained(out_dir)` whole:
+        tokenizer.json is this pipeline; WordPiece adds vocab.txt and names `BertTokenizer`,
+        which `transformers` 5 rebuilds from it and `do_lower_case`."""
         out_dir = epath.Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         config = {**self._hf_config, **_SPECIAL_TOKENS_MAP, "model_input_names": _MODEL_INPUT_NAMES,
@@ -188,11 +171,8 @@ class Tokenizer:
 
 
 def load_tokenizer(vocab_file, *, lowercase: bool = True) -> Tokenizer:
-    """The tokenizer of a SentencePiece `.model` or a WordPiece `vocab.txt`; ConfigError names
-    the path of a file that is unreadable, of neither kind, or lacks a special token.
-
-    `lowercase` applies to WordPiece only (True: BERT-uncased, lowercasing and stripping
-    accents); a SentencePiece model carries its own normalization.
+    """The tokenizer of a SentencePiece `.model` or a WordPiece `vocab.txt`. `lowercase` applies
+    to WordPiece only (True: BERT-uncased); a SentencePiece model carries its own normalization.
     """
     path = epath.Path(vocab_file)
     try:
@@ -231,13 +211,9 @@ def load_tokenizer(vocab_file, *, lowercase: bool = True) -> Tokenizer:
 
 
 def _sentencepiece_backend(path: epath.Path, content: bytes) -> tokenizers.Tokenizer:
-    """A `tokenizers` Unigram pipeline that encodes as SentencePiece does, but for the three
-    cases docs/data.md lists.
-
-    NFKC comes before SentencePiece's own character map because `tokenizers` applies the map
-    one grapheme at a time where SentencePiece takes the longest match over characters:
-    without it "ｶﾞ", "ㄱㅏ" and decomposed accents normalize differently or lose marks.
-    """
+    """A Unigram pipeline encoding as SentencePiece does, but for the cases docs/data.md lists.
+    NFKC first: `tokenizers` applies SentencePiece's character map a grapheme at a time, not by
+    longest match, so without it "ｶﾞ", "ㄱㅏ" and decomposed accents normalize differently."""
     proto = _SPM()
     try:
         proto.ParseFromString(content)

@@ -1,11 +1,9 @@
 """Corpus readers: raw text in, documents as lists of sentences out.
 
-A corpus (`config.data.corpus`) is a file glob (several separated by commas), `builtin` (the
-Python standard library's documentation: real English prose that every machine has offline,
-so `bert-jax pretrain` runs with no data at hand) or `tfds:NAME[:SPLIT]` (a TFDS dataset
-already prepared: nothing is ever downloaded). `list_sources` cuts it into units named by
-picklable strings, so that parallel workers can each read some; `read_source` reads one;
-`fingerprint` digests what they read, the identity of what is built from a corpus.
+A corpus (`config.data.corpus`) is file globs separated by commas, `builtin` (the Python
+standard library's documentation: English prose every machine has offline) or `tfds:NAME[:SPLIT]`
+(a TFDS dataset already prepared; nothing is downloaded). `list_sources` cuts it into picklable
+units for parallel workers, `read_source` reads one, `fingerprint` digests what they read.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ import os
 import re
 import sysconfig
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from bert_jax.config import ConfigError
@@ -76,12 +74,9 @@ class ReadStats:
 
 
 def list_sources(spec: str) -> list[str]:
-    """The independently readable units of a corpus, as picklable strings, in a fixed order:
-    the files of each glob (`~` expanded) sorted, in the order of the globs, each once; for
-    `builtin`, one `builtin:PATH` per standard-library module and `builtin:pydoc_topics`; for
-    TFDS, the one source `tfds:NAME:SPLIT` (SPLIT: `train` by default, or a slice such as
-    `train[:10%]`). A glob that matches no file is a ConfigError naming it.
-    """
+    """The readable units of a corpus in a fixed order: each glob's files sorted, each once;
+    `builtin:PATH` per standard-library module and `builtin:pydoc_topics`; or one
+    `tfds:NAME:SPLIT` (SPLIT `train` by default, or a slice such as `train[:10%]`)."""
     spec = spec.strip()
     if spec == BUILTIN:
         return _builtin_sources()
@@ -100,13 +95,9 @@ def list_sources(spec: str) -> list[str]:
 
 def read_source(source: str, stats: ReadStats | None = None, *, text_field: str = "text",
                 tfds_data_dir: str | None = None) -> Iterator[list[str]]:
-    """Yields the non-empty documents of one source of `list_sources`, each a list of
-    stripped, non-empty sentences, counted in `stats`.
-
-    A file is UTF-8 (undecodable bytes replaced and counted) in the first format that fits
-    (docs/data.md): JSON Lines (`.jsonl` / `.json`, field `text_field`), google-research/bert's
-    (a blank line between documents, a sentence per line), or a document per line. A TFDS
-    example's text is the feature `text_field`, or else the only text feature.
+    """The non-empty documents (lists of stripped, non-empty sentences) of one source, counted
+    in `stats`. File formats (docs/data.md): JSON Lines, google-research/bert's (a blank line
+    between documents), or a document per line; TFDS text is feature `text_field` or the only one.
     """
     stats = ReadStats() if stats is None else stats
     if source.startswith(TFDS_PREFIX):
@@ -125,12 +116,8 @@ def read_source(source: str, stats: ReadStats | None = None, *, text_field: str 
 
 
 def fingerprint(spec: str, tfds_data_dir: str | None = None) -> str:
-    """A digest (hex SHA-256) of the text that corpus `spec` reads: what a tokenizer trained
-    on it and a dataset built from it are named by, so that an edited file is never served
-    by what was built from its old content (docs/data.md says what is hashed).
-
-    Files are hashed in threads (hashlib runs outside the GIL) and again only when their
-    size or modification time has changed: a run's several datasets read a corpus once.
+    """The hex SHA-256 of what corpus `spec` reads, naming what is built from it (docs/data.md).
+    Files hash in threads (hashlib releases the GIL), again only when their size or mtime change.
     """
     part = functools.partial(_source_fingerprint, tfds_data_dir=tfds_data_dir)
     with concurrent.futures.ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
@@ -159,14 +146,11 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
 
 
 def split_sentences(text: str) -> list[str]:
-    """Splits running text into sentences, with whitespace (newlines included) collapsed.
-
-    Rule-based, because a learned splitter (NLTK's punkt, spaCy) needs model files that
-    cannot be downloaded offline. A sentence ends at `.`, `!`, `?` or an ellipsis, with any
-    closing quotes or brackets, when whitespace and an upper-case letter or digit follow;
-    except after an abbreviation (Mr., cf.), a dotted initialism (e.g., U.S.), a capital
-    initial (J. Smith), or a reference abbreviation before a number (No. 5, Fig. 2).
-    """
+    """Running text -> sentences, whitespace collapsed. Rule-based (learned splitters need
+    model files, not to be had offline): `.`, `!`, `?` or an ellipsis, then closing quotes or
+    brackets, whitespace and an upper-case letter or digit, end one; except after an
+    abbreviation (Mr.), an initialism (e.g., U.S.), an initial (J. Smith), or No./Fig. before a
+    number."""
     text = " ".join(text.split())
     sentences, start = [], 0
     for match in _SENTENCE_END.finditer(text):
@@ -229,7 +213,9 @@ def _read_file(path: str, stats: ReadStats, text_field: str) -> Iterator[list[st
     if path.lower().endswith((".jsonl", ".json")):
         documents = _json_lines_documents(path, stats, text_field)
     elif _separates_documents_by_blank_lines(path):
-        documents = _bert_format_documents(_decoded_lines(path, stats))
+        stripped = (line.strip() for line in _decoded_lines(path, stats))
+        documents = (list(sentences)
+                     for is_text, sentences in itertools.groupby(stripped, key=bool) if is_text)
     else:
         documents = (split_sentences(line) for line in _decoded_lines(path, stats))
     stats.sources += 1
@@ -262,12 +248,6 @@ def _decode_utf8(raw: bytes, stats: ReadStats) -> str:
         return text
 
 
-def _bert_format_documents(lines: Iterable[str]) -> Iterator[list[str]]:
-    for is_text, sentences in itertools.groupby((line.strip() for line in lines), key=bool):
-        if is_text:
-            yield list(sentences)
-
-
 def _json_lines_documents(path: str, stats: ReadStats, text_field: str) -> Iterator[list[str]]:
     for number, line in enumerate(_decoded_lines(path, stats), start=1):
         if not line.strip():
@@ -297,9 +277,8 @@ def _builtin_sources() -> list[str]:
 
 
 def _read_builtin_module(path: str, stats: ReadStats) -> Iterator[list[str]]:
-    """One document: the module's docstrings. Parsed, never imported: importing some
-    modules (`antigravity`, `this`) has side effects. A file that does not parse counts
-    for nothing."""
+    """One document: the module's docstrings. Parsed, not imported (`antigravity` and `this`
+    have side effects); a file that does not parse counts for nothing."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. invalid escapes in old modules: not ours
@@ -312,8 +291,7 @@ def _read_builtin_module(path: str, stats: ReadStats) -> Iterator[list[str]]:
 
 
 def _docstrings(node: ast.AST) -> Iterator[str]:
-    """The docstrings of a module, its classes and functions, in source order (through
-    statements only: no expression holds a docstring)."""
+    """The docstrings of a module, its classes and functions, in source order."""
     if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
         docstring = ast.get_docstring(node, clean=True)  # clean: inspect.cleandoc
         if docstring:
@@ -333,9 +311,8 @@ def _read_pydoc_topics(stats: ReadStats) -> Iterator[list[str]]:
 
 
 def _documentation_sentences(text: str) -> list[str]:
-    """Sentences of the prose of documentation text: doctest examples go, and so does every
-    paragraph that does not end like a sentence (headings, tables, code, signatures, lead-ins
-    such as "For example:"). List markers go too, so that "1." is no sentence."""
+    """Sentences of documentation prose: doctests, list markers and paragraphs that do not end
+    like a sentence (headings, tables, code, signatures, "For example:") go."""
     return [sentence for paragraph in _PARAGRAPH_BREAK.split(_without_doctests(text))
             if _PROSE_END.search(paragraph.rstrip())
             for sentence in split_sentences(_LIST_MARKER.sub("", paragraph))]

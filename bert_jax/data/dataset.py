@@ -104,8 +104,7 @@ class BertPretraining(tfds.core.GeneratorBasedBuilder):
         return {name: self._generate_examples(examples, rows[name])
                 for name, examples in instances.items()}
 
-    def _generate_examples(self, instances, rows=None):
-        """Instances one per example, or with `rows` (lists of instance indices) packed."""
+    def _generate_examples(self, instances, rows=None):  # rows: lists of instance indices
         if rows is None:  # an `Instance`'s fields are the unpacked features
             yield from ((index, vars(instance)) for index, instance in enumerate(instances))
             return
@@ -121,8 +120,7 @@ class BertPretraining(tfds.core.GeneratorBasedBuilder):
 
 
 def identity(data: DataConfig, tokenizer_fingerprint: str, corpus_fingerprint: str) -> dict:
-    """What determines a dataset's instances, the corpus's content included (its
-    `corpus_fingerprint`); stored with it and checked before training."""
+    """What determines a dataset's instances, corpus content included; checked before training."""
     values = {k: v for k, v in data.to_dict().items() if k not in _NOT_IDENTITY}
     if values["instances_per_row"] == 1:  # unpacked: the identity from before packing existed
         del values["instances_per_row"]
@@ -131,7 +129,6 @@ def identity(data: DataConfig, tokenizer_fingerprint: str, corpus_fingerprint: s
 
 
 def corpus_fingerprint(data: DataConfig) -> str:
-    """The digest of the text `data.corpus` reads (`corpus.fingerprint`)."""
     return corpora.fingerprint(data.corpus, data.tfds_data_dir or None)
 
 
@@ -142,11 +139,8 @@ def dataset_name(identity_values: dict) -> str:
 
 def _run_parallel(function, items: list, workers: int, desc: str, unit: str,
                   initializer=None, initargs=()):
-    """`map(function, items)` over worker processes, in order, with a progress bar.
-
-    Workers are spawned: forking a process that has loaded TensorFlow or JAX is unsafe.
-    One worker or one item runs in this process (no start-up cost; TFDS mocks stay visible).
-    """
+    """`map(function, items)` in order over spawned worker processes (forking a process that
+    has loaded TensorFlow or JAX is unsafe); one worker or item runs here (TFDS mocks visible)."""
     workers = min(workers or os.cpu_count() or 1, len(items))
     if workers <= 1:
         if initializer:
@@ -165,8 +159,7 @@ def _worker_tokenizer(path: str, lowercase: bool) -> tokenization.Tokenizer:
 
 
 def _tokenize_source(source: str, data: DataConfig, tokenizer_file: str):
-    """Tokenizes one corpus source, in a worker: (ids, word starts, sentence lengths,
-    sentences per document, read stats)."""
+    """(ids, word starts, sentence lengths, sentences per document, read stats) of a source."""
     tokenizer = _worker_tokenizer(tokenizer_file, data.lowercase)
     stats = corpora.ReadStats()
     sentences, document_sizes = [], []
@@ -234,7 +227,7 @@ def _instances_of(documents: range, options: InstanceOptions, seed: int, dupe_fa
 
 def create_instances(corpus: TokenizedCorpus, options: InstanceOptions, seed: int,
                      dupe_factor: int, tokenizer, workers: int = 0) -> list:
-    """All instances of `corpus`, in document order, created in parallel worker processes."""
+    """All instances of `corpus`, in document order."""
     bounds = np.linspace(0, corpus.num_documents, 64 + 1).astype(int)
     chunks = [range(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     create = functools.partial(_instances_of, options=options, seed=seed,
@@ -291,8 +284,6 @@ def _train_tokenizer(data: DataConfig, path: epath.Path) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
-    """A prepared dataset: its directory, tokenizer and metadata."""
-
     path: epath.Path
     tokenizer: tokenization.Tokenizer
     metadata: dict
@@ -316,8 +307,7 @@ def prepare(data: DataConfig) -> Prepared:
                                      tokenizer_file=str(vocab), identity=values),
         data_dir=str(files.path(data.data_dir)))
     if not (epath.Path(builder.data_dir) / "dataset_info.json").is_file():
-        # TFDS prints "Downloading and preparing dataset ..." whatever the builder; nothing
-        # is downloaded here, and the command's own summary says where the data went.
+        # TFDS prints "Downloading and preparing dataset ...", though nothing is downloaded.
         with contextlib.redirect_stdout(io.StringIO()):
             builder.download_and_prepare(file_format=tfds.core.FileFormat.ARRAY_RECORD)
     return open_prepared(builder.data_dir, expected=values)

@@ -1,10 +1,9 @@
 """NSP/SOP instances from tokenized documents, with google-research/bert's semantics.
 
-`create_instances_from_document` follows `create_pretraining_data.py` step by step, down to
-its random draws (a test compares them), including a random B whenever a chunk holds one
-segment, which pushes the random-next share above 50% on corpora of long sentences. Each
-document gets its own `random.Random` seeded by (seed, pass, document), so the instances do
-not depend on how documents are spread over worker processes. Masking is dynamic, elsewhere.
+`create_instances_from_document` follows `create_pretraining_data.py` down to its random draws
+(a test compares them), including a random B whenever a chunk holds one segment. Each document
+gets its own `random.Random` seeded by (seed, pass, document): instances do not depend on how
+documents are spread over worker processes.
 """
 
 from __future__ import annotations
@@ -154,8 +153,7 @@ def _random_segment(corpus: TokenizedCorpus, document: int, target_length: int,
 
 
 def _truncate_pair(a, b, max_num_tokens: int, rng: random.Random):
-    """Trims the longer segment, from a random end, until the pair fits (as the reference);
-    `a` and `b` are [ids, word_starts] pairs of lists, trimmed together."""
+    """Trims the longer of the [ids, word_starts] pairs `a`, `b` at a random end until both fit."""
     while len(a[0]) + len(b[0]) > max_num_tokens:
         longer = a if len(a[0]) > len(b[0]) else b
         index = 0 if rng.random() < 0.5 else -1

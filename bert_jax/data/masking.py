@@ -6,11 +6,9 @@ among the n non-special tokens (whole words with `whole_word_masking`, skipping 
 would overshoot); replace 80% with [MASK], keep 10%, and put a random token in 10%.
 Two deliberate differences: `n` counts maskable tokens only (the reference counts [CLS] and
 [SEP] too, which masks 16-17% of the text at length 64), and random replacements are drawn
-from ordinary tokens only (the reference may insert [CLS] or [PAD]).
-
-The random numbers of stream position p (row r of step k is position k * B + r) come from
-a generator keyed by (seed, MASK_STREAM, p // BLOCK): the same for every process layout, and
-cheap, since a generator is made per block of rows rather than per row.
+from ordinary tokens only (the reference may insert [CLS] or [PAD]). Stream position p draws
+from a generator keyed by (seed, MASK_STREAM, p // BLOCK): one per block of rows, for any
+process layout (docs/data.md).
 """
 
 from __future__ import annotations
@@ -47,9 +45,8 @@ class MaskingOptions:
 
 
 def stream_randoms(seed: int, first_position: int, rows: int, length: int, predictions: int):
-    """Uniform [0, 1) numbers for `rows` stream positions from `first_position`:
-    (token keys [rows, length], actions [rows, predictions], replacements [rows, predictions]).
-    """
+    """Uniform [0, 1) (token keys [rows, length], actions and replacements [rows, predictions])
+    of `rows` stream positions from `first_position`."""
     first_block, last_block = first_position // BLOCK, (first_position + rows - 1) // BLOCK
     width = length + 2 * predictions
     blocks = [np.random.default_rng([seed, MASK_STREAM, block]).random((BLOCK, width),
@@ -63,12 +60,9 @@ def stream_randoms(seed: int, first_position: int, rows: int, length: int, predi
 
 def pad(examples: list[dict], max_seq_length: int,
         instances_per_row: int = 1) -> dict[str, np.ndarray]:
-    """Stored examples -> fixed-shape ids, word starts, input mask, segment ids, NSP labels.
-
-    `input_mask` numbers each token's instance (1, 2, ...; 0 on padding). Unpacked
-    (`instances_per_row` 1), `next_sentence_labels` is [B]; packed, it is [B, K], with
-    `next_sentence_positions` (each instance's [CLS]) and `next_sentence_weights` (1 where a
-    row has that instance).
+    """Stored examples -> fixed-shape features. `input_mask` numbers each token's instance (1,
+    2, ...; 0 on padding). Packed, `next_sentence_labels` is [B, K] (else [B]), with each
+    instance's [CLS] `next_sentence_positions` and `next_sentence_weights` (1 where it exists).
     """
     tokens, instances = (len(examples), max_seq_length), (len(examples), instances_per_row)
     ids, instance_mask, segment_ids = (np.zeros(tokens, np.int32) for _ in range(3))
