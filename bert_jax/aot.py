@@ -1,12 +1,10 @@
 """Ahead-of-time lowering and compilation of the train step for TPUs and GPUs, on a machine
 without either.
 
-With the `libtpu` package installed (the `tpu` extra), `jax.experimental.topologies` describes a
-slice's chips, and XLA compiles the jitted, sharded train step for them exactly as it would on
-the slice (MaxText's train_compile does the same). That answers "does this config fit, and with
-how much room?" before any TPU is rented: the compiled program's memory per chip is XLA's own.
-For CUDA the step is lowered (`lowering_platforms`), not compiled: XLA's GPU compiler needs a
-GPU. Both show which fused attention kernels the accelerator would run.
+With libtpu (the `tpu` extra), XLA compiles the sharded train step for a slice's topology
+(`jax.experimental.topologies`) exactly as on the slice, as MaxText's train_compile does: its
+memory per chip says whether a config fits before any TPU is rented. For CUDA the step is only
+lowered: XLA's GPU compiler needs a GPU. Both show the fused attention kernels it would run.
 """
 
 from __future__ import annotations
@@ -24,19 +22,15 @@ from bert_jax import sharding
 from bert_jax.config import ConfigError, RunConfig
 from bert_jax.data.masking import batch_shapes
 
-# Cloud TPU accelerator types -> (JAX topology name prefix, TensorCores per chip). The number
-# in a v4/v5p type counts TensorCores (2 per chip, run as one "megacore" device); in a
+# Chips -> topology shape: v4 and v5p slices are 3D, v5e and v6e 2D.
+_CUBES = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8"}
+_GRIDS = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
+          256: "16x16"}
+# Cloud TPU accelerator types -> (JAX topology name prefix, TensorCores per chip, shapes). The
+# number in a v4/v5p type counts TensorCores (2 per chip, run as one "megacore" device); in a
 # v5e/v6e type it counts chips.
-_GENERATIONS = {"v4": ("v4", 2), "v5p": ("v5p", 2), "v5e": ("v5e", 1), "v5litepod": ("v5e", 1),
-                "v6e": ("v6e", 1)}
-_SHAPES = {  # chips -> topology shape
-    "v4": {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8"},
-    "v5p": {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8"},
-    "v5e": {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
-            256: "16x16"},
-    "v6e": {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
-            256: "16x16"},
-}
+_GENERATIONS = {"v4": ("v4", 2, _CUBES), "v5p": ("v5p", 2, _CUBES), "v5e": ("v5e", 1, _GRIDS),
+                "v5litepod": ("v5e", 1, _GRIDS), "v6e": ("v6e", 1, _GRIDS)}
 
 
 def topology_name(accelerator_type: str) -> str:
@@ -45,23 +39,19 @@ def topology_name(accelerator_type: str) -> str:
     if not match:
         raise ConfigError(f"TPU type {accelerator_type!r}: expected e.g. v4-32, v5p-128, v5e-16 "
                           f"or v6e-64")
-    generation, per_chip = _GENERATIONS[match.group(1)]
+    generation, per_chip, shapes = _GENERATIONS[match.group(1)]
     chips = int(match.group(2)) // per_chip
-    shape = _SHAPES[generation].get(chips)
-    if shape is None:
+    if chips not in shapes:
         raise ConfigError(f"TPU type {accelerator_type!r} ({chips} chips): expected one of "
-                          f"{sorted(_SHAPES[generation])} chips for {generation}")
-    return f"{generation}:{shape}"
+                          f"{sorted(shapes)} chips for {generation}")
+    return f"{generation}:{shapes[chips]}"
 
 
 @dataclasses.dataclass(frozen=True)
 class Compiled:
-    """One phase's train step lowered (and, for TPUs, compiled) for a target.
-
-    `attention` is the kernel the phase's rows run and `fused_attention` the fused-attention
-    calls found in the lowered module (what a GPU or TPU will run). For TPUs, XLA's memory
-    per chip (`bytes_per_chip`), or its message when the step does not fit a chip
-    (`out_of_memory`)."""
+    """One phase's train step lowered (and, for TPUs, compiled) for a target: the phase's
+    attention kernel, the fused-attention calls of the lowered module and, for TPUs, XLA's
+    memory per chip or its message when the step does not fit a chip."""
 
     target: str  # a JAX TPU topology, or `cuda`
     devices: int
@@ -72,27 +62,21 @@ class Compiled:
     out_of_memory: str | None = None
 
 
-def target_devices(target: str) -> tuple[str, list]:
-    """(platform, devices) to build the mesh of `target`: a TPU type's chips from libtpu's
-    topology, or for `cuda` this machine's devices standing in for GPUs (XLA's GPU compiler
-    needs a GPU; lowering does not)."""
-    if target == "cuda":
-        return "gpu", jax.devices()
-    from jax.experimental import topologies
-
-    # A topology holds no chip: let libtpu load beside another process that has it loaded
-    # (a run on this TPU VM, or a parallel compile), which its lockfile would refuse.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    topology = topology_name(target)
-    megacore = topology.startswith(("v4", "v5p"))
-    return "tpu", topologies.get_topology_desc(
-        topology, "tpu", **({"chip_config_name": "megacore"} if megacore else {})).devices
-
-
 def lower_train_step(config: ml_collections.ConfigDict, target: str, phase_index: int = 0):
-    """The train step of one of `config`'s phases lowered for `target` (`target_devices`).
+    """The train step of one of `config`'s phases lowered for `target`, on a TPU type's chips
+    from libtpu's topology, or for `cuda` on this machine's devices standing in for GPUs.
     Returns (lowered, attention kernel of the phase, devices)."""
-    platform, devices = target_devices(target)
+    if target == "cuda":
+        platform, devices = "gpu", jax.devices()
+    else:
+        from jax.experimental import topologies
+
+        # A topology holds no chip: let libtpu load beside another process that has it loaded
+        # (a run on this TPU VM, or a parallel compile), which its lockfile would refuse.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        megacore = {"chip_config_name": "megacore"} if target.startswith(("v4", "v5p")) else {}
+        platform, devices = "tpu", topologies.get_topology_desc(
+            topology_name(target), "tpu", **megacore).devices
     settings = RunConfig.from_dict(config)
     run = runs.build(settings.model, settings.train, settings.mesh, devices=devices,
                      platform=platform)
@@ -114,9 +98,8 @@ _KERNEL_NAME = re.compile(r'\b(?:kernel_)?name = "([^"]+)"')
 
 
 def fused_attention_calls(module_text: str) -> list[str]:
-    """The fused-attention calls of a lowered module, each once: `__cudnn$fmha...` targets,
-    and `TARGET:NAME` for Pallas kernels (Splash's `splash_mha_*` on TPU, the Triton
-    `mha_*` kernels on GPU)."""
+    """The fused-attention calls of a lowered module, each once: cuDNN's targets, and
+    `TARGET:NAME` for Pallas kernels (Splash's on TPU, the Triton `mha_*` ones on GPU)."""
     found = set()
     for target, rest in _CALL.findall(module_text):
         name = _KERNEL_NAME.search(rest)
@@ -129,14 +112,13 @@ def fused_attention_calls(module_text: str) -> list[str]:
 
 def compile_train_step(config: ml_collections.ConfigDict, target: str,
                        phase_index: int = 0) -> Compiled:
-    """Lowers the train step of one of `config`'s phases for `target` (a TPU type or `cuda`)
-    and, for a TPU, compiles it there (libtpu)."""
+    """`lower_train_step`, then for a TPU type compiled for it (libtpu)."""
     started = time.perf_counter()
     lowered, kernel, devices = lower_train_step(config, target, phase_index)
     calls = fused_attention_calls(lowered.as_text())
-    name = "cuda" if target == "cuda" else topology_name(target)
     if target == "cuda":
-        return Compiled(name, len(devices), kernel, calls, time.perf_counter() - started)
+        return Compiled("cuda", len(devices), kernel, calls, time.perf_counter() - started)
+    name = topology_name(target)
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as error:

@@ -1,9 +1,6 @@
-"""`bert-jax benchmark`: full train steps (forward, backward, optimizer) on synthetic batches.
-
-The step is the one training runs (`run.Run.train_step`: sharded over all local devices,
-state donated), the batches have BERT's layout and 15% masking (`data.synthetic`), and nothing
-here imports TensorFlow, so it runs on accelerator images without it. Times are per step,
-each step waited for, and the median reported: the figure peers are compared with.
+"""`bert-jax benchmark`: the train step training runs, timed on synthetic batches with BERT's
+layout and 15% masking. Nothing here imports TensorFlow, so it runs on accelerator images
+without it. Each step is waited for and the median reported: the figure peers are compared with.
 """
 
 from __future__ import annotations
@@ -25,20 +22,16 @@ from bert_jax import sharding
 from bert_jax.config import ModelConfig, RunConfig, default_config
 from bert_jax.data.synthetic import synthetic_batch
 
-VOCAB_SIZE = 30522  # BERT's WordPiece vocabulary, as the peers use
-
 
 def benchmark_config(size: str, batch: int, seq: int, dtype: str = "float32",
                      attention: str = "auto", scan: bool = False, remat: str = "none",
                      instances_per_row: int = 1) -> ml_collections.ConfigDict:
-    """A run config for the benchmark: BERT-`size` with BERT's dropout and vocabulary,
-    AdamW, one phase of `batch` x `seq` with 15% of the tokens predicted, rows packed with
-    up to `instances_per_row` instances."""
+    """BERT-`size` with BERT's vocabulary, one phase of `batch` x `seq` with 15% of the tokens
+    predicted, rows packed with up to `instances_per_row` instances."""
     config = default_config(size)
-    config.data.vocab_size = VOCAB_SIZE
-    config.data.max_seq_length = seq
-    config.data.max_predictions_per_seq = max(1, round(0.15 * seq))
-    config.data.instances_per_row = instances_per_row
+    config.data.update(vocab_size=30522,  # BERT's WordPiece vocabulary, as the peers use
+                       max_seq_length=seq, max_predictions_per_seq=max(1, round(0.15 * seq)),
+                       instances_per_row=instances_per_row)
     config.model.update(dtype=dtype, attention_impl=attention, scan_layers=scan,
                         remat_policy=remat)
     config.train.update(global_batch_size=batch, num_steps=1000, warmup_steps=10)
@@ -46,9 +39,8 @@ def benchmark_config(size: str, batch: int, seq: int, dtype: str = "float32",
 
 
 def train_step_and_inputs(config: ml_collections.ConfigDict, devices=None):
-    """(the jitted train step of `config` on a mesh of `devices` (default: every local
-    device), a fresh state, two synthetic batches, the attention kernel the step runs): what
-    `run` times, and what tests compile to read the step's HLO."""
+    """(jitted train step on `devices` (default: the local ones), fresh state, two synthetic
+    batches, attention kernel): what `run` times, and what tests compile to read the HLO."""
     settings = RunConfig.from_dict(config)
     run = runs.build(settings.model, settings.train, settings.mesh,
                      devices=jax.local_devices() if devices is None else devices)
@@ -62,9 +54,8 @@ def train_step_and_inputs(config: ml_collections.ConfigDict, devices=None):
 
 
 def run(config: ml_collections.ConfigDict, steps: int = 10, profile_steps: int = 0) -> dict:
-    """Compiles and times `steps` train steps of `config`; returns the figures as a dict.
-    With `profile_steps`, that many more steps are traced and `profile` holds the operations
-    that took the most time in them (`profile_summary`)."""
+    """The figures of `steps` timed train steps of `config`, and with `profile_steps` the
+    operations that took the most time in that many more, traced (`profile_summary`)."""
     step, state, batches, kernel = train_step_and_inputs(config)
     batch_size, seq = config.train.global_batch_size, config.data.max_seq_length
     predictions = config.data.max_predictions_per_seq
@@ -86,11 +77,12 @@ def run(config: ml_collections.ConfigDict, steps: int = 10, profile_steps: int =
     seq_per_s = batch_size / seconds
     flops_per_sequence = flops.train_flops_per_sequence(ModelConfig.from_dict(config.model),
                                                         seq, predictions)
+    mfu = flops.mfu(seq_per_s, flops_per_sequence, devices[0].device_kind, len(devices))
     return {
         "step_ms": round(1000 * seconds, 2), "seq_per_s": round(seq_per_s, 1),
         "tokens_per_s": round(seq_per_s * seq),
-        "real_tokens_per_s": round(statistics.mean(tokens) / seconds), "mfu": _round(flops.mfu(
-            seq_per_s, flops_per_sequence, devices[0].device_kind, len(devices))),
+        "real_tokens_per_s": round(statistics.mean(tokens) / seconds),
+        "mfu": None if mfu is None else round(mfu, 4),
         "compile_s": round(compile_s, 2),
         "peak_memory_bytes": _peak_memory(devices[0], compiled),
         "device": devices[0].device_kind, "devices": len(devices),
@@ -112,10 +104,9 @@ DEVICE_SUITE = (("base@128", "base", 256, 128, 1), ("large@128", "large", 128, 1
 
 def run_suite(cases=DEVICE_SUITE, attentions=("cudnn", "xla"), steps: int = 10,
               profile_steps: int = 3, log=print) -> dict:
-    """`run` for every case with every attention kernel (scanned layers: short compiles),
-    each with its profile. A case that fails (out of memory, a kernel that refuses the
-    shapes) is recorded with its error and the suite goes on: one run on a lent device
-    must give every figure it can."""
+    """`run` for every case with every attention kernel (scanned layers: short compiles), each
+    with its profile. A case that fails is recorded with its error and the suite goes on: one
+    run on a lent device must give every figure it can."""
     results = []
     for case, size, batch, seq, instances_per_row in cases:
         for attention in attentions:
@@ -130,8 +121,7 @@ def run_suite(cases=DEVICE_SUITE, attentions=("cudnn", "xla"), steps: int = 10,
             results.append({"case": case, "asked": attention, **figures,
                             "wall_s": round(time.perf_counter() - started, 1)})
             log(json.dumps({k: v for k, v in results[-1].items() if k != "profile"}))
-    device = jax.local_devices()[0]
-    return {"device": device.device_kind, "devices": jax.local_device_count(),
+    return {"device": jax.local_devices()[0].device_kind, "devices": jax.local_device_count(),
             "jax": jax.__version__, "results": results}
 
 
@@ -147,32 +137,23 @@ def _profile(compiled, state, batches, steps: int) -> list:
 
 
 def profile_summary(trace: dict, steps: int, top: int = 12) -> list:
-    """The `top` operations by time in a Perfetto trace (`jax.profiler.trace`) of `steps`
-    steps: [{"name", "ms_per_step", "share"}], share of the traced device time. Device
-    streams where the trace has them (GPU, TPU), else the host's non-Python events."""
+    """The `top` operations by time in a Perfetto trace of `steps` steps, with their share of
+    the traced time: device streams where the trace has them, else the host's non-Python."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    processes = {e["pid"]: e["args"]["name"] for e in events
-                 if e.get("ph") == "M" and e.get("name") == "process_name"}
-    devices = {pid for pid, name in processes.items() if name.startswith("/device:")}
+    devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+               and e["args"]["name"].startswith("/device:")}
     totals = collections.Counter()
     for event in events:
-        if event.get("ph") != "X" or event["name"].startswith("$"):  # $: Python frames
-            continue
-        if devices and event["pid"] not in devices:
-            continue
-        totals[event["name"]] += event.get("dur", 0.0)
+        wanted = event.get("ph") == "X" and not event["name"].startswith("$")  # $: Python frames
+        if wanted and (not devices or event["pid"] in devices):
+            totals[event["name"]] += event.get("dur", 0.0)
     whole = sum(totals.values()) or 1.0
     return [{"name": name, "ms_per_step": round(us / 1000 / steps, 3),
              "share": round(us / whole, 4)} for name, us in totals.most_common(top)]
 
 
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 4)
-
-
 def _peak_memory(device, compiled) -> int:
-    """The device's peak allocation where it reports one (GPU, TPU); else XLA's estimate for
-    the step (arguments + outputs - donated + temporaries)."""
+    """The device's peak allocation where it reports one (GPU, TPU), else XLA's estimate."""
     stats = device.memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         return int(stats["peak_bytes_in_use"])

@@ -1,17 +1,12 @@
-"""`bert-jax finetune-eval`: downstream quality during pretraining.
-
-Each new checkpoint of a pretraining workdir (every `every` steps) is fine-tuned briefly on a
-task (`bert_jax.finetune` with the run's fine-tuning config, in a scratch workdir deleted
-after) and the task's validation scores are logged against the *pretraining* step to
-`PRETRAIN_DIR/finetune-eval/TASK/metrics.jsonl` and TensorBoard, so a pretraining run shows
-whether its checkpoints get better at a real task, as TF Model Garden's continuous
-fine-tuning does. Steps already logged there are skipped, so the command can be run again,
-or left running beside pretraining with `follow`; with other fine-tuning settings it
-refuses, rather than mix their scores into one log.
+"""`bert-jax finetune-eval`: downstream quality during pretraining, as TF Model Garden's
+continuous fine-tuning shows it. Each checkpoint is fine-tuned briefly in a scratch workdir and
+its validation scores logged against the pretraining step in `PRETRAIN_DIR/finetune-eval/TASK`.
+Steps logged there are skipped, so the command can run again or beside pretraining (`follow`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
@@ -24,31 +19,27 @@ from bert_jax import workdir as workdirs
 from bert_jax.metrics import MetricsWriter, read_metrics
 from bert_jax.config import ConfigError
 
-OUTPUT = "finetune-eval"
 SETTINGS = "config.json"  # the fine-tuning config the scores in a task's folder came from
 
 
 def output_dir(pretrain_workdir, task_name: str) -> Path:
-    return Path(pretrain_workdir) / OUTPUT / task_name.replace("/", "-")
+    return Path(pretrain_workdir) / "finetune-eval" / task_name.replace("/", "-")
 
 
 def evaluate_checkpoints(config: ml_collections.ConfigDict, pretrain_workdir, *,
                          every: int = 1, follow: bool = False, poll_seconds: float = 60.0,
                          log=print) -> list[dict]:
-    """Fine-tunes and scores each checkpoint at a multiple of `every` steps not yet logged.
-
-    With `follow`, waits for new checkpoints (polling every `poll_seconds`) until the
-    pretraining run's last step is scored. Returns the records written by this call.
-    """
+    """Fine-tunes and scores each checkpoint at a multiple of `every` steps not yet logged
+    and, with `follow`, new ones until the run's last step. Returns the records written."""
     steps, last = _checkpoints(pretrain_workdir)  # a wrong workdir: nothing written
     out = output_dir(pretrain_workdir, config.task.name)
     _check_same_settings(out, config)
-    done = {record["step"] for record in read_metrics(out)} if (out / "metrics.jsonl").exists() \
-        else set()
+    logged = read_metrics(out) if (out / "metrics.jsonl").exists() else []
+    done = {record["step"] for record in logged}
     writer = MetricsWriter(out, start_step=None)
     (out / SETTINGS).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     written = []
-    try:
+    with contextlib.closing(writer):
         while True:
             todo = [s for s in steps if s not in done and (s % every == 0 or s == last)]
             for step in todo:
@@ -62,8 +53,6 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, pretrain_workdir, *,
                 return written
             time.sleep(poll_seconds)
             steps, last = _checkpoints(pretrain_workdir)
-    finally:
-        writer.close()
 
 
 def _checkpoints(pretrain_workdir) -> tuple[list[int], int]:
@@ -77,8 +66,7 @@ def _checkpoints(pretrain_workdir) -> tuple[list[int], int]:
 
 
 def _check_same_settings(out, config: ml_collections.ConfigDict) -> None:
-    """Scores already in `out` count as done only if they came from the same fine-tuning
-    settings: other settings give other scores, which one log must not mix."""
+    """Other fine-tuning settings give other scores, which one log must not mix."""
     if not (out / SETTINGS).exists():
         return
     saved = _flat(json.loads((out / SETTINGS).read_text()))

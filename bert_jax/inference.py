@@ -12,8 +12,7 @@ from bert_jax.tokenizer import Tokenizer
 
 
 def load(path) -> Pretrained:
-    """A training workdir's weights (its latest checkpoint) or a Hugging Face BERT
-    directory's (config.json + model.safetensors or .bin)."""
+    """A workdir's weights (its latest checkpoint) or a Hugging Face BERT directory's."""
     if workdirs.is_workdir(path):
         return workdirs.load_weights(path)[0]
     if not Path(path).exists():

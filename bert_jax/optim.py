@@ -13,12 +13,12 @@ from bert_jax.config import TrainConfig
 def learning_rate_schedule(train: TrainConfig) -> optax.Schedule:
     """0 -> `learning_rate` over `warmup_steps`, then polynomial decay (power 1: linear) to
     `end_learning_rate` at `num_steps`."""
-    warmup = min(int(train.warmup_steps), int(train.num_steps))
+    warmup = min(train.warmup_steps, train.num_steps)
     return optax.join_schedules(
         [optax.linear_schedule(0.0, train.learning_rate, max(warmup, 1)),
          optax.polynomial_schedule(train.learning_rate, train.end_learning_rate,
                                    power=train.decay_power,
-                                   transition_steps=max(int(train.num_steps) - warmup, 1))],
+                                   transition_steps=max(train.num_steps - warmup, 1))],
         boundaries=[warmup])
 
 
@@ -31,14 +31,10 @@ def decay_mask(params):
 
 
 def make_optimizer(train: TrainConfig) -> optax.GradientTransformationExtraArgs:
-    """The optimizer of `train`, at the learning rate each update is given:
-    `tx.update(grads, state, params, learning_rate=schedule(step))`.
-
-    The rate is the caller's rather than a schedule inside the optimizer, because optax's
-    schedules count the optimizer's own updates: a step whose update is skipped (non-finite)
-    keeps the optimizer state, so that count would fall behind the train state's step: the
-    rate applied would lag the one logged, and the schedule would end after `num_steps`.
-    """
+    """The optimizer of `train`, at the rate each update is given:
+    `tx.update(grads, state, params, learning_rate=schedule(step))`. Not a schedule inside the
+    optimizer: it would count the optimizer's updates, which fall behind the train state's
+    step when non-finite steps skip theirs."""
     make = optax.adamw if train.optimizer == "adamw" else optax.lamb
     # learning_rate=None: the update direction, unscaled (optax.scale_by_learning_rate).
     direction = make(None, b1=train.adam_b1, b2=train.adam_b2, eps=train.adam_eps,

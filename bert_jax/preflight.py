@@ -1,8 +1,5 @@
-"""Preflight: what can be wrong with a run, found before anything is compiled or written.
-
-A bad value found after hours of data preparation or compilation costs the hours; found
-here, it costs a second and a one-line error naming the value and the fix.
-"""
+"""Preflight: what can be wrong with a run, found before anything is compiled or written,
+costs a second and a one-line error naming the value and the fix rather than hours."""
 
 from __future__ import annotations
 
@@ -13,7 +10,7 @@ import jax
 import numpy as np
 
 from bert_jax import files
-from bert_jax.config import ConfigError, DataConfig, RunConfig
+from bert_jax.config import ConfigError, RunConfig
 from bert_jax.data.checks import check_batch_topology, check_data_against_model, vocab_file
 from bert_jax.export import check_export_dir
 from bert_jax.tokenizer import load_tokenizer
@@ -23,9 +20,11 @@ def check_run(config: RunConfig, workdir, abstract_state, data_parallel: int) ->
     """Raises ConfigError for the first problem: the model against the tokenizer and each
     phase's lengths, each phase's batch against the devices, and the workdir (writable, room
     for the checkpoints kept)."""
-    tokens = _tokenizer_size(config.data)
+    data = config.data
+    tokens = (load_tokenizer(vocab_file(data), lowercase=data.lowercase).vocab_size
+              if data.vocab_file else data.vocab_size)  # the size a trained vocabulary gets
     for phase in config.phases:
-        check_data_against_model(phase.data(config.data), config.model, tokens)
+        check_data_against_model(phase.data(data), config.model, tokens)
         check_batch_topology(phase.global_batch_size, data_parallel * phase.grad_accum_steps)
     check_workdir(workdir, state_bytes(abstract_state), config.checkpoint.keep)
 
@@ -36,18 +35,10 @@ def state_bytes(abstract_state) -> int:
                for leaf in jax.tree.leaves(abstract_state))
 
 
-def _tokenizer_size(data: DataConfig) -> int:
-    """The vocabulary the data will have: the given file's, or the size a trained one gets."""
-    if not data.vocab_file:
-        return data.vocab_size
-    return load_tokenizer(vocab_file(data), lowercase=data.lowercase).vocab_size
-
-
 def check_workdir(workdir, checkpoint_bytes: int, keep: int) -> None:
     """A local workdir must be writable (or creatable) with room for `keep` checkpoints plus
-    the one being written, and `WORKDIR/export` something the run's export may replace (not
-    found out after hours of training). (Object stores, `gs://...`, have no disk to fill;
-    their first write checks them.)"""
+    the one being written, and `WORKDIR/export` something the run's export may replace.
+    Object stores (`gs://...`) have no disk to fill; their first write checks them."""
     check_export_dir(files.path(workdir) / "export")
     if files.is_url(workdir):
         return

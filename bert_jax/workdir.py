@@ -1,10 +1,7 @@
-"""A run's directory: its layout, its tokenizer, its saved config, and restoring its weights.
-
-A workdir holds `checkpoints/` (Orbax), `config.json`, `metrics.jsonl`, `tensorboard/`, the
-tokenizer's vocabulary file (`vocab.txt` or `tokenizer.model`, copied there by training so
-that export needs neither the dataset nor the corpus) and, at the end of a run, `export/`.
-An export (a Hugging Face directory) keeps the vocabulary file too, so the tokenizer helpers
-here read either.
+"""A run's directory: `checkpoints/` (Orbax), `config.json`, `metrics.jsonl`, `tensorboard/`,
+the vocabulary file (copied there so that export needs neither the dataset nor the corpus)
+and, at the end of a run, `export/`. An export keeps the vocabulary file too, so the tokenizer
+helpers here read either.
 """
 
 from __future__ import annotations
@@ -22,7 +19,6 @@ from bert_jax import tokenizer as tokenization
 from bert_jax.checkpoint import Checkpointer
 from bert_jax.config import ConfigError, MeshConfig, RunConfig
 from bert_jax.pretrained import Pretrained
-from bert_jax.tokenizer import Tokenizer, load_tokenizer
 
 CHECKPOINTS = "checkpoints"
 EXPORT = "export"
@@ -62,24 +58,21 @@ def tokenizer_file_of(path) -> Path:
                       f"workdir or export")
 
 
-def load_tokenizer_of(path, lowercase: bool | None = None) -> Tokenizer:
-    """The tokenizer kept in a workdir or exported beside a Hugging Face model. `lowercase`
-    None reads it from an export (`lowercase_of`)."""
+def load_tokenizer_of(path, lowercase: bool | None = None) -> tokenization.Tokenizer:
+    """The tokenizer kept in a workdir or export; `lowercase` None reads the export's."""
     lowercase = lowercase_of(path) if lowercase is None else lowercase
-    return load_tokenizer(tokenizer_file_of(path), lowercase=lowercase)
+    return tokenization.load_tokenizer(tokenizer_file_of(path), lowercase=lowercase)
 
 
 def open_checkpoints(workdir) -> Checkpointer:
     """The checkpoints of an existing workdir (nothing is created for a wrong path)."""
-    if not is_workdir(workdir):
-        found = "has no checkpoint" if Path(workdir).exists() else "does not exist"
-        raise ConfigError(f"{workdir} {found}: expected a workdir of bert-jax pretrain")
-    checkpointer = Checkpointer(Path(workdir) / CHECKPOINTS)
-    if checkpointer.latest_step() is None:
+    if is_workdir(workdir):
+        checkpointer = Checkpointer(Path(workdir) / CHECKPOINTS)
+        if checkpointer.latest_step() is not None:
+            return checkpointer
         checkpointer.close()
-        raise ConfigError(f"{workdir} has no checkpoint: expected a workdir of bert-jax "
-                          f"pretrain")
-    return checkpointer
+    found = "has no checkpoint" if Path(workdir).exists() else "does not exist"
+    raise ConfigError(f"{workdir} {found}: expected a workdir of bert-jax pretrain")
 
 
 def pretraining_config(checkpointer: Checkpointer, workdir,
@@ -94,9 +87,8 @@ def pretraining_config(checkpointer: Checkpointer, workdir,
 
 
 def restore(workdir, step: int | None = None, mesh=None):
-    """A pretraining workdir's checkpoint (`step`, default the latest) under the config it was
-    trained with, on `mesh` (default: the run's own mesh over every device): (the config, the
-    run, the state, the step restored). The run has no checkpointer: nothing is written."""
+    """(config, run, state, step) of a pretraining workdir's checkpoint (default the latest),
+    on `mesh` (default the run's own). The run has no checkpointer: nothing is written."""
     checkpointer = open_checkpoints(workdir)
     try:
         config = RunConfig.from_dict(pretraining_config(checkpointer, workdir, step))
