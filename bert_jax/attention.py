@@ -1,18 +1,16 @@
 """Scaled dot-product attention: one entry point, the fused kernel of each platform.
 
 Which keys a query sees is given as segment ids, the form the fused kernels take: a query
-sees the keys of its own segment. Unpacked rows need only the keys' ids (the attention
-mask: 1 for tokens, 0 for padding); packed rows number their instances (1, 2, ...; 0 for
-padding) for queries and keys alike.
+sees its own segment's keys. Unpacked rows need only the keys' ids (the attention mask: 1
+for tokens, 0 for padding); packed rows number their instances (1, 2, ...; 0 for padding)
+for queries and keys alike.
 
-Kernels (`model.attention_impl`): `xla` (`jax.nn.dot_product_attention`'s XLA path, the ids
-as a boolean mask); `cudnn` (cuDNN flash attention, the padding as key lengths: rows are
-right-padded; JAX 0.10 exposes no segment ids and no float32 for it, so packed rows and
-float32 take `pallas`); `pallas` (JAX's Triton flash attention for GPUs); `splash` (JAX's
-Splash attention for TPUs). `auto` is Splash on TPU, cuDNN on GPU (Pallas where JAX finds no
-cuDNN) and XLA on CPU. The Pallas kernels are mapped over the mesh the step runs under
-(`jax.set_mesh`) by hand, and run in Pallas's interpret mode when lowered for CPU, which is
-how the tests check them here.
+Kernels (`model.attention_impl`): `xla` (the ids as a boolean mask); `cudnn` (cuDNN flash
+attention, the padding as key lengths; JAX 0.10 gives it no segment ids and no float32, so
+packed rows and float32 take `pallas`); `pallas` (JAX's Triton flash attention, GPUs);
+`splash` (JAX's Splash attention, TPUs). `auto`: Splash on TPU, cuDNN on GPU (Pallas where
+JAX finds no cuDNN), XLA on CPU. The Pallas kernels are mapped over the step's mesh by hand,
+and run in Pallas's interpret mode when lowered for CPU, which is how the tests check them.
 """
 
 from __future__ import annotations
@@ -70,11 +68,9 @@ def kernel(implementation: str, dtype, packed: bool) -> str:
 def attend(implementation: str, q_bshk, k_bshk, v_bshk, segments: Segments,
            query_positions_bq=None, dropout=None):
     """Attention of every query (or of those at `query_positions_bq` [B, Q]) to the keys its
-    segment allows. `dropout`, a function of the probabilities, forces the XLA softmax: fused
-    kernels never form them. Returns [B, S or Q, H, K].
-
-    A model built by a run has its kernel resolved for the run's devices (`train.state_spec`);
-    `auto` here (a model called directly) means the kernel of this process's devices."""
+    segment allows: [B, S or Q, H, K]. `dropout`, a function of the probabilities, forces the
+    XLA softmax (fused kernels never form them). `auto` (in a model not built by a run, which
+    resolves it: `train.state_spec`) means the kernel of this process's devices."""
     if implementation == "auto":
         implementation = resolve(implementation, platform_of(jax.devices()))
     name = kernel(implementation, q_bshk.dtype, segments.q is not None)
@@ -128,9 +124,8 @@ def _softmax_attention(q_bqhk, k_bshk, v_bshk, kv_segments_bs, q_segments_bq, dr
 # --- the Pallas kernels ----------------------------------------------------------------------
 
 def _mapped(kernel_fn, q_bqhk, k_bshk, v_bshk, q_segments_bq, kv_segments_bs):
-    """`kernel_fn` on each device's rows and heads: `jax.shard_map` over the mesh the step
-    runs under (XLA cannot partition a Pallas call; cuDNN's own partitioning would hide the
-    call from the lowered module that `bert-jax compile` reads)."""
+    """`kernel_fn` on each device's rows and heads, by `jax.shard_map` over the step's mesh: XLA
+    cannot partition a Pallas call; cuDNN's own partitioning hides it from `bert-jax compile`."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return kernel_fn(q_bqhk, k_bshk, v_bshk, q_segments_bq, kv_segments_bs)
@@ -146,11 +141,9 @@ def _mapped(kernel_fn, q_bqhk, k_bshk, v_bshk, q_segments_bq, kv_segments_bs):
 def _interpreted_on_cpu(kernel_fn):
     """A Pallas kernel compiled for its accelerator, and run by Pallas's interpreter when the
     step is lowered for CPU (the choice is made at lowering: `lax.platform_dependent`)."""
-    def run(*args):
-        return jax.lax.platform_dependent(*args, cpu=functools.partial(kernel_fn, interpret=True),
-                                          default=functools.partial(kernel_fn, interpret=False))
-
-    return run
+    return functools.partial(jax.lax.platform_dependent,
+                             cpu=functools.partial(kernel_fn, interpret=True),
+                             default=functools.partial(kernel_fn, interpret=False))
 
 
 def _dividing(mesh, axes, size):
@@ -170,8 +163,7 @@ def _pad(x, axis, multiple, value=0):
 
 def _cudnn(q_bqhk, k_bshk, v_bshk, q_segments_bq, kv_segments_bs):
     """cuDNN flash attention, the padding as key lengths (rows are right-padded). JAX refuses
-    an odd query count in training (the pruned last layer's [CLS] + predictions): an extra
-    query, which sees the tokens too, is dropped after."""
+    an odd query count in training (the pruned last layer's): an extra one is dropped after."""
     del q_segments_bq  # unpacked rows: every query sees the tokens
     lengths_b = jnp.sum(kv_segments_bs != 0, axis=1, dtype=jnp.int32)
     y_bqhk = jax.nn.dot_product_attention(_pad(q_bqhk, 1, 2), k_bshk, v_bshk,

@@ -1,9 +1,7 @@
 """Configuration: typed sections, phases, size presets and pod sizing.
 
-The run config is an `ml_collections.ConfigDict` (overridable on the command line as
-`--config.model.num_layers=4`); `RunConfig.from_dict` turns it into frozen sections once,
-so a bad value fails early, with a message naming it, and later code reads typed fields.
-"""
+The run config, an `ml_collections.ConfigDict` (`--config.model.num_layers=4` overrides it), is
+resolved once by `RunConfig.from_dict` into frozen sections: a bad value fails early, named."""
 
 from __future__ import annotations
 
@@ -15,35 +13,68 @@ import ml_collections
 
 class ConfigError(ValueError):
     """A user's mistake (a config value, a path, a file's content): the command line prints
-    its one-line message and exits with code 2. Anything else that stops a command is not
-    the user's fault (exit code 1)."""
+    its one-line message and exits with code 2 (anything else: 1, not the user's fault)."""
 
 # Sizes of google-research/bert's released models: (layers, hidden, heads); intermediate is 4H.
-PRESETS = {
-    "tiny": (2, 128, 2),
-    "mini": (4, 256, 4),
-    "small": (4, 512, 8),
-    "medium": (8, 512, 8),
-    "base": (12, 768, 12),
-    "large": (24, 1024, 16),
-}
+PRESETS = {"tiny": (2, 128, 2), "mini": (4, 256, 4), "small": (4, 512, 8),
+           "medium": (8, 512, 8), "base": (12, 768, 12), "large": (24, 1024, 16)}
 
 DTYPES = ("float32", "bfloat16")
 # Attention kernels (bert_jax.attention); auto: the fused kernel of the platform.
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "splash")
 # Rematerialization policies, by the name of the `jax.checkpoint_policies` entry they use.
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+# What a rate or number may be, by the words of its error message.
+_INTERVALS = {"a rate in [0, 1)": lambda value: 0.0 <= value < 1.0,
+              "[0, 1)": lambda value: 0.0 <= value < 1.0,
+              "(0, 1)": lambda value: 0.0 < value < 1.0,
+              "a positive number": lambda value: value > 0}
+
+
+class _Section:
+    """A config section: its rules are tables (`counts`: least values, `intervals`: keys of
+    `_INTERVALS`, `choices`) that one check reads, so each message is written once."""
+
+    counts = intervals = choices = {}
+
+    def __init_subclass__(cls, **kwargs):  # the name in keys and messages: ModelConfig's "model"
+        super().__init_subclass__(**kwargs)
+        cls.section = cls.__name__.removesuffix("Config").lower()
+
+    def __post_init__(self):
+        for name, least in self.counts.items():
+            check_int(f"{self.section}.{name}", getattr(self, name), least)
+        self._check_fields()
+        for name, expected in self.intervals.items():
+            value = getattr(self, name)
+            if not _INTERVALS[expected](value):
+                raise ConfigError(f"{self.section}.{name}={value!r}: expected {expected}")
+        for name, allowed in self.choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{self.section}.{name}={getattr(self, name)!r}: "
+                                  f"expected one of {list(allowed)}")
+
+    def _check_fields(self):
+        """Rules between fields, checked once the counts are (ModelConfig's)."""
+
+    @classmethod
+    def from_dict(cls, values):
+        """A section from a mapping (e.g. `config.model`), rejecting unknown keys."""
+        values = dict(values)
+        unknown = sorted(set(values) - {field.name for field in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown {cls.section} config keys {unknown}: expected fields "
+                              f"of {cls.__name__}")
+        return cls(**values)
+
+    to_dict = dataclasses.asdict
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Architecture and numerics of a BERT encoder; each architecture choice is one field.
-
-    `attention_dropout_rate` defaults to 0, unlike the original 0.1: dropout on attention
-    probabilities forbids fused (flash) attention kernels, and MosaicBERT and Cramming show
-    BERT pretrains as well without it. Set it to 0.1 for the original recipe; the model then
-    takes the unfused path while training.
-    """
+class ModelConfig(_Section):
+    """Architecture and numerics of a BERT encoder. `attention_dropout_rate` is 0, not the
+    original 0.1: dropout on attention probabilities forbids fused (flash) kernels, and
+    MosaicBERT and Cramming show BERT pretrains as well without it (0.1: the unfused path)."""
 
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -62,42 +93,30 @@ class ModelConfig:
     remat_policy: str = "none"
     layer_norm: str = "post"  # post: BERT's, after each residual add; pre: before each sub-layer
 
-    def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads",
-                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
-            check_int(f"model.{name}", getattr(self, name))
+    counts = dict.fromkeys(("vocab_size", "hidden_size", "num_layers", "num_heads",
+                            "intermediate_size", "max_position_embeddings", "type_vocab_size"), 1)
+    intervals = dict.fromkeys(("hidden_dropout_rate", "attention_dropout_rate"),
+                              "a rate in [0, 1)")
+    choices = {"dtype": DTYPES, "attention_impl": ATTENTION_IMPLEMENTATIONS,
+               "remat_policy": REMAT_POLICIES, "layer_norm": ("post", "pre")}
+
+    def _check_fields(self):
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} is not divisible by "
                 f"model.num_heads={self.num_heads}: expected a multiple of the head count")
-        for name in ("hidden_dropout_rate", "attention_dropout_rate"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ConfigError(f"model.{name}={value!r}: expected a rate in [0, 1)")
-        _check_choice("model", "dtype", self.dtype, DTYPES)
-        _check_choice("model", "attention_impl", self.attention_impl, ATTENTION_IMPLEMENTATIONS)
-        _check_choice("model", "remat_policy", self.remat_policy, REMAT_POLICIES)
-        _check_choice("model", "layer_norm", self.layer_norm, ("post", "pre"))
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
-    from_dict = classmethod(lambda cls, values: _from_dict(cls, "model", values))
-    to_dict = dataclasses.asdict
-
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Where pretraining data comes from and how instances and masks are made.
-
-    `corpus`: a file glob (commas for several), `builtin` (the Python standard library's
-    documentation), or `tfds:NAME[:SPLIT]`. `vocab_file`: a WordPiece `vocab.txt` or a
-    SentencePiece `.model`; empty means "train a SentencePiece vocabulary of `vocab_size`".
-    Defaults follow google-research/bert except `dupe_factor` (1, since masking is dynamic).
-    `instances_per_row` > 1 packs up to that many instances into each row (`data.packing`):
-    for long sequences, where many instances are short.
-    """
+class DataConfig(_Section):
+    """Where pretraining data comes from and how instances and masks are made. `corpus`: a
+    file glob (commas for several), `builtin` (Python's documentation) or `tfds:NAME[:SPLIT]`.
+    `vocab_file`: a WordPiece `vocab.txt` or SentencePiece `.model` (empty: one of `vocab_size`
+    is trained). Defaults: google-research/bert's, but `dupe_factor` 1 (masking is dynamic)."""
 
     corpus: str = "builtin"
     vocab_file: str = ""
@@ -116,65 +135,33 @@ class DataConfig:
     text_field: str = "text"
     tfds_data_dir: str = ""
     workers: int = 0  # processes for tokenization and instance creation; 0: one per core
-    instances_per_row: int = 1
+    instances_per_row: int = 1  # > 1: up to that many instances packed in a row (data.packing)
 
-    def __post_init__(self):
-        for name in ("vocab_size", "max_seq_length", "max_predictions_per_seq", "dupe_factor",
-                     "instances_per_row"):
-            check_int(f"data.{name}", getattr(self, name))
-        if not 0.0 < self.masked_lm_prob < 1.0:
-            raise ConfigError(f"data.masked_lm_prob={self.masked_lm_prob!r}: expected (0, 1)")
-        for name in ("short_seq_prob", "validation_fraction"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"data.{name}={getattr(self, name)!r}: expected [0, 1)")
-        _check_choice("data", "objective", self.objective, ("nsp", "sop"))
-
-    from_dict = classmethod(lambda cls, values: _from_dict(cls, "data", values))
-    to_dict = dataclasses.asdict
-
-
-def _from_dict(cls, section: str, values):
-    """A config dataclass from a mapping (e.g. `config.model`), rejecting unknown keys."""
-    values = dict(values)
-    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-        raise ConfigError(f"unknown {section} config keys {unknown}: expected fields of "
-                          f"{cls.__name__}")
-    return cls(**values)
-
-
-def _check_choice(section, name, value, choices):
-    if value not in choices:
-        raise ConfigError(f"{section}.{name}={value!r}: expected one of {list(choices)}")
+    counts = dict.fromkeys(("vocab_size", "max_seq_length", "max_predictions_per_seq",
+                            "dupe_factor", "instances_per_row"), 1)
+    intervals = {"masked_lm_prob": "(0, 1)", "short_seq_prob": "[0, 1)",
+                 "validation_fraction": "[0, 1)"}
+    choices = {"objective": ("nsp", "sop")}
 
 
 def check_int(name: str, value, least: int = 1) -> None:
-    """A config integer (True is not one) of at least `least`, or a one-line error naming
-    the field."""
+    """A config integer (True is not one) of at least `least`, or an error naming it."""
     if not isinstance(value, int) or isinstance(value, bool) or value < least:
         expected = "a positive integer" if least == 1 else f"an integer >= {least}"
         raise ConfigError(f"{name}={value!r}: expected {expected}")
 
 
-OPTIMIZERS = ("adamw", "lamb")
-NONFINITE_POLICIES = ("rollback", "stop")
-
-
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """How a model is trained: steps and batch, optimizer and schedule, when to log and
-    evaluate, and what non-finite steps do. Pretraining and fine-tuning share it.
-
-    google-research/bert's optimizer: AdamW, epsilon 1e-6, decay 0.01, clipping at 1.0, a
-    linear warmup then polynomial decay (power 1: linear) to `end_learning_rate`.
-    A step with a non-finite loss or gradient norm skips its update. After
-    `nonfinite_patience` such steps in a row, "rollback" restores the last checkpoint and
-    moves the data past the offending batches (at most `max_rollbacks` times); "stop" ends
-    the run with an error naming the steps. The dropout PRNG `rng_impl`: threefry2x32 is
-    the same under every sharding; rbg is faster. `phases`: ((start_step, max_seq_length,
-    max_predictions_per_seq, global_batch_size[, grad_accum_steps[, instances_per_row]]),
-    ...); empty: one phase of the data lengths and `global_batch_size` (`Phase`).
-    """
+class TrainConfig(_Section):
+    """How a model is trained (pretraining and fine-tuning alike): steps and batch, optimizer
+    and schedule, when to log and evaluate, what non-finite steps do. The optimizer is
+    google-research/bert's: AdamW, epsilon 1e-6, decay 0.01, clipping at 1.0, a linear warmup
+    then polynomial decay (power 1: linear) to `end_learning_rate`. A step with a non-finite
+    loss or gradient norm skips its update; after `nonfinite_patience` in a row, "rollback"
+    restores the last checkpoint and skips the offending batches (at most `max_rollbacks`
+    times), "stop" ends the run. `rng_impl`, the dropout PRNG: threefry2x32 is the same under
+    every sharding, rbg faster. `phases`: rows (start_step, max_seq_length, max_predictions,
+    batch[, grad_accum_steps[, instances_per_row]]); empty: one of the data lengths and batch."""
 
     seed: int = 0
     num_steps: int = 10_000
@@ -200,17 +187,14 @@ class TrainConfig:
     rng_impl: str = "threefry2x32"
     phases: tuple = ()
 
+    counts = {"num_steps": 1, "global_batch_size": 1, "grad_accum_steps": 1, "log_every": 1,
+              "eval_every": 0, "eval_steps": 0, "stop_at_step": 0, "warmup_steps": 0,
+              "nonfinite_patience": 1, "max_rollbacks": 0}
+    intervals = {"learning_rate": "a positive number"}
+    choices = {"optimizer": ("adamw", "lamb"), "on_nonfinite": ("rollback", "stop")}
+
     def __post_init__(self):
-        for name, least in (("num_steps", 1), ("global_batch_size", 1), ("grad_accum_steps", 1),
-                            ("log_every", 1), ("eval_every", 0), ("eval_steps", 0),
-                            ("stop_at_step", 0), ("warmup_steps", 0), ("nonfinite_patience", 1),
-                            ("max_rollbacks", 0)):
-            check_int(f"train.{name}", getattr(self, name), least)
-        if not self.learning_rate > 0:
-            raise ConfigError(f"train.learning_rate={self.learning_rate!r}: expected a positive "
-                              f"number")
-        _check_choice("train", "optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("train", "on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
+        super().__post_init__()
         object.__setattr__(self, "phases", as_tuples(self.phases))
 
     @property
@@ -218,12 +202,9 @@ class TrainConfig:
         """The step this invocation stops at: `stop_at_step` (0: `num_steps`)."""
         return min(self.stop_at_step or self.num_steps, self.num_steps)
 
-    from_dict = classmethod(lambda cls, values: _from_dict(cls, "train", values))
-    to_dict = dataclasses.asdict
-
 
 @dataclasses.dataclass(frozen=True)
-class CheckpointConfig:
+class CheckpointConfig(_Section):
     """Orbax checkpoints: every `every_steps` steps (and at the end), the newest `keep`
     kept, written in the background with `async_save`."""
 
@@ -231,20 +212,14 @@ class CheckpointConfig:
     keep: int = 3
     async_save: bool = True
 
-    from_dict = classmethod(lambda cls, values: _from_dict(cls, "checkpoint", values))
-    to_dict = dataclasses.asdict
-
 
 @dataclasses.dataclass(frozen=True)
-class MeshConfig:
+class MeshConfig(_Section):
     """Device mesh sizes (`bert_jax.sharding`); -1 fills the remaining devices."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
-
-    from_dict = classmethod(lambda cls, values: _from_dict(cls, "mesh", values))
-    to_dict = dataclasses.asdict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,9 +246,8 @@ _PHASE_ROW = ("(start, max_seq_length, max_predictions, batch[, grad_accum_steps
 
 
 def phases(train: TrainConfig, data: DataConfig) -> tuple[Phase, ...]:
-    """The phases of `train.phases`. Accumulation defaults to `train.grad_accum_steps` (long
-    sequences often need more micro-batches than short ones), packing to
-    `data.instances_per_row` (BERT's 512-token phase gains from it, the 128 one hardly)."""
+    """The phases of `train.phases`; a row may set its accumulation (long sequences need more
+    micro-batches) and packing (BERT's 512-token phase gains from it), else the configs' own."""
     rows = train.phases or ((0, data.max_seq_length, data.max_predictions_per_seq,
                              train.global_batch_size),)
     for row in rows:  # checked before the rows are indexed, which would fail deep inside
@@ -308,8 +282,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, config) -> RunConfig:
-        sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
-                    "checkpoint": CheckpointConfig, "mesh": MeshConfig}
+        sections = {kind.section: kind for kind in (ModelConfig, DataConfig, TrainConfig,
+                                                    CheckpointConfig, MeshConfig)}
         unknown = sorted(set(config) - set(sections))
         if unknown:
             raise ConfigError(f"unknown config sections {unknown}: expected {list(sections)}")
@@ -337,9 +311,8 @@ def preset(name: str, **overrides) -> ModelConfig:
 
 
 def default_config(size: str = "tiny") -> ml_collections.ConfigDict:
-    """The run config every file in `configs/` starts from: each section's defaults, the
-    model of a size preset, whose vocabulary is the tokenizer's unless a config says
-    otherwise."""
+    """The run config every file in `configs/` starts from: each section's defaults and a size
+    preset's model, whose vocabulary is the tokenizer's unless a config says otherwise."""
     config = ml_collections.ConfigDict()
     config.data = DataConfig().to_dict()
     config.model = preset(size).to_dict()
@@ -351,10 +324,9 @@ def default_config(size: str = "tiny") -> ml_collections.ConfigDict:
 
 
 def default_run() -> ml_collections.ConfigDict:
-    """What plain `bert-jax pretrain` runs: BERT-tiny on the built-in corpus, sized to finish
-    within 10 minutes on a 2-core CPU (README has the time). Chosen for that budget: length
-    64, no hidden dropout (as short Cramming-style runs do; it also saves the dropout RNG,
-    costly on CPU), a 4,096-piece vocabulary, learning rate 1e-3 with Adam's beta2 at 0.98."""
+    """What plain `bert-jax pretrain` runs: BERT-tiny on the built-in corpus, within 10 minutes
+    on a 2-core CPU (README): length 64, no hidden dropout (as short Cramming-style runs; it
+    saves the dropout RNG, costly on CPU), 4,096 pieces, learning rate 1e-3, Adam's beta2 0.98."""
     config = default_config("tiny")
     config.data.vocab_size = 4096
     config.data.max_seq_length = 64
@@ -368,8 +340,7 @@ def default_run() -> ml_collections.ConfigDict:
 
 # Where pod configs run: chips (or GPUs) and the memory of each in GiB (GPUs: GB as sold, about
 # what CUDA reports in GiB; JAX takes 90% of it: launch/gpu_env.sh).
-POD_TARGETS = {"v4-32": (16, 32), "v5e-16": (16, 16), "v5e-64": (64, 16),
-               "v5p-128": (64, 95),
+POD_TARGETS = {"v4-32": (16, 32), "v5e-16": (16, 16), "v5e-64": (64, 16), "v5p-128": (64, 95),
                "8xh100": (8, 80), "8xh200": (8, 141), "64xh200": (64, 141)}
 # GPU targets: one host of 8 GPUs (launch/gpu.sh or one SLURM node) or 8 nodes of 8 (SLURM).
 GPU_TARGETS = ("8xh100", "8xh200", "64xh200")
@@ -382,9 +353,8 @@ _ROWS_PER_16GIB = {"base": 256, "large": 64}
 
 
 def lamb_schedule(global_batch_size: int) -> dict:
-    """LAMB's BERT recipe at a batch size (You et al. 2019, Table 4, square-root scaling):
-    15,625 steps at batch 32,768, as many more as the batch is smaller; peak learning rate
-    5e-3 / sqrt(32,768 / batch); warmup over 0.2 x batch / 32,768 of the steps."""
+    """LAMB's BERT recipe (You et al. 2019, Table 4) at a batch size: 15,625 steps at 32,768, as
+    many more as the batch is smaller, peak rate 5e-3 / sqrt(32,768 / batch), ~3,125 warmup."""
     ratio = 32768 / global_batch_size
     num_steps = round(15625 * ratio)
     return dict(num_steps=num_steps, learning_rate=5e-3 / ratio ** 0.5,
@@ -392,10 +362,9 @@ def lamb_schedule(global_batch_size: int) -> dict:
 
 
 def pod_config(size: str, target: str) -> ml_collections.ConfigDict:
-    """BERT-`size` with LAMB on English Wikipedia, phases 128 -> 512, sized for `target`
-    (a key of POD_TARGETS): the global batch of LAMB's table for the slice, gradient
-    accumulation so a micro-batch fits each chip's memory, parameters and optimizer state
-    sharded (FSDP) for large on TPUs, bfloat16 compute and rematerialized layers."""
+    """BERT-`size` with LAMB on English Wikipedia, phases 128 -> 512, sized for `target` (a key
+    of POD_TARGETS): LAMB's global batch for the slice, accumulation so a micro-batch fits a
+    chip, FSDP for large on TPUs, bfloat16 compute and rematerialized layers."""
     if target not in POD_TARGETS or size not in _ROWS_PER_16GIB:
         raise ConfigError(f"pod config {size}:{target}: expected a size in "
                           f"{list(_ROWS_PER_16GIB)} and a target in {list(POD_TARGETS)}")
@@ -403,8 +372,7 @@ def pod_config(size: str, target: str) -> ml_collections.ConfigDict:
     batch = _POD_BATCH[target]
     schedule = lamb_schedule(batch)
     config = default_config(size)
-    config.data.corpus = "tfds:wikipedia/20230601.en"
-    config.data.vocab_size = 30522  # BERT's
+    config.data.update(corpus="tfds:wikipedia/20230601.en", vocab_size=30522)  # BERT's vocabulary
     rows_128 = _ROWS_PER_16GIB[size] * memory_gib // 16
 
     def accumulation(rows_per_chip):  # a power of two, so that it divides the batch
@@ -415,16 +383,12 @@ def pod_config(size: str, target: str) -> ml_collections.ConfigDict:
                            (num_steps * 9 // 10, 512, 80, batch, accumulation(rows_128 // 4)))
     # LAMB's settings: beta2 0.999, epsilon 1e-6, weight decay 0.01 (google-research/bert's).
     config.train.update(optimizer="lamb", global_batch_size=batch, **schedule)
-    config.model.dtype = "bfloat16"
-    config.model.scan_layers = True
-    # Recompute each layer in the backward pass: without it, BERT-base's temporaries at 256
-    # rows of 128 outgrow a v5e chip (docs/scale-out.md has `bert-jax compile`'s figures).
-    config.model.remat_policy = "full"
+    # Layers recomputed in the backward pass: without it, BERT-base's temporaries at 256 rows
+    # of 128 outgrow a v5e chip (docs/scale-out.md has `bert-jax compile`'s figures).
+    config.model.update(dtype="bfloat16", scan_layers=True, remat_policy="full")
     # BERT-large's state (parameters, LAMB's two moments, gradients: 5.4 GB) fills a third of a
-    # 16 GiB TPU chip: sharded there (FSDP). A GPU of 80 GB or more holds it whole, so GPU runs
-    # stay data-parallel: one gradient all-reduce per step and no parameter all-gathers (FSDP
-    # gathers each layer's weights in the forward and again in the backward of every
-    # micro-batch).
+    # 16 GiB TPU chip: sharded there (FSDP). A GPU of 80 GB or more holds it whole: GPU runs stay
+    # data-parallel, sparing FSDP's weight all-gathers in every micro-batch's passes.
     if size == "large" and target not in GPU_TARGETS:
         config.mesh.update(data=1, fsdp=-1)
     config.checkpoint.every_steps = 500

@@ -1,12 +1,9 @@
 """Training objectives (pretraining MLM + NSP, classification, regression): losses and
 metrics as pure functions with float32 reductions.
 
-Everything derives from sums: a mean over a batch is a sum divided by a count, so
-micro-batches (gradient accumulation) and evaluation batches combine exactly by adding their
-sums. An objective tells the train step three things: the sums of a (micro-)batch from the
-model, the whole batch's denominators of the summed losses (the loss is the sum of
-`sums[k] / denominators[k]`), and the metrics of summed sums.
-"""
+Everything derives from sums, so micro-batches and evaluation batches combine exactly by
+adding them. An objective gives the train step a (micro-)batch's sums, the whole batch's
+denominators (the loss is the sum of `sums[k] / denominators[k]`) and the metrics of sums."""
 
 from __future__ import annotations
 
@@ -56,12 +53,9 @@ def metrics_from_sums(sums: dict[str, Array]) -> dict[str, Array]:
     def mean(total, count):
         return jnp.where(count > 0, total / jnp.maximum(count, 1e-12), 0.0)
 
-    metrics = {
-        "mlm_loss": mean(sums["mlm_loss"], sums["mlm_count"]),
-        "mlm_accuracy": mean(sums["mlm_hits"], sums["mlm_count"]),
-        "nsp_loss": mean(sums["nsp_loss"], sums["nsp_count"]),
-        "nsp_accuracy": mean(sums["nsp_hits"], sums["nsp_count"]),
-    }
+    metrics = {f"{task}_{name}": mean(sums[f"{task}_{total}"], sums[f"{task}_count"])
+               for task in ("mlm", "nsp")
+               for name, total in (("loss", "loss"), ("accuracy", "hits"))}
     metrics["loss"] = metrics["mlm_loss"] + metrics["nsp_loss"]
     return metrics
 
@@ -98,9 +92,8 @@ class PretrainingObjective:
 
 @dataclasses.dataclass(frozen=True)
 class SequenceObjective:
-    """Classification (cross-entropy, accuracy) or, with `regression`, mean squared error on
-    one output, for a `BertForSequenceClassification` model; batches hold `labels` and a
-    `weights` row mask (0 for the padding rows that fill an evaluation's last batch)."""
+    """Cross-entropy and accuracy or, with `regression`, squared error of one output, for a
+    `BertForSequenceClassification`; batches hold `labels` and `weights` (0: padding rows)."""
 
     regression: bool = False
 

@@ -1,11 +1,9 @@
 """BERT for pretraining in Flax NNX: the encoder (post-LayerNorm as the original, or
 pre-LayerNorm: `ModelConfig.layer_norm`), MLM and NSP heads.
 
-Parameters are float32 and carry logical axis names (`vocab, embed, heads, kv, mlp, layers`);
-`bert_jax.sharding` maps those to a device mesh, so nothing here knows about devices.
-Encoder layers are stored stacked (a leading `layers` axis) whether or not they are run with
-`jax.lax.scan`, so checkpoints and Hugging Face conversion do not depend on that choice.
-"""
+Parameters are float32 and carry logical axis names (`vocab, embed, heads, kv, mlp, layers`)
+that `bert_jax.sharding` maps to a mesh. Encoder layers are stored stacked (a leading `layers`
+axis), scanned or not, so checkpoints and Hugging Face conversion do not depend on that."""
 
 from __future__ import annotations
 
@@ -94,14 +92,10 @@ class SelfAttention(nnx.Module):
 @jax.custom_vjp
 def gelu(x) -> Array:
     """Exact GELU as BERT, PyTorch and Hugging Face write it, x/2 (1 + erf(x/sqrt 2)), in
-    float32 whatever the compute dtype, as PyTorch does (in bfloat16, 1 + erf cancels to 0
-    below x = -2).
-
-    Not `jax.nn.gelu`'s erfc form (off from erf's by about 1e-7 absolute in the far left tail):
-    XLA:CPU splits erfc's expansion into several passes and keeps them for the backward; erf
-    is one. The hand-written gradient (reverse mode only, all training uses) recomputes the
-    derivative's exp in the backward, fused with the incoming gradient, where autodiff would
-    keep it from the forward (both timed in docs/performance.md)."""
+    float32 as PyTorch (in bfloat16, 1 + erf cancels to 0 below x = -2). Not `jax.nn.gelu`'s
+    erfc form, which XLA:CPU runs in several passes kept for the backward; the hand-written
+    gradient recomputes the derivative's exp fused with the incoming gradient, where autodiff
+    would keep it from the forward (both timed in docs/performance.md)."""
     x32 = x.astype(jnp.float32)
     return (x32 * 0.5 * (1.0 + jax.lax.erf(x32 * 0.5 ** 0.5))).astype(x.dtype)
 
@@ -148,9 +142,8 @@ class EncoderLayer(nnx.Module):
 
     def _residual(self, norm, x_bsd, query_positions_bq, sublayer) -> Array:
         """x + sublayer(x) with `norm` where `config.layer_norm` puts it: post (BERT) normalizes
-        the sum; pre (GPT-2, ModernBERT) the sub-layer's input, so the residual stream reaches
-        `Encoder`'s final norm unnormalized and gradients reach early layers past no norm
-        (deep stacks train without a long warmup). With `query_positions_bq`: [B, Q, D]."""
+        the sum; pre (GPT-2, ModernBERT) the sub-layer's input, so gradients reach early layers
+        past no norm (deep stacks train without a long warmup). With positions: [B, Q, D]."""
         residual = (x_bsd if query_positions_bq is None else
                     attention.at_positions(x_bsd, query_positions_bq))
         if self.config.layer_norm == "pre":
@@ -181,9 +174,8 @@ class Encoder(nnx.Module):
         self.final_norm = _layer_norm(config, rngs) if config.layer_norm == "pre" else None
 
     def __call__(self, x_bsd, segments, dropout_key, output_positions_bq=None) -> Array:
-        """Returns the last layer's output [B, S, D], or [B, Q, D] at `output_positions_bq`:
-        then the last layer runs only there (its QKV projection still runs everywhere, for the
-        keys and values), since nothing reads its output elsewhere."""
+        """The last layer's output [B, S, D], or [B, Q, D] at `output_positions_bq`, the only
+        positions the last layer then runs at (its QKV projection everywhere, for the keys)."""
         graphdef, stacked = nnx.split(self.layers)
 
         def apply_layer(x_bsd, layer_state, layer_key, query_positions_bq=None):
@@ -216,10 +208,8 @@ class Encoder(nnx.Module):
 
 
 def _split_layers(stacked, sizes) -> list:
-    """The stacked layer parameters split along the layer axis into parts of `sizes` layers.
-
-    One split, not a slice per part: the gradient of a split is one concatenate, while
-    slices transpose to padded copies of the whole stack, summed (per layer: O(L^2) work)."""
+    """The stacked parameters split into parts of `sizes` layers by one split, whose gradient is
+    one concatenate (slices' would sum padded copies of the whole stack: O(L^2) work)."""
     per_param = jax.tree.map(lambda p: jax.lax.split(p, sizes), stacked)
     return [jax.tree.map(lambda parts: parts[i], per_param, is_leaf=lambda x: isinstance(x, list))
             for i in range(len(sizes))]
@@ -247,9 +237,8 @@ class MaskedLMHead(nnx.Module):
 
 
 class _Bert(nnx.Module):
-    """The encoder every BERT model shares: embeddings, layers and the pooler, with the input
-    checks. Heads subclass it, so the shared parameters have the same paths in every model
-    and a pretrained encoder moves into a fine-tuning model as it is."""
+    """The encoder (embeddings, layers, pooler, input checks) that heads subclass, so shared
+    parameters have one path in every model and move into fine-tuning models as they are."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -266,13 +255,10 @@ class _Bert(nnx.Module):
     def _encode(self, input_ids, token_type_ids, attention_mask, dropout_key, positions_bp=None,
                 cls_positions_bk=None):
         """(sequence output, pooled output); with `positions_bp`, the sequence output is
-        [B, P, D] at those positions only, and the last layer runs only there and at [CLS].
-
-        With `cls_positions_bk` (training: with `positions_bp`), rows are packed: K instances
-        per row, each starting with its [CLS] at those positions, `attention_mask` numbering
-        each token's instance (1, 2, ...; 0 for padding). Tokens attend within their
-        instance only, position ids restart at each [CLS], and the pooled output is
-        [B, K, D], one per instance: without dropout, what each instance gives alone."""
+        [B, P, D] at those positions, where (and at [CLS]) the last layer runs. With
+        `cls_positions_bk`, rows pack K instances, each from its [CLS] there, `attention_mask`
+        numbering them (1, 2, ...; 0: padding): tokens attend within their instance, position
+        ids restart at each [CLS], and the pooled output is [B, K, D], one per instance."""
         embed_key, encoder_key = _split(dropout_key, 2)
         packed = cls_positions_bk is not None
         ids_bs = attention_mask.astype(jnp.int32)  # tokens' (packed: instances') segments
@@ -327,14 +313,11 @@ class BertForPreTraining(_Bert):
 
     def __call__(self, input_ids, token_type_ids, attention_mask, masked_lm_positions,
                  next_sentence_positions=None, *, dropout_key=None):
-        """Training forward: float32 (MLM logits [B, P, V], NSP logits [B, 2]). The vocabulary
-        projection runs only at the P `masked_lm_positions` of each row (never [B, S, V]), the
-        last encoder layer only there and at [CLS]. With `next_sentence_positions` [B, K], rows
-        are packed (see `_encode`) and the NSP logits are [B, K, 2].
-
-        `dropout_key=None` means deterministic (evaluation); otherwise every dropout mask
-        derives from that key alone, so a step's randomness is reproducible from (seed, step).
-        """
+        """Training forward: float32 (MLM logits [B, P, V], NSP logits [B, 2]), the vocabulary
+        projection only at the P `masked_lm_positions` (never [B, S, V]). With
+        `next_sentence_positions` [B, K], rows are packed (`_encode`): NSP logits [B, K, 2].
+        `dropout_key=None`: deterministic; otherwise every dropout mask derives from that key
+        alone, so a step's randomness is reproducible from (seed, step)."""
         inputs = self._check_inputs(input_ids, token_type_ids, attention_mask)
         batch = inputs[0].shape[0]
         positions = _positions("masked_lm_positions", masked_lm_positions, batch)
@@ -389,10 +372,8 @@ def _split(key, n):
 
 
 def _dropout(rate: float, x, key) -> Array:
-    """Inverted dropout on 16 random bits per element: Threefry hashes 32 bits per element
-    whatever width is asked for, so each 32-bit draw gives two elements, half the hashing of
-    `jax.random.bernoulli` (docs/performance.md). The drop probability is `rate` rounded to
-    1/65536 and the rescale uses it, so the expected output is exactly the input."""
+    """Inverted dropout on 16 random bits per element, half `jax.random.bernoulli`'s hashing
+    (docs/performance.md); the rescale uses `rate` rounded to 1/65536, so it keeps the mean."""
     if key is None or rate == 0.0:
         return x
     threshold = round(rate * 65536)
