@@ -1,17 +1,11 @@
 """Fine-tuning: a pretrained encoder plus a classification (or regression) head, trained on a
-task with the pretraining machinery (sharded state, the jitted train step with its objective
-swapped, Orbax checkpoints, exact resume), evaluated on the task's validation split.
+task by the pretraining run and loop with the objective swapped, evaluated on the task's
+validation split.
 
-The run config (`default_config`) has `init` (where the encoder comes from), `task`, `data`
-(the sequence length), `model` (settings applied over the pretrained architecture: dropout,
-dtype, attention, scan, remat), `train`, `checkpoint` and `mesh`. `train.num_steps` 0 means
-`train.num_epochs` passes over the training examples; warmup is `train.warmup_fraction` of the
-steps. Both are resolved once the data is read and saved with the run, so a resumed run is
-the same run.
-
-Batches: step s of epoch e = s // steps_per_epoch takes rows of a permutation of the training
-examples drawn from (seed, e), the last incomplete batch of each epoch dropped; so the batch of
-any step is known without replaying the data, which is all that exact resume needs.
+The schedule is resolved in steps once the data is read (`resolve`) and saved with the run,
+so a resumed run is the same run. Step s of epoch e = s // steps_per_epoch takes rows of a
+permutation drawn from (seed, e), the last incomplete batch of each epoch dropped: the batch
+of any step is known without replaying the data, which is all that exact resume needs.
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
-"""One way to build a run: the mesh, the train state's spec, the optimizer and schedule, the
-jitted steps and, with a workdir, its checkpoints and metrics. Pretraining, fine-tuning,
-evaluation, the benchmark, AOT compilation and the tests all build runs with `build`.
+"""One way to build a run (`build`): the mesh, the train state's spec, the optimizer and
+schedule, the jitted steps and, with a workdir, its checkpoints and metrics.
 
-The train state is a dict of arrays: `step`, `params` (the model's parameters as a nested
-dict), `opt_state`, `rng` (the base key; each step's dropout key is `fold_in(rng, step)`) and
-`nonfinite` (counts of skipped steps: in a row, and in all).
-It is created already sharded by a jitted init, and the same abstract state is the Orbax
-restore target, so unsharded state never exists. Steps are pure module-level functions,
-jitted once per batch shape with explicit shardings and the state donated.
+The train state is a dict: `step`, `params`, `opt_state`, `rng` (each step's dropout key is
+`fold_in(rng, step)`) and `nonfinite` (skipped steps: in a row, and in all). A jitted init
+creates it sharded, and its abstract twin is the Orbax restore target, so unsharded state
+never exists.
 """
 
 from __future__ import annotations
