@@ -15,6 +15,7 @@ class ConfigError(ValueError):
     """A user's mistake (a config value, a path, a file's content): the command line prints
     its one-line message and exits with code 2 (anything else: 1, not the user's fault)."""
 
+
 # Sizes of google-research/bert's released models: (layers, hidden, heads); intermediate is 4H.
 PRESETS = {"tiny": (2, 128, 2), "mini": (4, 256, 4), "small": (4, 512, 8),
            "medium": (8, 512, 8), "base": (12, 768, 12), "large": (24, 1024, 16)}
