@@ -1,11 +1,7 @@
 """`bert-jax` command line: a table of subcommands (`COMMANDS`), each parsing its options and
-calling a library function, nothing more.
-
-Run configs are Python files whose `get_config()` returns an `ml_collections.ConfigDict`;
-any field can be overridden as `--config.train.seed=1` (ml_collections' config flags).
-A user's mistake (a `ConfigError` from the library, a `UsageError` here, an argparse error)
-exits with code 2, anything else (a full disk, a permission, a crash inside JAX or Orbax, a
-diverged run) with 1; either way with one line naming the cause and what to do.
+calling a library function. A user's mistake (a `ConfigError`, a `UsageError`, an argparse
+error) exits with code 2, any other failure (a full disk, a crash inside JAX, a diverged run)
+with 1; either way with one line naming the cause.
 """
 
 from __future__ import annotations
@@ -34,17 +30,13 @@ class UsageError(Exception):
     """Bad command-line input: printed as one line, exit code 2 (as is a `ConfigError`)."""
 
 
-# A subcommand: `run(args, config)` gets the parsed `options` and, where the command has a
-# default `config` (a `DefaultConfig`), the run config of --config and overrides; without
-# one it reads the config saved in a workdir and takes no overrides. `distributed`: it may be
-# one process of many.
+# `run(args, config)`: `config` is the run config of --config and overrides where the command
+# has a `DefaultConfig`, else None (it reads its workdir's). `distributed`: one of many processes.
 Command = collections.namedtuple("Command", "name run help description config distributed "
                                  "options", defaults=(None, False, ()))
-# A run config without --config: `make()`, as --help names it.
-DefaultConfig = collections.namedtuple("DefaultConfig", "name make")
+DefaultConfig = collections.namedtuple("DefaultConfig", "name make")  # `name`: for --help
 # Options under a heading of their own in --help; `exactly_one`: a command needs one of them.
-Group = collections.namedtuple("Group", "title description options exactly_one",
-                               defaults=(False,))
+Group = collections.namedtuple("Group", "title description options exactly_one", defaults=(False,))
 
 
 def option(*flags, **kwargs) -> tuple:
@@ -70,38 +62,29 @@ def _integer(least: int, expected: str):
 PRETRAINING = DefaultConfig("the built-in one: BERT-tiny on the built-in corpus", default_run)
 FINETUNING = DefaultConfig("the fine-tuning defaults", finetune_default)
 _positive, _non_negative = _integer(1, "a positive integer"), _integer(0, "an integer >= 0")
-DEBUG = option("--debug", action="store_true",
-               help="on an error, show the full traceback, not one line")
-DISTRIBUTED = Group("multi-process runs", "One process per host, all started with the same "
-                    "arguments. SLURM, Open MPI and Cloud TPU are detected; elsewhere give all "
-                    "three (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, "
-                    "as launch/local_multihost.sh does).", (
+DISTRIBUTED = Group("multi-process runs", "One process per host, all with the same arguments. "
+                    "SLURM, Open MPI and Cloud TPU are detected; elsewhere give all three (or "
+                    "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).", (
     option("--coordinator-address", "--coordinator_address", metavar="HOST:PORT",
            help="address of process 0, which runs the coordination service"),
     option("--num-processes", "--num_processes", type=_positive, metavar="N",
            help="number of processes in the run (1: no distributed runtime)"),
     option("--process-id", "--process_id", type=_non_negative, metavar="I",
            help="this process's index, 0 <= I < N"),
-    option("--heartbeat-timeout", type=_positive, metavar="SECONDS",
-           default=DEFAULT_HEARTBEAT_TIMEOUT_S, help="when a process stops responding for this "
-           f"long, the others exit with an error (default {DEFAULT_HEARTBEAT_TIMEOUT_S})")))
-# An option whose dest is a config field (`task.name`) sets it, over --config and overrides.
-TASK = Group("task", "builtin (made from the built-in corpus), glue/NAME (TFDS, prepared in "
+    option("--heartbeat-timeout", type=_positive, default=DEFAULT_HEARTBEAT_TIMEOUT_S,
+           metavar="SECONDS", help="fail if a process is silent this long (default %(default)s)")))
+TASK = Group("task", "builtin (from the built-in corpus), glue/NAME (TFDS, prepared in "
              "--config.task.tfds_data_dir), or classification, pair-classification, regression, "
-             "pair-regression on local CSV/TSV/JSON Lines files with columns text, [text_pair,] "
-             "label", (
+             "pair-regression on CSV/TSV/JSON Lines files with columns text, [text_pair,] label", (
     option("--task", dest="task.name", metavar="NAME", help="task name (default builtin)"),
-    option("--train-file", dest="task.train_file", metavar="FILE",
-           help="training examples of a local-file task"),
-    option("--validation-file", dest="task.validation_file", metavar="FILE",
-           help="validation examples of a local-file task"),
-    option("--labels", dest="task.labels", metavar="A,B,...", help="the classes of a local-file "
-           "classification task (default: the training file's labels, sorted); a label outside "
-           "them is an error")))
+    option("--train-file", dest="task.train_file", metavar="FILE", help="training examples"),
+    option("--validation-file", dest="task.validation_file", metavar="FILE", help="validation set"),
+    option("--labels", dest="task.labels", metavar="A,B,...", help="a local-file classification "
+           "task's classes (default: the training file's, sorted); others are an error")))
 PRETRAINING_WORKDIR = option("--workdir", required=True, help="a bert-jax pretrain workdir")
 CHECKPOINT_STEP = option("--step", type=int, help="checkpoint step (default: latest)")
-# benchmark's synthetic run, in `benchmark_config`'s order; defaults applied in `_benchmark`,
-# not by argparse, so that a flag given with --config is seen (and refused), not ignored.
+# benchmark's synthetic run, in `benchmark_config`'s order; applied in `_benchmark`, not by
+# argparse, so that a flag given with --config is seen (and refused), not ignored.
 SYNTHETIC_RUN = {"model": "small", "batch": 16, "seq": 128, "dtype": "float32",
                  "attention": "auto", "scan": False, "remat": "none", "instances_per_row": 1}
 FILL_MASK_EXAMPLE = "Return a new [MASK] containing the items of the list."
@@ -111,10 +94,9 @@ PREEMPTED = " (preempted: checkpoint saved, run again to resume)"
 def _start_distributed(args) -> None:
     from bert_jax import distributed
 
-    options = distributed.Options.from_env(
+    how = distributed.initialize(distributed.Options.from_env(
         coordinator_address=args.coordinator_address, num_processes=args.num_processes,
-        process_id=args.process_id, heartbeat_timeout_s=args.heartbeat_timeout)
-    how = distributed.initialize(options)
+        process_id=args.process_id, heartbeat_timeout_s=args.heartbeat_timeout))
     if how:
         import jax
 
@@ -123,18 +105,16 @@ def _start_distributed(args) -> None:
 
 
 def _load_config(config_file: str | None, overrides: list[str], default=None):
-    """The run config from `config_file` (else `default()`, else the built-in one) plus
-    overrides. Whatever fails here is the user's: their config file or their overrides."""
+    """`config_file`'s run config (else `default()`'s) and overrides; any failure is the user's."""
     from absl import flags
     from ml_collections import config_flags
 
-    bad = [arg for arg in overrides if not arg.startswith("--config.")]
-    if bad:
+    if bad := [arg for arg in overrides if not arg.startswith("--config.")]:
         raise UsageError(f"unrecognized argument {bad[0]!r}: expected --config.FIELD=VALUE")
-    # FILE:ARGUMENT passes ARGUMENT to get_config (e.g. configs/pods/base.py:v4-32).
-    if config_file and not os.path.isfile(config_file.split(":")[0]):
-        raise UsageError(f"config file {config_file.split(':')[0]!r} does not exist: expected a "
-                         f"Python file with get_config(), e.g. configs/tiny.py")
+    path = (config_file or "").split(":")[0]  # FILE:ARGUMENT passes ARGUMENT to get_config
+    if path and not os.path.isfile(path):
+        raise UsageError(f"config file {path!r} does not exist: expected a Python file with "
+                         f"get_config(), e.g. configs/tiny.py")
     argv, flag_values = ["bert-jax", *overrides], flags.FlagValues()
     try:
         if config_file:
@@ -176,24 +156,19 @@ def _pretrain(args, config) -> None:
     summary = train.train_and_evaluate(config, args.workdir)
     if jax.process_index() != 0:
         return
-    train_metrics, validation = summary["train"], summary["validation"]
     print(f"\nstopped at step {summary['step']} after {summary['seconds']:.0f}s"
           f"{PREEMPTED if summary['preempted'] else ''}")
-    if train_metrics:
-        print(f"  train       loss {train_metrics['loss']:.3f}  "
-              f"mlm_accuracy {train_metrics['mlm_accuracy']:.3f}  "
-              f"{train_metrics['seq_per_s']:.0f} seq/s  "
-              f"{train_metrics['real_tokens_per_s']:.0f} tokens/s (padding not counted)")
-        if train_metrics["nonfinite_total"] or summary["rollbacks"]:
-            print(f"  non-finite  {train_metrics['nonfinite_total']:.0f} steps skipped, "
+    if metrics := summary["train"]:
+        print("  train       loss {loss:.3f}  mlm_accuracy {mlm_accuracy:.3f}  {seq_per_s:.0f} "
+              "seq/s  {real_tokens_per_s:.0f} tokens/s (padding not counted)".format(**metrics))
+        if metrics["nonfinite_total"] or summary["rollbacks"]:
+            print(f"  non-finite  {metrics['nonfinite_total']:.0f} steps skipped, "
                   f"{summary['rollbacks']} rollbacks")
-    if validation:
-        print(f"  validation  loss {validation['loss']:.3f}  "
-              f"mlm_accuracy {validation['mlm_accuracy']:.3f}  "
-              f"nsp_accuracy {validation['nsp_accuracy']:.3f}")
-    if summary["export"] is None:
+    if summary["validation"]:
+        print("  validation  loss {loss:.3f}  mlm_accuracy {mlm_accuracy:.3f}  "
+              "nsp_accuracy {nsp_accuracy:.3f}".format(**summary["validation"]))
+    if (out := summary["export"]) is None:
         return
-    out = summary["export"]
     print(f"  exported to {out} (transformers.BertForPreTraining.from_pretrained loads it)")
     tokenizer = workdir.load_tokenizer_of(out)
     guesses = inference.fill_mask(summary["pretrained"], tokenizer, FILL_MASK_EXAMPLE)[0]
@@ -224,12 +199,10 @@ def _finetune(args, config) -> None:
           f"after {summary['seconds']:.0f}s ({examples} examples)"
           f"{PREEMPTED if summary['preempted'] else ''}")
     for name in ("train", "validation", "best"):
-        values = summary[name]
-        if values:
+        if values := summary[name]:
+            shown = [f"{k} {v:.4f}" for k, v in values.items() if k == "loss" or k in scores.SCORES]
             at = f"  (step {values['step']})" if "step" in values else ""
-            print(f"  {name:<10}  " + "  ".join(
-                f"{k} {v:.4f}" for k, v in values.items()
-                if k == "loss" or k in scores.SCORES) + at)
+            print(f"  {name:<10}  " + "  ".join(shown) + at)
     if summary["export"]:
         print(f"  exported to {summary['export']} "
               f"(transformers.BertForSequenceClassification.from_pretrained loads it)")
@@ -238,9 +211,8 @@ def _finetune(args, config) -> None:
 def _finetune_eval(args, config) -> None:
     from bert_jax import finetune_eval
 
-    records = finetune_eval.evaluate_checkpoints(config, args.workdir, every=args.every,
-                                                 follow=args.follow,
-                                                 poll_seconds=args.poll_seconds)
+    records = finetune_eval.evaluate_checkpoints(
+        config, args.workdir, every=args.every, follow=args.follow, poll_seconds=args.poll_seconds)
     out = finetune_eval.output_dir(args.workdir, config.task.name)
     print(f"scored {len(records)} new checkpoints; all scores: {out / 'metrics.jsonl'}")
 
@@ -261,16 +233,14 @@ def _compile(args, config) -> None:
                          "'bert-jax[tpu]' (it runs on a CPU machine too)")
     from bert_jax import aot
 
-    target = args.tpu or args.platform
     too_big = []
     for index, phase in enumerate(RunConfig.from_dict(config).phases):
-        compiled = aot.compile_train_step(config, target, index)
+        compiled = aot.compile_train_step(config, args.tpu or args.platform, index)
         line = {"target": compiled.target, "devices": compiled.devices, "phase": index,
                 "length": phase.max_seq_length, "batch": phase.global_batch_size,
                 "micro_batches": phase.grad_accum_steps,
-                "instances_per_row": phase.instances_per_row,
-                "attention": compiled.attention, "fused_attention": compiled.fused_attention,
-                "seconds": round(compiled.seconds, 1)}
+                "instances_per_row": phase.instances_per_row, "attention": compiled.attention,
+                "fused_attention": compiled.fused_attention, "seconds": round(compiled.seconds, 1)}
         if compiled.bytes_per_chip:
             line["gib_per_chip"] = {k: round(v / 2**30, 2)
                                     for k, v in compiled.bytes_per_chip.items()}
@@ -285,23 +255,21 @@ def _compile(args, config) -> None:
 
 
 def _benchmark(args, config) -> None:
-    from bert_jax import benchmark
+    from bert_jax import benchmark, files
 
     if args.suite:
-        from bert_jax.files import write_atomically
-
         _check_out_folder(args.out)
         figures = benchmark.run_suite(log=lambda line: print(line, flush=True))
-        write_atomically(args.out, (json.dumps(figures, indent=1) + "\n").encode())
+        files.write_atomically(args.out, (json.dumps(figures, indent=1) + "\n").encode())
         print(f"wrote {args.out}")
         return
-    given = [name for name in SYNTHETIC_RUN if name in vars(args)]
+    given = {name: vars(args)[name] for name in SYNTHETIC_RUN if vars(args)[name] is not None}
     if args.config is None and not args.overrides:  # the synthetic run of the flags
-        settings = [getattr(args, name, default) for name, default in SYNTHETIC_RUN.items()]
+        settings = {**SYNTHETIC_RUN, **given}.values()
         print(json.dumps(benchmark.run(benchmark.benchmark_config(*settings), args.steps)))
         return
     if given:
-        raise UsageError(f"--{given[0].replace('_', '-')} with --config or --config.FIELD "
+        raise UsageError(f"--{next(iter(given)).replace('_', '-')} with --config or --config.FIELD "
                          f"overrides: the config sets the model and batch; give one or the other")
     first = RunConfig.from_dict(config).phases[0]  # the steps a run of the config starts with
     config.data.update(max_seq_length=first.max_seq_length,
@@ -316,18 +284,18 @@ def _fill_mask(args, config) -> None:
     from bert_jax import inference
 
     pretrained, tokenizer = inference.load_with_tokenizer(args.path)
-    for number, guesses in enumerate(inference.fill_mask(pretrained, tokenizer, args.text,
-                                                      args.top_k)):
-        print(f"[MASK] {number + 1}: " + ", ".join(f"{t} ({p:.3f})" for t, p in guesses))
+    guesses = inference.fill_mask(pretrained, tokenizer, args.text, args.top_k)
+    for number, top in enumerate(guesses, 1):
+        print(f"[MASK] {number}: " + ", ".join(f"{t} ({p:.3f})" for t, p in top))
 
 
 def _prepare_data(args, config) -> None:
     from bert_jax.data import pipeline
 
-    # Each phase's dataset (BERT's 128 and 512 phases have one each), so that a run, or a
-    # pod's workers, find them all built.
+    # Every phase's dataset (BERT's 128 and 512 have one each): a run finds them all built.
     settings, printed = RunConfig.from_dict(config), set()
-    for prepared in (pipeline.prepare(settings, phase) for phase in settings.phases):
+    for phase in settings.phases:
+        prepared = pipeline.prepare(settings, phase)
         if prepared.path in printed:
             continue
         printed.add(prepared.path)
@@ -346,8 +314,8 @@ def _prepare_data(args, config) -> None:
               f"built in {summary['seconds']}s")
 
 
-def _check_out_folder(out) -> None:
-    if not Path(out).absolute().parent.is_dir():
+def _check_out_folder(out: str | None) -> None:
+    if out and not Path(out).absolute().parent.is_dir():
         raise UsageError(f"--out={out}: its folder does not exist: create it first")
 
 
@@ -356,8 +324,7 @@ def _inspect_data(args, config) -> None:
 
     from bert_jax.data import pipeline
 
-    if args.out:
-        _check_out_folder(args.out)
+    _check_out_folder(args.out)
     # The phase of the first step decides lengths and batch size, as in training.
     settings = RunConfig.from_dict(config)
     phase = next((p for p in settings.phases if p.start <= args.start_step < p.end), None)
@@ -370,12 +337,11 @@ def _inspect_data(args, config) -> None:
     prepared = pipeline.prepare(settings, phase)
     loader = pipeline.loader(settings, prepared, args.split, phase)
     batches = [batch for _, batch in loader.iterate(args.start_step - phase.start, args.steps)]
-    for step, batch in zip(range(args.start_step, args.start_step + args.steps), batches):
+    for step, batch in enumerate(batches, args.start_step):
         for row in range(min(args.rows, len(batch["input_ids"]))):
             print(f"step {step} row {row}: {pipeline.describe_row(batch, row, prepared.tokenizer)}")
     if args.out:
-        stacked = {name: np.stack([b[name] for b in batches]) for name in batches[0]}
-        np.savez(args.out, **stacked)
+        np.savez(args.out, **{name: np.stack([b[name] for b in batches]) for name in batches[0]})
         print(f"saved {args.steps} steps of {len(batches[0]['input_ids'])} rows to {args.out}")
 
 
@@ -383,145 +349,96 @@ def _benchmark_data(args, config) -> None:
     from bert_jax.data import pipeline
 
     settings = RunConfig.from_dict(config)  # the first phase's length and batch
-    prepared = pipeline.prepare(settings)
-    loader = pipeline.loader(settings, prepared)
+    loader = pipeline.loader(settings, pipeline.prepare(settings))
     print(json.dumps(pipeline.measure_throughput(loader, args.steps)))
 
 
 COMMANDS = (
     Command(
         "pretrain", _pretrain, "train BERT with MLM + NSP, checkpointing, evaluating and exporting",
-        "Pretrain BERT on config.data.corpus: prepares the data (once), trains with checkpoints "
-        "every config.checkpoint.every_steps, evaluates, and exports to WORKDIR/export. A workdir "
-        "with a checkpoint is resumed, on any number of processes and any mesh with the same "
-        "global batch. SIGTERM saves a checkpoint and exits 0. Stop early with "
-        "--config.train.stop_at_step=N.", PRETRAINING, distributed=True, options=(option(
-            "--workdir", default="runs/default",
-            help="checkpoints, metrics and export (default runs/default)"),)),
+        "Exports to WORKDIR/export. Resumes a workdir with a checkpoint, on any mesh with the "
+        "same global batch; SIGTERM saves a checkpoint and exits 0.", PRETRAINING, distributed=True,
+        options=(option("--workdir", default="runs/default",
+                        help="checkpoints, metrics and export (default %(default)s)"),)),
     Command(
         "eval", _eval, "evaluate a workdir's checkpoint on the validation split",
-        "Prints MLM/NSP loss and accuracy of a checkpoint on the validation split as one JSON "
-        "line (the run's own config, from the checkpoint).", distributed=True,
+        "Prints MLM/NSP loss and accuracy as one JSON line.", distributed=True,
         options=(PRETRAINING_WORKDIR, CHECKPOINT_STEP)),
     Command(
         "export", _export, "write a Hugging Face directory (weights + tokenizer) from a workdir",
-        "Writes config.json, model.safetensors and tokenizer files that "
-        "transformers.BertForPreTraining.from_pretrained and AutoTokenizer.from_pretrained load.",
-        options=(PRETRAINING_WORKDIR, CHECKPOINT_STEP, option(
-            "--out", required=True,
-            help="output directory: new, empty or an earlier export (which it replaces)"))),
+        "Loaded by transformers' BertForPreTraining and AutoTokenizer.from_pretrained.", options=(
+            PRETRAINING_WORKDIR, CHECKPOINT_STEP,
+            option("--out", required=True, help="a new or empty folder, or an export to replace"))),
     Command(
         "fill-mask", _fill_mask, "predict the [MASK] tokens of a text with a workdir or export",
-        "Prints the most likely tokens for each [MASK] in TEXT, with probabilities.", options=(
+        "Prints the likeliest tokens of each [MASK] in TEXT, with probabilities.", options=(
             option("path", help="a workdir or an exported Hugging Face directory"),
             option("text", help='text with [MASK], e.g. "Return a new [MASK]."'),
-            option("--top-k", type=_positive, default=5,
-                   help="predictions shown per [MASK] (default 5)"))),
+            option("--top-k", type=_positive, default=5, help="guesses per [MASK] (default 5)"))),
     Command(
-        "prepare-data", _prepare_data,
-        "corpus -> tokenizer + TFDS dataset of NSP instances (cached), with a summary",
-        "Reads config.data.corpus, trains a SentencePiece vocabulary unless "
-        "config.data.vocab_file is set, creates NSP/SOP instances and writes them as a TFDS "
-        "ArrayRecord dataset under config.data.data_dir (reused when it exists): one for each "
-        "phase of config.train.phases whose lengths or packing differ.", PRETRAINING),
+        "prepare-data", _prepare_data, "corpus -> tokenizer + cached TFDS dataset of NSP instances",
+        "A SentencePiece vocabulary unless config.data.vocab_file is set, and an ArrayRecord "
+        "dataset under config.data.data_dir for each phase's lengths and packing.", PRETRAINING),
     Command(
-        "inspect-data", _inspect_data,
-        "show masked batches as text; --out saves the exact batches of steps",
-        "Prints the masked batches that training steps would see, decoded to text ([MASK] shown, "
-        "labels in parentheses); --out saves them exactly.", PRETRAINING, options=(
+        "inspect-data", _inspect_data, "show the masked batches of steps as text; --out saves them",
+        "As training steps see them: [MASK] shown, labels in parentheses.", PRETRAINING, options=(
             option("--steps", type=_positive, default=1, help="number of steps (default 1)"),
             option("--start-step", type=_non_negative, default=0, help="first step (default 0)"),
             option("--rows", type=_positive, default=2, help="rows printed per step (default 2)"),
             option("--split", default="train", help="train or validation"),
-            option("--out", metavar="FILE.npz",
-                   help="save the batches (features stacked over steps) to this file"))),
+            option("--out", metavar="FILE.npz", help="save the batches, stacked, to this file"))),
     Command(
         "benchmark-data", _benchmark_data, "time reading + masking batches (sequences per second)",
-        "Times reading and masking train batches in this process (no prefetch thread), printing "
-        "one JSON line with sequences per second.", PRETRAINING, options=(
-            option("--steps", type=_positive, default=50, help="batches timed (default 50)"),)),
+        "In this process, without a prefetch thread; prints one JSON line.", PRETRAINING,
+        options=(option("--steps", type=_positive, default=50, help="batches (default 50)"),)),
     Command(
         "benchmark", _benchmark, "time full train steps on synthetic batches (one JSON line)",
-        "Times full train steps (forward, backward, optimizer) on synthetic batches with 15% of "
-        "the tokens masked, on all local devices, and prints one JSON line: median step_ms, "
-        "seq_per_s, tokens_per_s (row positions), real_tokens_per_s (padding not counted), mfu "
-        "(null where the peak is unknown, e.g. CPU), compile_s, peak_memory_bytes, the device and "
-        "the settings. Needs no dataset. What runs: BERT-MODEL with BERT's vocabulary and dropout "
-        "and AdamW, as --model, --batch, --seq and the flags below set it; or, given "
-        "--config=FILE or --config.FIELD=VALUE overrides, the first phase of that config (those "
-        "flags are then refused).", PRETRAINING, options=(
-            option("--model", choices=list(PRESETS), default=argparse.SUPPRESS,
-                   help="model size (default small)"),
-            option("--batch", type=_positive, default=argparse.SUPPRESS,
-                   help="global batch (default 16)"),
-            option("--seq", type=_positive, default=argparse.SUPPRESS,
-                   help="sequence length (default 128)"),
-            option("--dtype", choices=list(DTYPES), default=argparse.SUPPRESS,
-                   help="compute dtype (default float32; parameters stay float32)"),
+        "On all local devices, no dataset needed: median step_ms, seq/s, tokens/s (with and "
+        "without padding), mfu, compile_s, peak_memory_bytes. Runs BERT-MODEL as the flags set "
+        "it or, with --config or overrides, that config's first phase.", PRETRAINING, options=(
+            option("--model", choices=list(PRESETS), help="model size (default small)"),
+            option("--batch", type=_positive, help="global batch (default 16)"),
+            option("--seq", type=_positive, help="sequence length (default 128)"),
+            option("--dtype", choices=list(DTYPES), help="compute dtype (default float32)"),
             option("--steps", type=_positive, default=10, help="timed steps (default 10)"),
-            option("--attention", choices=list(ATTENTION_IMPLEMENTATIONS),
-                   default=argparse.SUPPRESS, help="attention kernel (default auto: Splash on "
-                   "TPU, cuDNN on GPU, XLA on CPU; splash and pallas run interpreted on CPU); "
-                   "the JSON's 'attention' names the kernel that ran"),
-            option("--scan", action="store_true", default=argparse.SUPPRESS,
-                   help="run the layers with lax.scan"),
-            option("--remat", choices=list(REMAT_POLICIES), default=argparse.SUPPRESS,
-                   help="rematerialization policy (default none)"),
-            option("--instances-per-row", type=_positive, default=argparse.SUPPRESS,
-                   help="pack up to this many instances into each row, cutting rows of the "
-                   "unpacked rows' lengths (default 1: unpacked)"),
+            option("--attention", choices=list(ATTENTION_IMPLEMENTATIONS), help="kernel (default "
+                   "auto: Splash on TPU, cuDNN on GPU, XLA on CPU, where Pallas is interpreted)"),
+            option("--scan", action="store_true", default=None, help="lax.scan the layers"),
+            option("--remat", choices=list(REMAT_POLICIES), help="remat policy (default none)"),
+            option("--instances-per-row", type=_positive,
+                   help="pack up to this many instances into a row (default 1: unpacked)"),
             option("--suite", choices=["device"], help="instead, the device check: base@128, "
-                   "large@128 and large@512 packed in bfloat16, each with cuDNN and XLA "
-                   "attention, with a profile of each; one JSON file (--out), a line per run as "
-                   "it goes"),
+                   "large@128, large@512, packed, bfloat16, cuDNN and XLA attention, profiled"),
             option("--out", default="device_check.json", metavar="FILE.json",
-                   help="where --suite writes its figures (default device_check.json)"))),
+                   help="where --suite writes (default %(default)s)"))),
     Command(
         "finetune", _finetune, "fine-tune a pretrained model on a classification or regression "
-        "task", "Fine-tunes a pretrained BERT (a pretraining workdir or a Hugging Face "
-        "directory) with a classification (or regression) head on the pooled [CLS] output: "
-        "AdamW with warmup and linear decay, sharded like pretraining; evaluates every epoch "
-        "(accuracy, F1, Matthews, Pearson/Spearman as the task asks), checkpoints, resumes a "
-        "workdir, and exports WORKDIR/export for transformers.BertForSequenceClassification.",
-        FINETUNING, distributed=True, options=(
+        "task", "A head on the pooled [CLS] output; evaluates every epoch, resumes a workdir and "
+        "exports to WORKDIR/export for transformers.", FINETUNING, distributed=True, options=(
             TASK,
-            option("--init", dest="init.path", metavar="PATH", help="pretraining workdir "
-                   "(latest checkpoint; --config.init.step=N for another) or Hugging Face BERT "
-                   "directory, with its tokenizer"),
+            option("--init", dest="init.path", metavar="PATH", help="pretraining workdir (its "
+                   "latest checkpoint, or --config.init.step=N) or Hugging Face BERT directory"),
             option("--random-init", dest="init.random", action="store_true", default=None,
                    help="random weights of --init's architecture (a baseline)"),
             option("--workdir", default="runs/finetune",
-                   help="checkpoints, metrics and export (default runs/finetune)"))),
+                   help="checkpoints, metrics and export (default %(default)s)"))),
     Command(
-        "finetune-eval", _finetune_eval,
-        "fine-tune each checkpoint of a pretraining run briefly: task score vs step",
-        "Fine-tunes each checkpoint of a pretraining workdir briefly on a task (the finetune "
-        "settings, in a scratch directory) and logs the validation scores against the "
-        "pretraining step to WORKDIR/finetune-eval/TASK (metrics.jsonl, TensorBoard). "
-        "Checkpoints already scored are skipped; --follow waits for new ones until the run's "
-        "last step.", FINETUNING, options=(
-            TASK,
-            option("--workdir", required=True, help="the pretraining workdir"),
+        "finetune-eval", _finetune_eval, "fine-tune every checkpoint briefly: task score vs step",
+        "With the finetune settings; scores go to WORKDIR/finetune-eval/TASK (metrics.jsonl, "
+        "TensorBoard). Scored checkpoints are skipped.", FINETUNING, options=(
+            TASK, PRETRAINING_WORKDIR,
             option("--every", type=_positive, default=1, metavar="STEPS",
                    help="score checkpoints at multiples of this step (and the last)"),
-            option("--follow", action="store_true",
-                   help="keep waiting for new checkpoints until the last step"),
+            option("--follow", action="store_true", help="wait for new ones until the last step"),
             option("--poll-seconds", type=_positive, default=60,
-                   help="how often --follow looks for new checkpoints (default 60)"))),
+                   help="how often --follow looks (default 60)"))),
     Command(
-        "compile", _compile, "compile the train step for a TPU slice, or lower it for CUDA, here "
-        "(no accelerator needed): memory per chip, attention kernels",
-        "Prints one JSON line per phase: the attention kernel its rows run and the "
-        "fused-attention calls in the lowered step. --tpu compiles each phase's train step for a "
-        "Cloud TPU slice on this machine (needs the libtpu package, the 'tpu' extra) and adds "
-        "XLA's memory per chip: whether a config fits before renting the slice. --platform=cuda "
-        "lowers it for NVIDIA GPUs (XLA's GPU compiler needs a GPU, so no memory figures), on "
-        "this machine's devices as stand-ins.", PRETRAINING, options=(Group(
+        "compile", _compile, "compile the train step for a TPU slice, or lower it for CUDA, here",
+        "One JSON line per phase: the attention kernel, the fused-attention calls in the step "
+        "and, for a TPU, XLA's memory per chip: does the config fit?", PRETRAINING, options=(Group(
             None, None, exactly_one=True, options=(
-                option("--tpu", metavar="TYPE", help="accelerator type, e.g. v4-32, v5e-16, "
-                       "v5p-128"),
-                option("--platform", choices=["cuda"],
-                       help="lower for this platform instead (cuda)"))),)),
+                option("--tpu", metavar="TYPE", help="TPU type, e.g. v4-32, v5e-16, v5p-128"),
+                option("--platform", choices=["cuda"], help="lower for CUDA instead"))),)),
 )
 
 
@@ -542,34 +459,23 @@ def _add_options(parser, options) -> None:
             parser.add_argument(*entry[0], **entry[1])
 
 
-def _names(config: DefaultConfig | None) -> str:
-    return ", ".join(command.name for command in COMMANDS if command.config is config)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of `COMMANDS`; its --help says which of them take which config."""
-    parser = _Parser(prog="bert-jax", formatter_class=argparse.RawDescriptionHelpFormatter,
-                     description=f"""BERT pretraining in JAX/Flax NNX.
-
---config=FILE (a Python file with get_config()) and overrides such as --config.train.seed=1
-set the run config of
-  {_names(PRETRAINING)}
-    (default: {PRETRAINING.name})
-  {_names(FINETUNING)}
-    (default: {FINETUNING.name})
-{_names(None)} use the config saved in the workdir.
-
-Run `bert-jax SUBCOMMAND --help` for a subcommand's options.""")
+    """The parser of `COMMANDS`."""
+    saved = ", ".join(command.name for command in COMMANDS if command.config is None)
+    parser = _Parser(prog="bert-jax", description="BERT pretraining in JAX/Flax NNX. --config=FILE "
+                     f"and --config.FIELD=VALUE overrides set the run config; {saved} use the one "
+                     "saved in the workdir. `bert-jax SUBCOMMAND --help` lists the options.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
     for command in COMMANDS:
         sub = subparsers.add_parser(command.name, help=command.help,
                                     description=command.description)
         sub.set_defaults(subcommand=command)
-        config = () if command.config is None else (option("--config", metavar="FILE", help=(
-            f"Python config file with get_config() (default: {command.config.name}); any field "
-            "can be overridden as --config.FIELD=VALUE, e.g. --config.train.seed=1")),)
-        _add_options(sub, (DEBUG, *config, *((DISTRIBUTED,) if command.distributed else ()),
-                           *command.options))
+        sub.add_argument("--debug", action="store_true", help="show an error's full traceback")
+        if command.config:
+            sub.add_argument("--config", metavar="FILE", help="Python config file with "
+                             f"get_config() (default: {command.config.name}); override any "
+                             "field as --config.FIELD=VALUE")
+        _add_options(sub, ((DISTRIBUTED,) if command.distributed else ()) + command.options)
     return parser
 
 
@@ -586,8 +492,8 @@ def _first_line(error: BaseException) -> str:
 
 
 def _file_of(error: OSError) -> str:
-    """The file `error` is about. The errors of write, flush and close (where a full disk
-    shows) carry no name: then the innermost frame that holds an open file names it."""
+    """The file `error` is about; where it names none (write, flush and close, where a full
+    disk shows), the innermost frame's open file."""
     if error.filename:
         return str(error.filename)
     for frame, _ in reversed(list(traceback.walk_tb(error.__traceback__))):
@@ -600,9 +506,8 @@ def _file_of(error: OSError) -> str:
 
 
 def failure(error: Exception) -> str:
-    """One line for a failure that is not the user's mistake: its cause and what to do. The
-    cause is the OSError behind a library's own error where there is one (Orbax re-raises the
-    error of its save thread)."""
+    """One line for a failure that is not the user's mistake: its cause (the OSError behind a
+    library's own error, as Orbax re-raises its save thread's) and what to do."""
     from bert_jax.loop import NonFiniteError
 
     if isinstance(error, NonFiniteError):  # its message says what happened and what to do
@@ -620,17 +525,16 @@ def failure(error: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = build_parser().parse_known_args(argv)
-    args.overrides, command = overrides, args.subcommand
+    args.overrides, command, config = overrides, args.subcommand, None
     try:
-        if command.config is None and overrides:
+        if command.config:
+            config = _load_config(args.config, overrides, command.config.make)
+            config.update_from_flattened_dict(  # options whose dest is a field: finetune's --task
+                {field: value for field, value in vars(args).items()
+                 if "." in field and value is not None})
+        elif overrides:
             raise UsageError(f"unrecognized argument {overrides[0]!r}: {command.name} uses "
                              f"the config saved in the workdir")
-        config = (None if command.config is None
-                  else _load_config(args.config, overrides, command.config.make))
-        for field, value in vars(args).items():
-            if "." in field and value is not None:  # e.g. finetune's --task
-                section, name = field.split(".")
-                config[section][name] = value
         if command.distributed:
             _start_distributed(args)
         command.run(args, config)
@@ -643,21 +547,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _without_traceback(record: logging.LogRecord) -> bool:
-    record.exc_info = record.exc_text = None
-    return True
-
-
 def run() -> None:
-    """The `bert-jax` command: `main` on this process's arguments, in a process whose malloc
-    suits XLA:CPU (`bert_jax.malloc`; it re-executes the command once). Unless --debug, the
-    tracebacks that libraries log (Orbax: one per failed save thread) and the echoes of a
-    failure from their threads and exit handlers are left out: the error's one line says it."""
+    """The `bert-jax` command: `main` with a malloc that suits XLA:CPU (it re-executes once)."""
+    def without_traceback(record: logging.LogRecord) -> bool:
+        record.exc_info = record.exc_text = None
+        return True
+
     malloc.reexec_with_huge_pages()
-    if "--debug" not in sys.argv:
-        logging.getLogger("absl").addFilter(_without_traceback)
+    if "--debug" not in sys.argv:  # the error's one line, not Orbax's traceback per save thread
+        logging.getLogger("absl").addFilter(without_traceback)
     code = main()
-    if code:
+    if code:  # nor the failure's echoes from threads and exit handlers
         sys.unraisablehook = threading.excepthook = lambda *_: None
     sys.exit(code)
 
