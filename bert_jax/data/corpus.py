@@ -31,12 +31,10 @@ TFDS_PREFIX = "tfds:"
 _BUILTIN_PREFIX = f"{BUILTIN}:"
 _PYDOC_TOPICS = f"{BUILTIN}:pydoc_topics"
 
-# Standard-library folders that hold tests, tools and vendored code rather than library
-# documentation; matched against a folder's name or its path relative to the library root.
+# Standard-library folders of tests, tools and vendored code, by name or path from the root.
 _BUILTIN_SKIPPED = frozenset({"test", "tests", "idlelib", "lib2to3", "site-packages",
                               "__pycache__", "turtledemo", "ensurepip/_bundled"})
 
-_GLOB_CHARS = re.compile(r"[*?[]")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 
@@ -95,10 +93,9 @@ def list_sources(spec: str) -> list[str]:
 
 def read_source(source: str, stats: ReadStats | None = None, *, text_field: str = "text",
                 tfds_data_dir: str | None = None) -> Iterator[list[str]]:
-    """The non-empty documents (lists of stripped, non-empty sentences) of one source, counted
-    in `stats`. File formats (docs/data.md): JSON Lines, google-research/bert's (a blank line
-    between documents), or a document per line; TFDS text is feature `text_field` or the only one.
-    """
+    """The non-empty documents (lists of stripped, non-empty sentences) of one source, counted in
+    `stats`. Files (docs/data.md): JSON Lines, google-research/bert's (a blank line between
+    documents) or a document per line; TFDS text is feature `text_field`, or the only one."""
     stats = ReadStats() if stats is None else stats
     if source.startswith(TFDS_PREFIX):
         documents = _read_tfds(source, stats, text_field, tfds_data_dir)
@@ -117,8 +114,7 @@ def read_source(source: str, stats: ReadStats | None = None, *, text_field: str 
 
 def fingerprint(spec: str, tfds_data_dir: str | None = None) -> str:
     """The hex SHA-256 of what corpus `spec` reads, naming what is built from it (docs/data.md).
-    Files hash in threads (hashlib releases the GIL), again only when their size or mtime change.
-    """
+    Files hash in threads (hashlib releases the GIL), again only when size or mtime change."""
     part = functools.partial(_source_fingerprint, tfds_data_dir=tfds_data_dir)
     with concurrent.futures.ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
         parts = list(pool.map(part, list_sources(spec)))
@@ -146,11 +142,10 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
 
 
 def split_sentences(text: str) -> list[str]:
-    """Running text -> sentences, whitespace collapsed. Rule-based (learned splitters need
-    model files, not to be had offline): `.`, `!`, `?` or an ellipsis, then closing quotes or
-    brackets, whitespace and an upper-case letter or digit, end one; except after an
-    abbreviation (Mr.), an initialism (e.g., U.S.), an initial (J. Smith), or No./Fig. before a
-    number."""
+    """Running text -> sentences, whitespace collapsed. Rule-based (learned splitters need model
+    files, not to be had offline): `.`, `!`, `?` or an ellipsis, then closing quotes or brackets,
+    whitespace and an upper-case letter or digit, end one; except after an abbreviation (Mr.),
+    an initialism (e.g., U.S.), an initial (J. Smith), or No./Fig. before a number."""
     text = " ".join(text.split())
     sentences, start = [], 0
     for match in _SENTENCE_END.finditer(text):
@@ -203,7 +198,7 @@ def _file_sources(spec: str) -> list[str]:
             if os.path.isdir(expanded):
                 why = f"is a folder; give a glob of its files, such as {expanded.rstrip('/')}/*"
             else:
-                why = "matches no file" if _GLOB_CHARS.search(expanded) else "no such file"
+                why = "matches no file" if re.search(r"[*?[]", expanded) else "no such file"
             raise ConfigError(f"corpus {pattern!r}: {why}")
         paths += matches
     return list(dict.fromkeys(paths))
@@ -306,8 +301,7 @@ def _read_pydoc_topics(stats: ReadStats) -> Iterator[list[str]]:
     from pydoc_data.topics import topics  # a dict literal: importing it does nothing else
 
     stats.sources += 1
-    for text in topics.values():
-        yield _documentation_sentences(text)
+    yield from map(_documentation_sentences, topics.values())
 
 
 def _documentation_sentences(text: str) -> list[str]:

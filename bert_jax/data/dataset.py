@@ -1,9 +1,8 @@
 """The prepared pretraining dataset: a TFDS builder that writes NSP/SOP instances as ArrayRecord.
 
-`prepare(data_config)` builds `DATA_DIR/bert_pretraining/NAME/VERSION/` (DATA_DIR local or
-`gs://`, where every host of a pod reads it) once: NAME hashes everything that determines the
-instances (`identity`), so neither a changed config nor an edited corpus file reuses a stale
-dataset. Instances store no masks: masking is dynamic.
+`prepare(data_config)` builds `DATA_DIR/bert_pretraining/NAME/VERSION/` (local, or `gs://` for
+every host of a pod to read) once: NAME hashes all that determines the instances (`identity`), so
+neither a changed config nor an edited corpus file reuses a stale dataset.
 """
 
 from __future__ import annotations
@@ -35,18 +34,17 @@ from bert_jax.data.instances import (InstanceOptions, TokenizedCorpus,
                                      create_instances_from_document, document_rng, offsets_of)
 
 VERSION = "1.0.0"
-# Every bert-jax dataset is a custom builder config (its name hashes the data config), which
-# TFDS warns about at each build and open; by design here, so the warning is not shown.
+# TFDS warns at each build and open that a builder config is custom: here every one is.
 logging.getLogger("absl").addFilter(
     lambda record: not record.getMessage().startswith("Using custom data configuration"))
-# Fields of DataConfig that do not change the instances.
+# Fields of DataConfig that do not change the instances (which store no masks: masking is dynamic).
 _NOT_IDENTITY = {"data_dir", "workers", "max_predictions_per_seq", "masked_lm_prob",
                  "whole_word_masking", "tfds_data_dir"}
+_WORKER_CORPUS: TokenizedCorpus | None = None  # a worker process's, from `_set_worker_corpus`
 
 
 class BertPretrainingConfig(tfds.core.BuilderConfig):
-    def __init__(self, *, data_config: DataConfig, tokenizer_file: str, identity: dict,
-                 **kwargs):
+    def __init__(self, *, data_config: DataConfig, tokenizer_file: str, identity: dict, **kwargs):
         super().__init__(**kwargs)
         self.data_config = data_config
         self.tokenizer_file = tokenizer_file
@@ -72,8 +70,7 @@ class BertPretraining(tfds.core.GeneratorBasedBuilder):
         return self.dataset_info_from_configs(
             features=tfds.features.FeaturesDict({**tokens, **per_instance}),
             metadata=tfds.core.MetadataDict(),
-            disable_shuffling=True,  # the loader permutes; storage order stays creation order
-        )
+            disable_shuffling=True)  # the loader permutes; storage order stays creation order
 
     def _split_generators(self, dl_manager):
         config: BertPretrainingConfig = self.builder_config
@@ -153,14 +150,12 @@ def _run_parallel(function, items: list, workers: int, desc: str, unit: str,
         return list(tqdm(results, total=len(items), desc=desc, unit=unit))
 
 
-@functools.lru_cache(maxsize=4)
-def _worker_tokenizer(path: str, lowercase: bool) -> tokenization.Tokenizer:
-    return tokenization.load_tokenizer(path, lowercase=lowercase)
+_worker_tokenizer = functools.lru_cache(maxsize=4)(tokenization.load_tokenizer)
 
 
 def _tokenize_source(source: str, data: DataConfig, tokenizer_file: str):
     """(ids, word starts, sentence lengths, sentences per document, read stats) of a source."""
-    tokenizer = _worker_tokenizer(tokenizer_file, data.lowercase)
+    tokenizer = _worker_tokenizer(tokenizer_file, lowercase=data.lowercase)
     stats = corpora.ReadStats()
     sentences, document_sizes = [], []
     for document in corpora.read_source(source, stats, text_field=data.text_field,
@@ -209,9 +204,6 @@ def _split_documents(num_documents: int, data: DataConfig) -> dict[str, np.ndarr
     return {"train": np.sort(order[held_out:]), "validation": np.sort(order[:held_out])}
 
 
-_WORKER_CORPUS: TokenizedCorpus | None = None
-
-
 def _set_worker_corpus(corpus: TokenizedCorpus) -> None:
     global _WORKER_CORPUS
     _WORKER_CORPUS = corpus
@@ -230,9 +222,8 @@ def create_instances(corpus: TokenizedCorpus, options: InstanceOptions, seed: in
     """All instances of `corpus`, in document order."""
     bounds = np.linspace(0, corpus.num_documents, 64 + 1).astype(int)
     chunks = [range(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    create = functools.partial(_instances_of, options=options, seed=seed,
-                               dupe_factor=dupe_factor, cls_id=tokenizer.cls_id,
-                               sep_id=tokenizer.sep_id)
+    create = functools.partial(_instances_of, options=options, seed=seed, dupe_factor=dupe_factor,
+                               cls_id=tokenizer.cls_id, sep_id=tokenizer.sep_id)
     results = _run_parallel(create, chunks, workers, "creating instances", "chunk",
                             initializer=_set_worker_corpus, initargs=(corpus,))
     return [instance for result in results for instance in result]
@@ -242,8 +233,7 @@ def _summary(stats, corpus: TokenizedCorpus, instances: dict, rows: dict,
              max_seq_length: int, seconds: float) -> dict:
     """What the build made: `examples` counts what a split stores (instances, or packed
     rows), `fill_ratio` the share of the stored rows' tokens that are not padding."""
-    examples = {name: len(items) if rows[name] is None else len(rows[name])
-                for name, items in instances.items()}
+    examples = {name: len(rows[name] or items) for name, items in instances.items()}
     tokens = sum(len(i.input_ids) for items in instances.values() for i in items)
     total_examples = sum(examples.values())
     return {"sources": stats.sources, "documents": corpus.num_documents,

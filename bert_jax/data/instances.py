@@ -17,10 +17,8 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class TokenizedCorpus:
     """Documents of sentences of tokens, in flat arrays (memory-mappable; no Python lists).
-
     Sentence `s` is `ids[sentence_offsets[s]:sentence_offsets[s + 1]]`; document `d` is
-    sentences `document_offsets[d]` to `document_offsets[d + 1]`.
-    """
+    sentences `document_offsets[d]` to `document_offsets[d + 1]`."""
 
     ids: np.ndarray  # int32 [tokens]
     word_starts: np.ndarray  # bool [tokens]
@@ -32,8 +30,7 @@ class TokenizedCorpus:
         return len(self.document_offsets) - 1
 
     def sentences(self, document: int) -> range:
-        return range(int(self.document_offsets[document]),
-                     int(self.document_offsets[document + 1]))
+        return range(int(self.document_offsets[document]), int(self.document_offsets[document + 1]))
 
     def sentence_length(self, sentence: int) -> int:
         return int(self.sentence_offsets[sentence + 1] - self.sentence_offsets[sentence])
@@ -102,8 +99,7 @@ def create_instances_from_document(corpus: TokenizedCorpus, document: int,
         target_seq_length = rng.randint(2, max_num_tokens)
 
     instances = []
-    chunk: list[int] = []  # sentence indices
-    chunk_length = 0
+    chunk, chunk_length = [], 0  # sentence indices, their tokens
     i = 0
     while i < len(sentences):
         chunk.append(sentences[i])
@@ -133,8 +129,7 @@ def create_instances_from_document(corpus: TokenizedCorpus, document: int,
     return instances
 
 
-def _random_segment(corpus: TokenizedCorpus, document: int, target_length: int,
-                    rng: random.Random):
+def _random_segment(corpus: TokenizedCorpus, document: int, target_length: int, rng: random.Random):
     """Contiguous sentences of another document, from a random start, up to `target_length`."""
     other = document
     for _ in range(10):  # the reference gives up after 10 tries on tiny corpora

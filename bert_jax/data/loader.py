@@ -18,6 +18,7 @@ import numpy as np
 from bert_jax.data.masking import MaskingOptions, mask_batch
 
 ORDER_STREAM = 0  # the masks draw from stream 1 (masking.MASK_STREAM)
+_DONE = object()  # what ends a prefetched stream
 
 
 class Loader:
@@ -26,8 +27,7 @@ class Loader:
     `source` gives random access to the stored examples (`len`, `__getitems__` or
     `__getitem__`); `seed` keys the epoch permutations and the masks; `rows` are the rows of
     each global batch this process reads (default: all); `shuffle=False` reads the split in
-    stored order (evaluation); `instances_per_row` is K of a packed split (1: unpacked).
-    """
+    stored order (evaluation); `instances_per_row` is K of a packed split (1: unpacked)."""
 
     def __init__(self, source, masking: MaskingOptions, *, global_batch_size: int, seed: int,
                  max_seq_length: int, rows: slice | None = None, shuffle: bool = True,
@@ -64,10 +64,8 @@ class Loader:
 
     def global_indices(self, step: int) -> np.ndarray:
         """Example indices of global step `step`, all processes' rows."""
-        size = len(self.source)
-        positions = np.arange(step * self.global_batch_size,
-                              (step + 1) * self.global_batch_size)
-        epochs, offsets = np.divmod(positions, size)
+        positions = step * self.global_batch_size + np.arange(self.global_batch_size)
+        epochs, offsets = np.divmod(positions, len(self.source))
         indices = np.empty_like(positions)
         for epoch in np.unique(epochs):
             in_epoch = epochs == epoch
@@ -89,9 +87,6 @@ class Loader:
         steps = (range(start_step, start_step + num_steps) if num_steps is not None
                  else itertools.count(start_step))
         return _prefetched(((step, self.batch(step)) for step in steps), prefetch)
-
-
-_DONE = object()
 
 
 def _prefetched(items: Iterator, size: int) -> Iterator:
