@@ -2,14 +2,12 @@
 
 Each checkpoint is `<directory>/<step>/` with two items: `state`, a pytree of (sharded)
 `jax.Array`s written through TensorStore, and `metadata`, a JSON dict (the config, the loader's
-step, ...). Local paths and `gs://` take the same code. Orbax commits a checkpoint only once
-every process has written it (a rename locally, `commit_success.txt` on GCS) and never lists
-an uncommitted one, so an interrupted save is invisible.
+step, ...), on local paths and `gs://` alike. Orbax commits a checkpoint once every process
+has written it and lists only committed ones, so an interrupted save is invisible.
 
-Restore reads each device's slice onto an abstract state whose shardings may differ from
-those at save time, so nothing is ever gathered unsharded. The restore itself is the check
-for damage (a data file truncated or deleted), so a good checkpoint costs nothing extra;
-Orbax keeps no checksums of array data, so bytes altered in place may pass.
+Restore reads each device's slice onto an abstract state of any sharding, never gathering it
+whole. Reading is the damage check (a data file truncated or deleted), free for a good
+checkpoint; Orbax keeps no checksums of array data, so bytes altered in place may pass.
 """
 
 from __future__ import annotations
@@ -37,8 +35,7 @@ class Checkpointer:
     `async_save=False` each save blocks until it is committed.
 
     Every process of a multi-process run makes the same calls; Orbax decides which process
-    writes what. Usable as a context manager (closing waits for pending saves).
-    """
+    writes what. Usable as a context manager (closing waits for pending saves)."""
 
     def __init__(self, directory, *, keep: int = 3, every_steps: int = 1000,
                  async_save: bool = True):
@@ -94,8 +91,7 @@ class Checkpointer:
         A damaged newer step is named in a warning, skipped, and deleted once an older one
         restores (the run writes those steps again, and a stale step would block saving them).
         Raises FileNotFoundError when there is no committed checkpoint (or not `step`), and
-        ConfigError when none of the candidates reads (the last error chained).
-        """
+        ConfigError when none of the candidates reads (the last error chained)."""
         def read(candidate):
             path = self._step_path(candidate)
             state = self._state_reader.restore(
@@ -115,10 +111,9 @@ class Checkpointer:
         """The JSON item alone (no arrays are read), e.g. the saved config; with `step` None,
         the newest step whose JSON reads (its arrays unchecked: `restore` may still fall back
         to an older step). Raises like `restore`; any process may call it alone."""
-        metadata, _, _ = self._read_newest(
+        return self._read_newest(
             lambda candidate: self._metadata_reader.restore(self._step_path(candidate) / METADATA),
-            step, collective=False)
-        return metadata
+            step, collective=False)[0]
 
     def delete_after(self, step: int) -> None:
         """Deletes the checkpoints of steps after `step` (a rollback rewrites them)."""
@@ -150,10 +145,9 @@ class Checkpointer:
         """`read(step)` for `step`, or for each committed step from the newest until one reads;
         returns (what `read` returned, its step, the newer steps that failed).
 
-        With `collective`, every process must call this: a step counts as read only if it read
-        on every process, so all processes agree on it even where only some hit the damage
-        (hence Orbax's handlers, not `CheckpointManager.restore`, whose barrier a process that
-        failed to read would never reach)."""
+        With `collective` (every process calls it), a step counts as read only if it read on
+        every process, so all agree even where only some hit the damage: hence Orbax's
+        handlers, not `CheckpointManager.restore`, whose barrier a failed process never reaches."""
         self.wait()  # a step still being written is listed but not readable yet
         steps = self.all_steps()
         if step is not None and step not in steps:
@@ -169,20 +163,17 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 - any failure to read marks the step damaged
                 result, error = None, e
             readable = error is None
-            if collective:  # a collective: every process calls it
+            if collective:
                 readable = bool(np.all(multihost_utils.process_allgather(np.int32(readable))))
             if readable:
                 return result, candidate, failed
             failed.append(candidate)
+            if error is None:
+                why = "it could not be read on another process"
+            else:  # its first line: TensorStore's errors run to pages of spec JSON
+                first_line = (str(error).strip().splitlines() or [""])[0]
+                why = f"{type(error).__name__}: {first_line[:300]}"
             warnings.warn(f"checkpoint step {candidate} in {self.directory} is damaged or "
-                          f"unreadable: {_describe(error)}", stacklevel=3)
+                          f"unreadable: {why}", stacklevel=3)
         raise ConfigError(f"no readable checkpoint among steps {candidates} in "
                           f"{self.directory}: see the warnings for each") from error
-
-
-def _describe(error: Exception | None) -> str:
-    """A one-line account of a read error (TensorStore's run to pages of spec JSON)."""
-    if error is None:
-        return "it could not be read on another process"
-    first_line = (str(error).strip().splitlines() or [""])[0]
-    return f"{type(error).__name__}: {first_line[:300]}"

@@ -1,16 +1,14 @@
 """Multi-process runs on JAX's own runtime: start it, wait for each other, stop together.
 
-One process per host (per TPU VM worker, per GPU node, or per group of CPU devices); every
-process runs the same program on its own devices, and XLA's collectives (ICI/DCN on TPU, NCCL
-on GPU, gloo on CPU) connect them. `jax.distributed` also watches the processes: when one dies,
-the coordination service stops the others with an error within the heartbeat timeout, instead
-of leaving them blocked in a collective for ever.
+One process per host (TPU VM worker, GPU node, or group of CPU devices), each running the same
+program on its own devices, connected by XLA's collectives (ICI/DCN on TPU, NCCL on GPU, gloo
+on CPU). When one process dies, `jax.distributed`'s coordination service stops the others with
+an error within the heartbeat timeout, instead of leaving them blocked in a collective for ever.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import importlib.util
 import os
 from pathlib import Path
@@ -20,7 +18,6 @@ from bert_jax.config import ConfigError
 # Long enough for a stalled host to recover, short enough that a dead one stops the run
 # within a minute (the detection takes up to this long, then the others abort).
 DEFAULT_HEARTBEAT_TIMEOUT_S = 30
-_GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips show up as Google PCI devices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +62,9 @@ def detected_cluster() -> str | None:
 
 
 def _has_tpu_chips() -> bool:
-    for vendor_file in glob.glob("/sys/bus/pci/devices/*/vendor"):
-        try:
-            if Path(vendor_file).read_text().strip() == _GOOGLE_PCI_VENDOR:
+    for vendor_file in Path("/sys/bus/pci/devices").glob("*/vendor"):
+        try:  # TPU chips show up as PCI devices of Google's vendor id
+            if vendor_file.read_text().strip() == "0x1ae0":
                 return True
         except OSError:
             continue
@@ -79,8 +76,7 @@ def initialize(options: Options) -> str | None:
     touches a JAX device. Returns how the processes were found (None: one process).
 
     Explicit options win; otherwise SLURM, Open MPI and Cloud TPU are detected and JAX reads
-    their variables. `num_processes=1` forces a one-process run.
-    """
+    their variables. `num_processes=1` forces a one-process run."""
     if options.num_processes == 1:
         return None
     missing = [name for name in ("coordinator_address", "num_processes", "process_id")

@@ -39,9 +39,8 @@ def _classification_sums(logits, labels, weights, prefix="") -> dict[str, Array]
 
 def _nsp_weights(batch) -> Array:
     """1 per NSP label (each row of an unpacked batch), or the packed batch's weights."""
-    if "next_sentence_weights" in batch:
-        return batch["next_sentence_weights"]
-    return jnp.ones(batch["next_sentence_labels"].shape, jnp.float32)
+    ones = jnp.ones(batch["next_sentence_labels"].shape, jnp.float32)
+    return batch.get("next_sentence_weights", ones)
 
 
 def _denominator(weights) -> Array:
@@ -74,8 +73,7 @@ class PretrainingObjective:
                                        batch["input_mask"], batch["masked_lm_positions"],
                                        batch.get("next_sentence_positions"),
                                        dropout_key=dropout_key)
-        # The tokens that are not padding (`input_mask` > 0, packed rows included): the
-        # training log's real tokens per second.
+        # Non-padding tokens (`input_mask` > 0, packed rows included): the log's tokens/s.
         return {**pretraining_sums(mlm_logits, nsp_logits, batch),
                 "tokens": jnp.sum(batch["input_mask"] > 0, dtype=jnp.float32)}
 

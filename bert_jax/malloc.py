@@ -1,10 +1,9 @@
 """Transparent huge pages for glibc malloc's large blocks, set by re-executing the command.
 
-XLA:CPU allocates a step's buffers afresh every step. glibc gives large blocks their own
-mmap and unmaps them when freed, so every step faults its buffers in again, 4 KB at a time,
-which slows a CPU train step. glibc's `glibc.malloc.hugetlb=1` tunable (glibc 2.35+) has
-malloc ask the kernel for transparent huge pages, 2 MB a fault. Tunables are read only when
-a process starts, so the command re-executes itself once with the tunable set, where it helps.
+XLA:CPU allocates a step's buffers afresh every step; glibc gives large blocks their own mmap
+and unmaps them when freed, so every CPU train step faults its buffers in again, 4 KB at a
+time. The `glibc.malloc.hugetlb=1` tunable (glibc 2.35+) has malloc ask for transparent huge
+pages, 2 MB a fault; glibc reads tunables only at start, hence one re-execution, where it helps.
 docs/performance.md ("Page faults") has the measurements, and the alternatives tried (TCMalloc,
 which not every host has; one glibc arena without mmap, whose heap grows by fragmentation).
 """
@@ -19,7 +18,6 @@ HUGETLB = "glibc.malloc.hugetlb"
 # Set for the re-executed process: glibc strips tunables from the environment of setuid
 # programs, so the tunable itself cannot tell that the re-execution happened.
 _REEXECUTED = "BERT_JAX_MALLOC_REEXECUTED"
-_THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 def huge_pages_would_help() -> bool:
@@ -27,7 +25,7 @@ def huge_pages_would_help() -> bool:
     Debian's and Ubuntu's default; in `always` mode malloc gets them anyway)."""
     try:
         name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
-        mode = _THP_MODE.read_text()
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
     except (AttributeError, ValueError, OSError):  # not Linux, not glibc, no THP
         return False
     return (name == "glibc" and tuple(map(int, version.split(".")[:2])) >= (2, 35)

@@ -13,8 +13,7 @@ class MetricsWriter:
 
     Records after `start_step`, the step a run starts or resumes at, are dropped (and a line
     cut short by a kill), so metrics.jsonl holds each step once, as an uninterrupted run
-    would; None keeps every record (a log that is not a run's, e.g. continuous evaluation).
-    """
+    would; None keeps every record (a log that is not a run's, e.g. continuous evaluation)."""
 
     def __init__(self, workdir, enabled: bool = True, start_step: int | None = 0):
         self.enabled = enabled

@@ -14,8 +14,7 @@ def score(names, logits: np.ndarray, labels: np.ndarray, regression: bool) -> di
     """The scores `names` of logits [N, num_labels] against labels [N].
 
     F1 is of class 1 for two classes (GLUE's MRPC and QQP), else the macro average over
-    classes. A correlation of constant predictions (an untrained model may give them) is 0.
-    """
+    classes. A correlation of constant predictions (an untrained model may give them) is 0."""
     predictions = logits[:, 0].astype(np.float64) if regression else logits.argmax(-1)
     average = "binary" if logits.shape[-1] == 2 else "macro"
     functions = {

@@ -28,18 +28,17 @@ RULES = {"batch": BATCH_AXES, "vocab": ("tensor",), "embed": ("fsdp",), "mlp": (
 def mesh_shape(sizes: dict, device_count: int) -> tuple[int, ...]:
     """(data, fsdp, tensor) sizes with one -1 filled from `device_count`."""
     shape = [int(sizes[axis]) for axis in MESH_AXES]
+    named = dict(zip(MESH_AXES, shape))
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-        raise ConfigError(f"mesh {dict(zip(MESH_AXES, shape))}: expected positive sizes and at "
-                          f"most one -1")
+        raise ConfigError(f"mesh {named}: expected positive sizes and at most one -1")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if device_count % known:
-            raise ConfigError(f"mesh {dict(zip(MESH_AXES, shape))} cannot fill {device_count} "
-                              f"devices: {device_count} is not a multiple of {known}")
+            raise ConfigError(f"mesh {named} cannot fill {device_count} devices: {device_count} "
+                              f"is not a multiple of {known}")
         shape[shape.index(-1)] = device_count // known
-    if math.prod(shape) != device_count:
-        raise ConfigError(f"mesh {dict(zip(MESH_AXES, shape))} has {math.prod(shape)} devices: "
-                          f"expected {device_count}")
+    elif known != device_count:
+        raise ConfigError(f"mesh {named} has {known} devices: expected {device_count}")
     return tuple(shape)
 
 
@@ -48,8 +47,7 @@ def make_mesh(sizes: dict, devices=None) -> Mesh:
     inner axes get the fastest links. Axes are `Auto`: XLA propagates shardings from the
     parameters and the batch (the model carries no sharding annotations of its own)."""
     devices = jax.devices() if devices is None else devices
-    shape = mesh_shape(sizes, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, devices=devices,
+    return jax.make_mesh(mesh_shape(sizes, len(devices)), MESH_AXES, devices=devices,
                          axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
@@ -90,13 +88,12 @@ def like_params(tree, params_shardings: dict, mesh: Mesh):
     parameters: a leaf whose path ends with a parameter's path gets that parameter's
     sharding; anything else (counts, scalars) is replicated."""
     by_path = dict(jax.tree_util.tree_flatten_with_path(params_shardings)[0])
-    replicated = NamedSharding(mesh, PartitionSpec())
 
     def sharding(path, leaf):
         for start in range(len(path)):
             if path[start:] in by_path:
                 return by_path[path[start:]]
-        return replicated
+        return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree_util.tree_map_with_path(sharding, tree)
 
