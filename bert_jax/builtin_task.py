@@ -33,18 +33,16 @@ def splits() -> dict[str, tuple[list[str], np.ndarray]]:
                           f"{MIN_WORDS}-{MAX_WORDS} words: the built-in task needs {needed}; "
                           f"use a file task")
     rng = np.random.default_rng(SEED)
-    texts, labels = [], []
+    texts = []
     for number, index in enumerate(rng.permutation(len(sentences))[:needed]):
         words = sentences[index].split()
-        shuffled = number % 2
-        if shuffled:
+        if number % 2:  # every other text is shuffled: label 1
             order = np.arange(len(words))
             while (order == np.arange(len(words))).all():
                 order = rng.permutation(len(words))
             words = [words[i] for i in order]
         texts.append(" ".join(words))
-        labels.append(shuffled)
-    labels = np.array(labels, np.int32)
+    labels = np.arange(needed, dtype=np.int32) % 2
     return {"train": (texts[:TRAIN_EXAMPLES], labels[:TRAIN_EXAMPLES]),
             "validation": (texts[TRAIN_EXAMPLES:], labels[TRAIN_EXAMPLES:])}
 
@@ -53,9 +51,6 @@ def splits() -> dict[str, tuple[list[str], np.ndarray]]:
 def _sentences() -> tuple[str, ...]:
     """The built-in corpus's distinct sentences of `MIN_WORDS` to `MAX_WORDS` words, sorted;
     read once per process, as parsing the standard library is slow (docs/finetune.md)."""
-    found = set()
-    for source in corpus.list_sources(corpus.BUILTIN):
-        found.update(sentence for document in corpus.read_source(source)
-                     for sentence in document
-                     if MIN_WORDS <= len(sentence.split()) <= MAX_WORDS)
-    return tuple(sorted(found))
+    return tuple(sorted({sentence for source in corpus.list_sources(corpus.BUILTIN)
+                         for document in corpus.read_source(source) for sentence in document
+                         if MIN_WORDS <= len(sentence.split()) <= MAX_WORDS}))

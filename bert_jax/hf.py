@@ -95,12 +95,10 @@ def _norm(ours, hf, index=()):
 
 def _entries(num_layers: int, head: str | None = "pretraining") -> list[_Entry]:
     """The encoder's entries, then those of `head` (None: the encoder alone)."""
-    def table(ours, hf):
-        return _Entry(f"embeddings/{ours}/embedding", (), f"bert.embeddings.{hf}.weight", _SAME)
-
-    entries = [table("word", "word_embeddings"), table("position", "position_embeddings"),
-               table("token_type", "token_type_embeddings"),
-               *_norm("embeddings/norm", "bert.embeddings.LayerNorm")]
+    entries = [_Entry(f"embeddings/{ours}/embedding", (), f"bert.embeddings.{hf}.weight", _SAME)
+               for ours, hf in (("word", "word_embeddings"), ("position", "position_embeddings"),
+                                ("token_type", "token_type_embeddings"))]
+    entries += _norm("embeddings/norm", "bert.embeddings.LayerNorm")
     layers = "encoder/layers"
     for i in range(num_layers):
         hf = f"bert.encoder.layer.{i}"
@@ -150,7 +148,10 @@ def from_hf(tensors: dict[str, np.ndarray], config: ModelConfig,
     """Hugging Face tensors -> our flat parameters of `shapes` (`head` None: the encoder alone,
     from what `encoder_tensors` kept). ConfigError names the first missing, unexpected or
     misshapen tensor."""
-    tensors = _modern_names(tensors)
+    # LayerNorm `gamma`/`beta` (released checkpoints) -> `weight`/`bias`, as `transformers`.
+    renamed = {"gamma": "weight", "beta": "bias"}
+    tensors = {re.sub(r"(?<=\.LayerNorm\.)(gamma|beta)$", lambda match: renamed[match[1]], name):
+               value for name, value in tensors.items()}
     entries = _entries(config.num_layers, head)
     extra = sorted(set(tensors) - {e.hf for e in entries} - set(_TIED) - {_POSITION_IDS})
     if extra:
@@ -185,13 +186,6 @@ def encoder_tensors(tensors: dict) -> dict:
     return {(f"bert.{name}" if name.startswith(bare) else name): value
             for name, value in tensors.items()
             if not name.startswith(("cls.", "classifier."))}
-
-
-def _modern_names(tensors: dict) -> dict:
-    """LayerNorm `gamma`/`beta` (released checkpoints) -> `weight`/`bias`, as `transformers`."""
-    renamed = {"gamma": "weight", "beta": "bias"}
-    return {re.sub(r"(?<=\.LayerNorm\.)(gamma|beta)$", lambda match: renamed[match[1]], name):
-            value for name, value in tensors.items()}
 
 
 def _describe(config: ModelConfig) -> str:
@@ -288,7 +282,6 @@ def read_tensors(path) -> dict[str, np.ndarray]:
     except ImportError as e:
         raise ConfigError(f"{path / TORCH_WEIGHTS_FILE} is a PyTorch file: install torch to read "
                           f"it, or convert it to {WEIGHTS_FILE}") from e
-    # weights_only=True refuses pickled code: a checkpoint cannot run anything on load.
     with (path / TORCH_WEIGHTS_FILE).open("rb") as f:  # a file object: torch.load reads no URLs
         state = torch.load(f, map_location="cpu", weights_only=True)
     return {k: v.float().numpy() for k, v in state.items()}

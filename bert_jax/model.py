@@ -91,11 +91,10 @@ class SelfAttention(nnx.Module):
 
 @jax.custom_vjp
 def gelu(x) -> Array:
-    """Exact GELU as BERT, PyTorch and Hugging Face write it, x/2 (1 + erf(x/sqrt 2)), in
-    float32 as PyTorch (in bfloat16, 1 + erf cancels to 0 below x = -2). Not `jax.nn.gelu`'s
-    erfc form, which XLA:CPU runs in several passes kept for the backward; the hand-written
-    gradient recomputes the derivative's exp fused with the incoming gradient, where autodiff
-    would keep it from the forward (both timed in docs/performance.md)."""
+    """Exact GELU as BERT and PyTorch write it, x/2 (1 + erf(x/sqrt 2)), in float32 (in bfloat16,
+    1 + erf cancels to 0 below x = -2). Not `jax.nn.gelu`'s erfc form, which XLA:CPU runs in
+    passes kept for the backward; the hand-written gradient recomputes the derivative's exp fused
+    with the incoming gradient, where autodiff would keep it (both timed in docs/performance.md)."""
     x32 = x.astype(jnp.float32)
     return (x32 * 0.5 * (1.0 + jax.lax.erf(x32 * 0.5 ** 0.5))).astype(x.dtype)
 
@@ -179,8 +178,7 @@ class Encoder(nnx.Module):
         graphdef, stacked = nnx.split(self.layers)
 
         def apply_layer(x_bsd, layer_state, layer_key, query_positions_bq=None):
-            return nnx.merge(graphdef, layer_state)(x_bsd, segments, layer_key,
-                                                   query_positions_bq)
+            return nnx.merge(graphdef, layer_state)(x_bsd, segments, layer_key, query_positions_bq)
 
         if self.config.remat_policy != "none":
             apply_layer = jax.checkpoint(apply_layer,
@@ -284,9 +282,8 @@ class _Bert(nnx.Module):
         input_ids = _checked("input_ids", input_ids, lambda shape: len(shape) == 2,
                              "[batch, length]")
         if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise ConfigError(
-                f"input_ids has length {input_ids.shape[1]}: expected at most "
-                f"max_position_embeddings={self.config.max_position_embeddings}")
+            raise ConfigError(f"input_ids has length {input_ids.shape[1]}: expected at most "
+                              f"max_position_embeddings={self.config.max_position_embeddings}")
 
         def like_ids(name, value, integer=True):
             return _checked(name, value, lambda shape: shape == input_ids.shape,
@@ -338,8 +335,7 @@ class BertForSequenceClassification(_Bert):
 
     def __init__(self, config: ModelConfig, num_labels: int, *, rngs: nnx.Rngs):
         super().__init__(config, rngs=rngs)
-        self.classifier = _linear(config, config.hidden_size, num_labels, ["embed"], [None],
-                                  rngs)
+        self.classifier = _linear(config, config.hidden_size, num_labels, ["embed"], [None], rngs)
 
     def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *,
                  dropout_key=None) -> Array:
@@ -401,5 +397,5 @@ def create(config: ModelConfig, seed: int = 0, num_labels: int | None = None) ->
     """A freshly initialized model, by one compiled computation (eager NNX initialization
     dispatches op by op and takes seconds even for a tiny model)."""
     graphdef, _ = nnx.split(abstract(config, num_labels))
-    return nnx.merge(graphdef, jax.jit(
-        lambda: nnx.state(new_model(config, seed, num_labels)))())
+    state = jax.jit(lambda: nnx.state(new_model(config, seed, num_labels)))()
+    return nnx.merge(graphdef, state)

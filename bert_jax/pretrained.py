@@ -31,10 +31,9 @@ class _Weights:
     def __init__(self, config: ModelConfig, params: dict, num_labels: int | None, forward):
         self.config = config
         self.params = params
-        graphdef, state = nnx.split(abstract(config, num_labels))
-        nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-        self._graphdef, self._state = graphdef, state
-        self._forward = jax.jit(lambda state, *inputs: forward(nnx.merge(graphdef, state),
+        self._graphdef, self._state = nnx.split(abstract(config, num_labels))
+        nnx.replace_by_pure_dict(self._state, jax.tree.map(jnp.asarray, params))
+        self._forward = jax.jit(lambda state, *inputs: forward(nnx.merge(self._graphdef, state),
                                                                *inputs))
 
     def model(self):
@@ -71,8 +70,7 @@ class Classifier(_Weights):
     head = "classification"
 
     def __init__(self, config: ModelConfig, params: dict, labels: tuple[str, ...]):
-        super().__init__(config, params, len(labels) or 1,
-                         lambda model, *inputs: model(*inputs))
+        super().__init__(config, params, len(labels) or 1, lambda model, *inputs: model(*inputs))
         self.labels = tuple(labels)
 
 

@@ -132,8 +132,7 @@ class Tokenizer:
             # A token starts a word when its word id differs from the previous token's; no word
             # (None) is NaN, which differs from everything, so such a token is a word of its own.
             words = np.array(encoding.word_ids, np.float64)
-            results.append((np.array(encoding.ids, np.int32),
-                            np.diff(words, prepend=np.nan) != 0))
+            results.append((np.array(encoding.ids, np.int32), np.diff(words, prepend=np.nan) != 0))
         return results
 
     def encode(self, text: str) -> list[int]:
@@ -150,8 +149,7 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         """The text of `ids`, special tokens shown (as `transformers` decodes by default)."""
-        return self._backend.decode(np.asarray(ids, np.int64).tolist(),
-                                    skip_special_tokens=False)
+        return self._backend.decode(np.asarray(ids, np.int64).tolist(), skip_special_tokens=False)
 
     def save_hf(self, out_dir, *, model_max_length: int | None = None) -> None:
         """Writes each file for `transformers.AutoTokenizer.from_pretrained(out_dir)` whole:
@@ -172,8 +170,7 @@ class Tokenizer:
 
 def load_tokenizer(vocab_file, *, lowercase: bool = True) -> Tokenizer:
     """The tokenizer of a SentencePiece `.model` or a WordPiece `vocab.txt`. `lowercase` applies
-    to WordPiece only (True: BERT-uncased); a SentencePiece model carries its own normalization.
-    """
+    to WordPiece only (True: BERT-uncased); a SentencePiece model carries its own normalization."""
     path = epath.Path(vocab_file)
     try:
         content = path.read_bytes()
@@ -245,8 +242,7 @@ def _sentencepiece_backend(path: epath.Path, content: bytes) -> tokenizers.Token
     return backend
 
 
-def _wordpiece_backend(path: epath.Path, content: bytes,
-                       lowercase: bool) -> tokenizers.Tokenizer:
+def _wordpiece_backend(path: epath.Path, content: bytes, lowercase: bool) -> tokenizers.Tokenizer:
     """The pipeline of `transformers.BertTokenizerFast` for this vocabulary and casing."""
     # `tokenizers` parses vocabularies from local files only; `path` may be a URL.
     with tempfile.TemporaryDirectory() as tmp:
