@@ -148,12 +148,14 @@ def test_simulated_pod_survives_a_dropped_ssh_and_a_preemption_with_the_losses_o
         calls = _calls(env)
         assert sum(c[2:4] == ["queued-resources", "create"] for c in calls) == 2
         assert sum(c[2:4] == ["queued-resources", "delete"] for c in calls) == 1
-        # Logs reach the workdir every 60 s and at the end: the preempted start's copy is
-        # there only if a copy came before its workers were lost (as on a real TPU VM).
+        # Logs reach the workdir every 60 s and at the end, each worker on its own clock: the
+        # preempted start has the copies that came before its workers were lost (any of them,
+        # as on a real TPU VM); the last start has all four.
         starts = sorted((workdir / "logs").iterdir())
+        workers = {f"worker-{i}.log" for i in range(4)}
         assert 1 <= len(starts) <= 2
-        for start in starts:
-            assert sorted(p.name for p in start.iterdir()) == [f"worker-{i}.log" for i in range(4)]
+        assert {p.name for p in starts[-1].iterdir()} == workers
+        assert all({p.name for p in start.iterdir()} <= workers for start in starts)
         assert "stopped at step 20" in (starts[-1] / "worker-0.log").read_text()
         assert_same_run(reference, workdir, rtol=1e-5)
 

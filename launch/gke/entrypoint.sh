@@ -28,8 +28,12 @@ case ${1:-} in
 esac
 
 log=$(mktemp -t bert-jax.XXXXXX)
-bert-jax pretrain "$@" > >(tee "$log") 2>&1 &
+# The run writes its log itself (complete when it exits, for the grep below); tail shows it
+# as it comes and ends after the run's last line.
+bert-jax pretrain "$@" > "$log" 2>&1 &
 pid=$!
+tail -n +1 -f --pid="$pid" "$log" &
+follower=$!
 trap 'kill -TERM "$pid" 2>/dev/null || true' TERM INT
 code=0
 wait "$pid" || code=$?
@@ -37,7 +41,7 @@ while kill -0 "$pid" 2>/dev/null; do # a signal ended `wait`, not bert-jax
   code=0
   wait "$pid" || code=$?
 done
-wait || true # tee's last lines
+wait "$follower" || true
 if ((code == 0)) && grep -q '(preempted: checkpoint saved' "$log"; then
   echo "entrypoint.sh: stopped by SIGTERM before the last step (checkpoint saved): exit 75 so that the JobSet starts the run again"
   exit 75
