@@ -197,6 +197,16 @@ def test_a_failure_that_is_not_the_users_mistake_is_one_line_and_exit_code_1(tmp
         f"run again with --debug for the traceback)"]
 
 
+def test_pretraining_validates_every_eval_every_steps_and_at_the_end(tmp_path, prepared):
+    result = _bert_jax("pretrain", f"--workdir={tmp_path}", *prepared,
+                       "--config.train.num_steps=12", "--config.train.eval_every=5")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    validated = [r["step"] for r in records if r.get("split") == "validation"]
+    assert validated == [5, 10, 12] and all("mlm_accuracy" in r for r in records
+                                            if r.get("split") == "validation")
+
+
 def test_a_model_hugging_face_cannot_hold_trains_and_says_it_is_not_exported(tmp_path, prepared):
     result = _bert_jax("pretrain", f"--workdir={tmp_path}", *prepared,
                        "--config.train.num_steps=2", "--config.model.layer_norm=pre")
