@@ -29,6 +29,11 @@ STATE = "state"
 METADATA = "metadata"
 
 
+class MissingStep(ConfigError):
+    """A step asked for (`--step`, `train.init_step`) that the checkpoints lack: the user's
+    to fix, or a step the keep policy deleted while another process read the list."""
+
+
 class Checkpointer:
     """The checkpoints of one directory (local, `~` expanded, or `gs://...`; created if
     missing): the newest `keep` kept, `should_save` at multiples of `every_steps`, and with
@@ -90,7 +95,8 @@ class Checkpointer:
 
         A damaged newer step is named in a warning, skipped, and deleted once an older one
         restores (the run writes those steps again, and a stale step would block saving them).
-        Raises FileNotFoundError when there is no committed checkpoint (or not `step`), and
+        Raises FileNotFoundError when there is no committed checkpoint, MissingStep when not
+        `step`, and
         ConfigError when none of the candidates reads (the last error chained)."""
         def read(candidate):
             path = self._step_path(candidate)
@@ -151,8 +157,8 @@ class Checkpointer:
         self.wait()  # a step still being written is listed but not readable yet
         steps = self.all_steps()
         if step is not None and step not in steps:
-            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}: "
-                                    f"expected one of {steps}")
+            raise MissingStep(f"no checkpoint for step {step} in {self.directory}: expected "
+                              f"one of {steps}")
         candidates = [step] if step is not None else steps[::-1]
         if not candidates:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")

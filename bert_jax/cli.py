@@ -225,6 +225,15 @@ def _export(args, config) -> None:
     print(f"exported {args.workdir}{step} to {out}")
 
 
+def _convert(args, config) -> None:
+    from bert_jax import export
+
+    if not Path(args.source).is_dir():
+        raise UsageError(f"--from={args.source!r} is not a directory: expected a "
+                         f"google-research/bert checkpoint directory")
+    print(f"converted {args.source} to {export.convert(args.source, args.out)}")
+
+
 def _compile(args, config) -> None:
     import importlib.util
 
@@ -369,6 +378,13 @@ COMMANDS = (
         "Loaded by transformers' BertForPreTraining and AutoTokenizer.from_pretrained.", options=(
             PRETRAINING_WORKDIR, CHECKPOINT_STEP,
             option("--out", required=True, help="a new or empty folder, or an export to replace"))),
+    Command(
+        "convert", _convert, "a google-research/bert checkpoint -> a Hugging Face directory",
+        "Reads bert_config.json, bert_model.ckpt.* and vocab.txt; writes what export writes.",
+        options=(option("--from", dest="source", required=True, metavar="DIR",
+                        help="a google-research/bert checkpoint directory"),
+                 option("--out", required=True, help="a new or empty folder, or an export to "
+                        "replace"))),
     Command(
         "fill-mask", _fill_mask, "predict the [MASK] tokens of a text with a workdir or export",
         "Prints the likeliest tokens of each [MASK] in TEXT, with probabilities.", options=(
@@ -532,6 +548,11 @@ def main(argv: list[str] | None = None) -> int:
             config.update_from_flattened_dict(  # options whose dest is a field: finetune's --task
                 {field: value for field, value in vars(args).items()
                  if "." in field and value is not None})
+            if command.config is PRETRAINING and config.train.get("init"):
+                from bert_jax import init
+
+                init.follow(config, {arg.partition("=")[0].removeprefix("--config.")
+                                     for arg in overrides})
         elif overrides:
             raise UsageError(f"unrecognized argument {overrides[0]!r}: {command.name} uses "
                              f"the config saved in the workdir")

@@ -25,6 +25,10 @@ DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas", "splash")
 # Rematerialization policies, by the name of the `jax.checkpoint_policies` entry they use.
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+# ModelConfig fields that are a run's choice, not the architecture: how it computes, and its
+# regularization. A model's weights carry every other field (`bert_jax.init`).
+MODEL_RUN_SETTINGS = ("dtype", "attention_impl", "scan_layers", "remat_policy",
+                      "hidden_dropout_rate", "attention_dropout_rate")
 # What a rate or number may be, by the words of its error message.
 _INTERVALS = {"a rate in [0, 1)": lambda value: 0.0 <= value < 1.0,
               "[0, 1)": lambda value: 0.0 <= value < 1.0,
@@ -93,13 +97,15 @@ class ModelConfig(_Section):
     scan_layers: bool = False
     remat_policy: str = "none"
     layer_norm: str = "post"  # post: BERT's, after each residual add; pre: before each sub-layer
+    hidden_act: str = "gelu"  # gelu: exact (erf); gelu_tanh: google-research/bert's modeling.py
 
     counts = dict.fromkeys(("vocab_size", "hidden_size", "num_layers", "num_heads",
                             "intermediate_size", "max_position_embeddings", "type_vocab_size"), 1)
     intervals = dict.fromkeys(("hidden_dropout_rate", "attention_dropout_rate"),
                               "a rate in [0, 1)")
     choices = {"dtype": DTYPES, "attention_impl": ATTENTION_IMPLEMENTATIONS,
-               "remat_policy": REMAT_POLICIES, "layer_norm": ("post", "pre")}
+               "remat_policy": REMAT_POLICIES, "layer_norm": ("post", "pre"),
+               "hidden_act": ("gelu", "gelu_tanh")}
 
     def _check_fields(self):
         if self.hidden_size % self.num_heads:
@@ -187,10 +193,12 @@ class TrainConfig(_Section):
     max_rollbacks: int = 3
     rng_impl: str = "threefry2x32"
     phases: tuple = ()
+    init: str = ""  # pretraining's starting weights (bert_jax.init); empty: random
+    init_step: int = 0  # a workdir init's checkpoint; 0: the latest
 
     counts = {"num_steps": 1, "global_batch_size": 1, "grad_accum_steps": 1, "log_every": 1,
               "eval_every": 0, "eval_steps": 0, "stop_at_step": 0, "warmup_steps": 0,
-              "nonfinite_patience": 1, "max_rollbacks": 0}
+              "nonfinite_patience": 1, "max_rollbacks": 0, "init_step": 0}
     intervals = {"learning_rate": "a positive number"}
     choices = {"optimizer": ("adamw", "lamb"), "on_nonfinite": ("rollback", "stop")}
 

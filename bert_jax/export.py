@@ -12,7 +12,7 @@ from bert_jax import hf
 from bert_jax import tokenizer as tokenization
 from bert_jax import workdir as workdirs
 from bert_jax.config import ConfigError
-from bert_jax.pretrained import Classifier, Pretrained
+from bert_jax.pretrained import Classifier, Pretrained, load_dir
 
 # What `write_export` writes (Hugging Face's model and tokenizer files, the vocabulary).
 EXPORT_FILES = {hf.CONFIG_FILE, hf.WEIGHTS_FILE, tokenization.TOKENIZER_FILE,
@@ -25,6 +25,15 @@ def export(workdir, out_dir, step: int | None = None) -> Path:
     check_export_dir(out_dir)  # before the checkpoint is read
     pretrained, config = workdirs.load_weights(workdir, step)
     return write_export(pretrained, workdir, out_dir, config.data.lowercase)
+
+
+def convert(source, out_dir) -> Path:
+    """A google-research/bert checkpoint directory (or any `bert_jax.load` reads, but a
+    workdir: `export`) -> a Hugging Face directory with its tokenizer, as `export` writes."""
+    check_export_dir(out_dir)
+    if workdirs.is_workdir(source):
+        raise ConfigError(f"{source} is a bert-jax workdir: export it with bert-jax export")
+    return write_export(load_dir(source), source, out_dir, workdirs.lowercase_of(source))
 
 
 def export_run(weights: Pretrained | Classifier, workdir, lowercase: bool, log) -> Path | None:

@@ -21,19 +21,18 @@ import numpy as np
 from etils.epath import Path  # local paths and gs:// alike
 from jax.experimental import multihost_utils
 
+from bert_jax import init as inits
 from bert_jax import loop, losses, preflight, scores, sharding, tasks
 from bert_jax import run as runs
+from bert_jax import tokenizer as tokenization
 from bert_jax import workdir as workdirs
-from bert_jax.config import (CheckpointConfig, ConfigError, MeshConfig, ModelConfig,
-                             TrainConfig, check_int)
+from bert_jax.config import (MODEL_RUN_SETTINGS, CheckpointConfig, ConfigError, MeshConfig,
+                             ModelConfig, TrainConfig, check_int)
 from bert_jax.data.checks import check_batch_topology
 from bert_jax.export import export_run
 from bert_jax.model import ENCODER_PARAMS
-from bert_jax.pretrained import Classifier, load_encoder
+from bert_jax.pretrained import Classifier
 
-# The model settings fine-tuning applies over the pretrained architecture.
-MODEL_SETTINGS = ("hidden_dropout_rate", "attention_dropout_rate", "dtype", "attention_impl",
-                  "scan_layers", "remat_policy")
 # Fine-tuning's own train fields, resolved into TrainConfig's (`resolve`).
 _SCHEDULE_FIELDS = ("num_epochs", "warmup_fraction", "eval_batch_size")
 
@@ -52,8 +51,8 @@ def default_config() -> ml_collections.ConfigDict:
         name=tasks.BUILTIN, train_file="", validation_file="", labels="", tfds_data_dir=""))
     config.data = ml_collections.ConfigDict(dict(max_seq_length=128))
     defaults = ModelConfig()
-    config.model = {name: getattr(defaults, name) for name in MODEL_SETTINGS}
-    train = {k: v for k, v in TrainConfig().to_dict().items() if k not in ("phases", "eval_steps")}
+    config.model = {name: getattr(defaults, name) for name in MODEL_RUN_SETTINGS}
+    train = {k: v for k, v in TrainConfig().to_dict().items() if k not in ("phases", "eval_steps", "init", "init_step")}
     config.train = ml_collections.ConfigDict({
         **train, "num_steps": 0, "global_batch_size": 32, "learning_rate": 0.0,
         "warmup_steps": 0, "log_every": 50, "on_nonfinite": "stop",
@@ -86,7 +85,8 @@ def check_resumable(saved: dict, config: ml_collections.ConfigDict) -> None:
 @dataclasses.dataclass(frozen=True)
 class Init:
     """Where fine-tuning starts: an architecture, its tokenizer, and (unless random) the
-    encoder's pretrained parameters (host arrays of the `ENCODER_PARAMS` subtrees)."""
+    encoder's pretrained parameters (host arrays of the `ENCODER_PARAMS` subtrees it has; a
+    pooler it lacks starts fresh)."""
 
     model_config: ModelConfig
     tokenizer: object
@@ -96,23 +96,14 @@ class Init:
 
 
 def load_init(init_config) -> Init:
-    """The encoder of `config.init`: a pretraining workdir's checkpoint or a Hugging Face
-    directory (any BERT: pretraining, sequence classification or bare `BertModel`)."""
-    path = init_config.path
-    if not path:
-        raise ConfigError("no --init: expected a pretraining workdir or a Hugging Face "
-                          "directory to start from")
-    if workdirs.is_workdir(path):
-        weights, config = workdirs.load_weights(path, init_config.step or None)
-        model_config, params, lowercase = weights.config, weights.params, config.data.lowercase
-    elif Path(path).is_dir():
-        (model_config, params), lowercase = load_encoder(path), workdirs.lowercase_of(path)
-    else:
-        raise ConfigError(f"--init={path!r} does not exist: expected a pretraining workdir or "
-                          f"a Hugging Face directory")
-    return Init(model_config, workdirs.load_tokenizer_of(path, lowercase),
-                workdirs.tokenizer_file_of(path), lowercase,
-                None if init_config.random else {k: params[k] for k in ENCODER_PARAMS})
+    """The encoder of `config.init` (`bert_jax.init`: a pretraining workdir's checkpoint, a
+    Hugging Face or Google directory of any BERT)."""
+    source = inits.describe(init_config.path, init_config.step or None, name="--init")
+    params = None if init_config.random else inits.load(source)
+    return Init(source.model_config,
+                tokenization.load_tokenizer(source.tokenizer_file, lowercase=source.lowercase),
+                source.tokenizer_file, source.lowercase,
+                params and {k: params[k] for k in ENCODER_PARAMS if k in params})
 
 
 def finetune(config: ml_collections.ConfigDict, workdir, *, init: Init | None = None,

@@ -16,6 +16,7 @@ from etils.epath import Path
 
 from bert_jax import finetune
 from bert_jax import workdir as workdirs
+from bert_jax.checkpoint import MissingStep
 from bert_jax.metrics import MetricsWriter, read_metrics
 from bert_jax.config import ConfigError
 
@@ -94,7 +95,7 @@ def _score_checkpoint(config, pretrain_workdir, step: int, log) -> dict | None:
     run_config.init.update(path=str(pretrain_workdir), step=step, random=False)
     try:
         init = finetune.load_init(run_config.init)
-    except FileNotFoundError:
+    except (MissingStep, FileNotFoundError):
         log(f"step {step}: checkpoint deleted before it was read; skipped")
         return None
     with tempfile.TemporaryDirectory(prefix="bert-jax-finetune-eval-") as scratch:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pickle
 import re
 
 import numpy as np
@@ -48,7 +49,11 @@ _CONFIG_KEYS = {
 }
 
 # The config.json values of the one architecture implemented: written, and required of a read.
-_ARCHITECTURE = {"model_type": "bert", "hidden_act": "gelu", "position_embedding_type": "absolute"}
+_ARCHITECTURE = {"model_type": "bert", "position_embedding_type": "absolute"}
+# `model.hidden_act` -> config.json's `hidden_act`, and what a read maps back (`gelu_new` and
+# `gelu_pytorch_tanh` are the same tanh approximation).
+_ACTIVATION_OUT = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
+_ACTIVATION_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
 # Each head's Hugging Face class, and the ModelConfig choices they represent, {field: (values,
 # what they have instead)}: export refuses others.
@@ -143,11 +148,11 @@ def to_hf(flat_params: dict[str, np.ndarray], config: ModelConfig,
             for e in _entries(config.num_layers, head)}
 
 
-def from_hf(tensors: dict[str, np.ndarray], config: ModelConfig,
-            shapes: dict[str, tuple], head: str | None = "pretraining") -> dict[str, np.ndarray]:
-    """Hugging Face tensors -> our flat parameters of `shapes` (`head` None: the encoder alone,
-    from what `encoder_tensors` kept). ConfigError names the first missing, unexpected or
-    misshapen tensor."""
+def from_hf(tensors: dict[str, np.ndarray], config: ModelConfig, shapes: dict[str, tuple],
+            head: str | None = "pretraining", optional=()) -> dict[str, np.ndarray]:
+    """Hugging Face tensors -> our flat parameters of `shapes` (`head` None: the encoder alone).
+    A parameter subtree named in `optional` ("pooler", "mlm") may be absent as a whole, and is
+    then left out. ConfigError names the first missing, unexpected or misshapen tensor."""
     # LayerNorm `gamma`/`beta` (released checkpoints) -> `weight`/`bias`, as `transformers`.
     renamed = {"gamma": "weight", "beta": "bias"}
     tensors = {re.sub(r"(?<=\.LayerNorm\.)(gamma|beta)$", lambda match: renamed[match[1]], name):
@@ -158,7 +163,11 @@ def from_hf(tensors: dict[str, np.ndarray], config: ModelConfig,
         raise ConfigError(f"unexpected tensor {extra[0]!r} (shape {np.shape(tensors[extra[0]])}) "
                           f"in a checkpoint for {_describe(config)}: expected none such "
                           f"({len(extra)} unexpected in all)")
-    flat = {path: np.zeros(shape, np.float32) for path, shape in shapes.items()}
+    absent = {group for group in optional
+              if not any(e.hf in tensors for e in entries if _subtree(e.ours) == group)}
+    entries = [e for e in entries if _subtree(e.ours) not in absent]
+    flat = {path: np.zeros(shape, np.float32) for path, shape in shapes.items()
+            if _subtree(path) not in absent}
     for e in entries:
         want = e.hf_shape(np.broadcast_to(0, shapes[e.ours])[e.index].shape)
         if e.hf not in tensors:
@@ -171,21 +180,24 @@ def from_hf(tensors: dict[str, np.ndarray], config: ModelConfig,
         target = flat[e.ours]
         target[e.index] = e.from_hf(np.asarray(tensors[e.hf], np.float32), target[e.index].shape)
     for tied, source in _TIED.items():
-        if tied in tensors and not np.array_equal(np.asarray(tensors[tied], np.float32),
-                                                  np.asarray(tensors[source], np.float32)):
+        if tied in tensors and source in tensors and not np.array_equal(
+                np.asarray(tensors[tied], np.float32), np.asarray(tensors[source], np.float32)):
             raise ConfigError(f"tensor {tied!r} differs from {source!r}: bert-jax ties them, "
                               f"so an untied checkpoint cannot be represented")
     return flat
 
 
-def encoder_tensors(tensors: dict) -> dict:
-    """The encoder's tensors of any BERT checkpoint: heads (`cls.*`, `classifier.*`) dropped,
-    and a bare `BertModel`'s names (`embeddings.*`, `encoder.*`, `pooler.*`) given the `bert.`
-    prefix the other models have."""
+def _subtree(path: str) -> str:
+    return path.split("/")[0]
+
+
+def as_pretraining(tensors: dict) -> dict:
+    """The tensors of any BERT checkpoint under `BertForPreTraining`'s names: a bare
+    `BertModel`'s (`embeddings.*`, `encoder.*`, `pooler.*`) given the `bert.` prefix, and a
+    classifier's (`classifier.*`) dropped."""
     bare = ("embeddings.", "encoder.", "pooler.")
     return {(f"bert.{name}" if name.startswith(bare) else name): value
-            for name, value in tensors.items()
-            if not name.startswith(("cls.", "classifier."))}
+            for name, value in tensors.items() if not name.startswith("classifier.")}
 
 
 def _describe(config: ModelConfig) -> str:
@@ -210,7 +222,8 @@ def config_to_hf(config: ModelConfig, head: str = "pretraining",
     classification head names its classes `labels` (none: regression, one output)."""
     check_exportable(config, head)
     values = {"architectures": [_CLASSES[head]], **_ARCHITECTURE, "tie_word_embeddings": True,
-              "pad_token_id": 0, **{hf: getattr(config, ours) for ours, hf in _CONFIG_KEYS.items()}}
+              "pad_token_id": 0, "hidden_act": _ACTIVATION_OUT[config.hidden_act],
+              **{hf: getattr(config, ours) for ours, hf in _CONFIG_KEYS.items()}}
     if head == "classification":
         names = list(labels) or ["score"]
         values.update(id2label={str(i): name for i, name in enumerate(names)},
@@ -224,11 +237,15 @@ def config_from_hf(values: dict) -> ModelConfig:
     for key, expected in _ARCHITECTURE.items():
         if values.get(key, expected) != expected:
             raise ConfigError(f"config.json has {key}={values[key]!r}: expected {expected!r}")
+    if (act := values.get("hidden_act", "gelu")) not in _ACTIVATION_IN:
+        raise ConfigError(f"config.json has hidden_act={act!r}: expected one of "
+                          f"{list(_ACTIVATION_IN)}")
     missing = [hf for hf in _CONFIG_KEYS.values() if hf not in values]
     if missing:
         raise ConfigError(f"config.json lacks {missing[0]!r}: expected a BERT config with "
                           f"{sorted(_CONFIG_KEYS.values())}")
-    return ModelConfig(**{ours: values[hf] for ours, hf in _CONFIG_KEYS.items()})
+    return ModelConfig(**{ours: values[hf] for ours, hf in _CONFIG_KEYS.items()},
+                       hidden_act=_ACTIVATION_IN[act])
 
 
 def save(out_dir, config: ModelConfig, flat_params: dict[str, np.ndarray],
@@ -251,8 +268,11 @@ def read_config(path) -> ModelConfig:
 
 
 def architectures(path) -> list[str]:
-    """The model classes a Hugging Face directory's config.json names (may be none)."""
-    return json.loads((epath.Path(path) / CONFIG_FILE).read_text()).get("architectures") or []
+    """The model classes a Hugging Face directory's config.json names (none: or no such file)."""
+    config_path = epath.Path(path) / CONFIG_FILE
+    if not config_path.is_file():
+        return []
+    return json.loads(config_path.read_text()).get("architectures") or []
 
 
 def read_labels(path) -> tuple[str, ...]:
@@ -283,7 +303,12 @@ def read_tensors(path) -> dict[str, np.ndarray]:
         raise ConfigError(f"{path / TORCH_WEIGHTS_FILE} is a PyTorch file: install torch to read "
                           f"it, or convert it to {WEIGHTS_FILE}") from e
     with (path / TORCH_WEIGHTS_FILE).open("rb") as f:  # a file object: torch.load reads no URLs
-        state = torch.load(f, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ConfigError(f"{path / TORCH_WEIGHTS_FILE} is not a weights-only PyTorch file "
+                              f"(torch.load(weights_only=True) refused it): expected tensors "
+                              f"only, e.g. saved from a state_dict") from e
     return {k: v.float().numpy() for k, v in state.items()}
 
 

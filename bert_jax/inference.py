@@ -1,4 +1,5 @@
-"""Trained models at work: `load` a workdir or a Hugging Face directory, and `fill_mask`."""
+"""Trained models at work: `load` a workdir, a Hugging Face or a Google directory, and
+`fill_mask`."""
 
 from __future__ import annotations
 
@@ -7,18 +8,19 @@ from etils.epath import Path
 
 from bert_jax import workdir as workdirs
 from bert_jax.config import ConfigError
-from bert_jax.pretrained import Pretrained, load_hf
+from bert_jax.pretrained import Pretrained, load_dir
 from bert_jax.tokenizer import Tokenizer
 
 
 def load(path) -> Pretrained:
-    """A workdir's weights (its latest checkpoint) or a Hugging Face BERT directory's."""
+    """A workdir's weights (its latest checkpoint), a Hugging Face BERT directory's or a
+    google-research/bert checkpoint directory's."""
     if workdirs.is_workdir(path):
         return workdirs.load_weights(path)[0]
     if not Path(path).exists():
-        raise ConfigError(f"{path} does not exist: expected a bert-jax workdir or a Hugging "
-                          f"Face BERT directory")
-    return load_hf(path)
+        raise ConfigError(f"{path} does not exist: expected a bert-jax workdir, a Hugging "
+                          f"Face BERT directory or a google-research/bert checkpoint")
+    return load_dir(path)
 
 
 def load_with_tokenizer(path) -> tuple[Pretrained, Tokenizer]:

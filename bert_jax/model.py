@@ -109,9 +109,18 @@ def _gelu_backward(x, grad):
 gelu.defvjp(lambda x: (gelu(x), x), _gelu_backward)
 
 
+def _gelu_tanh(x) -> Array:
+    """GELU's tanh approximation, as google-research/bert's modeling.py computes it (and
+    `transformers` calls gelu_new): what its released graphs run."""
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=True).astype(x.dtype)
+
+
+ACTIVATIONS = {"gelu": gelu, "gelu_tanh": _gelu_tanh}  # by `model.hidden_act`
+
+
 class FeedForward(nnx.Module):
-    """Dense to the intermediate size, exact (erf) GELU, dense back, dropout; its LayerNorm is
-    applied by the residual block around it (`EncoderLayer`)."""
+    """Dense to the intermediate size, GELU (`ACTIVATIONS`), dense back, dropout; its LayerNorm
+    is applied by the residual block around it (`EncoderLayer`)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.up = _linear(config, config.hidden_size, config.intermediate_size,
@@ -120,9 +129,11 @@ class FeedForward(nnx.Module):
                             ["mlp"], ["embed"], rngs)
         self.norm = _layer_norm(config, rngs)
         self.dropout_rate = config.hidden_dropout_rate
+        self.hidden_act = config.hidden_act
 
     def __call__(self, x_bsd, dropout_key) -> Array:
-        return _dropout(self.dropout_rate, self.down(gelu(self.up(x_bsd))), dropout_key)
+        hidden = ACTIVATIONS[self.hidden_act](self.up(x_bsd))
+        return _dropout(self.dropout_rate, self.down(hidden), dropout_key)
 
 
 class EncoderLayer(nnx.Module):
@@ -218,7 +229,8 @@ def _squeeze(one_layer):
 
 
 class MaskedLMHead(nnx.Module):
-    """Dense + GELU + LayerNorm, then the decoder tied to the word embeddings, plus a bias."""
+    """Dense + GELU (`ACTIVATIONS`) + LayerNorm, then the decoder tied to the word embeddings,
+    plus a bias."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.transform = _linear(config, config.hidden_size, config.hidden_size,
@@ -226,9 +238,10 @@ class MaskedLMHead(nnx.Module):
         self.norm = _layer_norm(config, rngs)
         self.bias = nnx.Param(jnp.zeros((config.vocab_size,)), out_sharding=("vocab",),
                               eager_sharding=False)
+        self.hidden_act = config.hidden_act
 
     def __call__(self, x_bpd, word_embeddings: nnx.Embed) -> Array:
-        x_bpd = self.norm(gelu(self.transform(x_bpd)))
+        x_bpd = self.norm(ACTIVATIONS[self.hidden_act](self.transform(x_bpd)))
         table_vd = word_embeddings.embedding[...].astype(x_bpd.dtype)
         logits_bpv = jnp.einsum("bpd,vd->bpv", x_bpd, table_vd, preferred_element_type=jnp.float32)
         return logits_bpv + self.bias[...]

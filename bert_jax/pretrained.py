@@ -1,6 +1,7 @@
 """Trained weights in memory: a `Pretrained` (config, params, MLM/NSP logits), what
 `bert_jax.load(path)` gives; a fine-tuned `Classifier` (sequence classification logits).
-Both read and write Hugging Face directories."""
+Both read and write Hugging Face directories; pretrained weights also come from
+google-research/bert's checkpoints (`bert_jax.google`)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from bert_jax import hf
+from bert_jax import google, hf
 from bert_jax.config import ConfigError, ModelConfig
-from bert_jax.model import ENCODER_PARAMS, BertForPreTraining, abstract
+from bert_jax.model import BertForPreTraining, abstract
+
+# Parameter subtrees a released model may lack: `BertForMaskedLM` has no pooler and no NSP
+# head, a bare `BertModel` no heads.
+OPTIONAL_PARAMS = ("pooler", "mlm", "nsp")
 
 
 def param_shapes(config: ModelConfig, num_labels: int | None = None) -> dict[str, tuple]:
@@ -74,24 +79,34 @@ class Classifier(_Weights):
         self.labels = tuple(labels)
 
 
-def load_hf(path) -> Pretrained:
-    """A Hugging Face BERT pretraining directory (config.json + model.safetensors or .bin)."""
-    config = hf.read_config(path)
+def read_dir(path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """The config and tensors (Hugging Face names) of a Hugging Face BERT directory or a
+    google-research/bert checkpoint directory."""
+    if google.is_checkpoint_dir(path):
+        return google.read_config(path), google.read_tensors(path)
+    return hf.read_config(path), hf.read_tensors(path)
+
+
+def load_dir(path) -> Pretrained:
+    """A pretraining model (MLM and NSP heads) from a Hugging Face or Google directory."""
+    config, tensors = read_dir(path)
     if "BertForSequenceClassification" in hf.architectures(path):
         raise ConfigError(f"{path} holds a sequence classifier: load it with "
                           f"bert_jax.load_classifier (fill-mask needs a pretraining model)")
-    flat = hf.from_hf(hf.read_tensors(path), config, param_shapes(config))
-    return Pretrained(config, hf.unflatten(flat))
+    return Pretrained(config, hf.unflatten(hf.from_hf(tensors, config, param_shapes(config))))
 
 
-def load_encoder(path) -> tuple[ModelConfig, dict]:
-    """The config and encoder parameters (`ENCODER_PARAMS` subtrees) of any Hugging Face BERT
-    directory (pretraining, sequence classification, a bare `BertModel`), heads ignored."""
-    config = hf.read_config(path)
-    shapes = {name: shape for name, shape in param_shapes(config).items()
-              if name.split("/")[0] in ENCODER_PARAMS}
-    flat = hf.from_hf(hf.encoder_tensors(hf.read_tensors(path)), config, shapes, head=None)
-    return config, hf.unflatten(flat)
+def load_params(path) -> tuple[ModelConfig, dict, tuple[str, ...]]:
+    """The config and parameters of any BERT directory (pretraining, masked LM, a bare
+    `BertModel`, sequence classification: its classifier ignored), and the names of the
+    parameter subtrees it lacks (`OPTIONAL_PARAMS`), which a run starts fresh."""
+    config, tensors = read_dir(path)
+    shapes = param_shapes(config)
+    flat = hf.from_hf(hf.as_pretraining(tensors), config, shapes,
+                      optional=OPTIONAL_PARAMS)
+    present = {name.split("/")[0] for name in flat}
+    return config, hf.unflatten(flat), tuple(name for name in OPTIONAL_PARAMS
+                                             if name not in present)
 
 
 def load_classifier(path) -> Classifier:

@@ -32,11 +32,11 @@ _DROPOUT_STREAM = 0x64726F70  # "drop"
 
 
 def _init_state(model_config: ModelConfig, tx: optax.GradientTransformation, seed: int,
-                rng_impl: str, num_labels: int | None = None, encoder_params: dict | None = None):
+                rng_impl: str, num_labels: int | None = None, initial: dict | None = None):
     model = new_model(model_config, seed, num_labels)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    if encoder_params is not None:  # fine-tuning: the pretrained encoder, a fresh head
-        params = {**params, **encoder_params}
+    if initial is not None:  # an init's subtrees (a pretrained encoder); the others fresh
+        params = {**params, **initial}
     # Dropout draws from its own stream: nnx derives initialization keys from key(seed) too.
     dropout_key = jax.random.fold_in(jax.random.key(seed, impl=rng_impl), _DROPOUT_STREAM)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
@@ -192,26 +192,28 @@ class Run:
         batches."""
         return self.jit_eval(lambda model, batch: self.objective.sums(model, batch, None))
 
-    def init_state(self, encoder_params: dict | None = None) -> dict:
-        """A fresh train state, each array created directly in its shards. `encoder_params`
-        (host arrays of `ENCODER_PARAMS` subtrees) replace the fresh ones: a fine-tuning
-        state starts from a pretrained encoder."""
+    def init_state(self, initial: dict | None = None) -> dict:
+        """A fresh train state, each array created directly in its shards. `initial`
+        parameters (host arrays of top-level subtrees, `bert_jax.init`) replace the fresh
+        ones: a fine-tuning state starts from a pretrained encoder, continued pretraining from
+        a whole model. The optimizer state and schedule start fresh."""
         train, tx = self.train, self.tx
-        return jax.jit(lambda encoder: _init_state(self.model, tx, train.seed, train.rng_impl,
-                                                   self.num_labels, encoder),
-                       out_shardings=self.spec.shardings)(encoder_params)
+        return jax.jit(lambda params: _init_state(self.model, tx, train.seed, train.rng_impl,
+                                                  self.num_labels, params),
+                       out_shardings=self.spec.shardings)(initial)
 
     def start(self, config: ml_collections.ConfigDict, guard, log,
-              encoder_params: dict | None = None) -> tuple[dict, int, dict]:
+              initial: dict | None = None) -> tuple[dict, int, dict]:
         """The workdir's latest checkpoint if it has one (its saved config checked by
-        `guard(saved, config)`), else a fresh state; opens the metrics writer at that step.
+        `guard(saved, config)`), else a fresh state (from `initial` parameters); opens the
+        metrics writer at that step.
         Returns (state, step, the checkpoint's metadata)."""
         if self.checkpointer.latest_step() is not None:
             guard(self.checkpointer.restore_metadata()["config"], config)
             state, metadata, start = self.checkpointer.restore(self.spec.abstract)
             log(f"resumed from {self.workdir / 'checkpoints'} at step {start}")
         else:
-            state, metadata, start = self.init_state(encoder_params), {}, 0
+            state, metadata, start = self.init_state(initial), {}, 0
         self.writer = MetricsWriter(self.workdir, enabled=self.is_main, start_step=start)
         return state, start, metadata
 

@@ -15,9 +15,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from bert_jax import attention, distributed, flops, losses, loop, preflight, sharding
+from bert_jax import init as inits
 from bert_jax import run as runs
 from bert_jax import workdir as workdirs
-from bert_jax.config import Phase, RunConfig, default_config
+from bert_jax.config import MODEL_RUN_SETTINGS, ConfigError, Phase, RunConfig, default_config
 from bert_jax.data import pipeline
 from bert_jax.export import export_run
 from bert_jax.pretrained import Pretrained
@@ -27,18 +28,23 @@ from bert_jax.pretrained import Pretrained
 _FIXED_ON_RESUME = {
     "model": None,  # every field but those below
     "data": None,
-    "train": ("seed", "num_steps", "global_batch_size", "phases", "optimizer", "learning_rate",
+    "train": ("seed", "global_batch_size", "phases", "optimizer", "learning_rate",
               "end_learning_rate", "warmup_steps", "decay_power", "rng_impl"),
 }
-_CHANGEABLE_ON_RESUME = {"dtype", "attention_impl", "scan_layers", "remat_policy",
-                         "hidden_dropout_rate", "attention_dropout_rate", "data_dir",
-                         "tfds_data_dir", "workers"}
+_CHANGEABLE_ON_RESUME = {*MODEL_RUN_SETTINGS, "data_dir", "tfds_data_dir", "workers"}
 
 
 def check_resumable(saved: dict, config: ml_collections.ConfigDict) -> None:
-    """A pretraining checkpoint resumes only under its own architecture, data and schedule."""
+    """A pretraining checkpoint resumes only under its own architecture, data and schedule,
+    but for `train.num_steps`, which may rise: a finished or stopped run continues for longer,
+    its learning rate from then on the new schedule's (decaying to the new end)."""
     runs.check_resumable(saved, config, _FIXED_ON_RESUME, _CHANGEABLE_ON_RESUME,
                          default_config())
+    before, now = saved["train"]["num_steps"], config.train.num_steps
+    if now < before:
+        raise ConfigError(f"the workdir's checkpoint has train.num_steps={before} but the config "
+                          f"has {now}: expected at least {before} (a run continues for longer; "
+                          f"train.stop_at_step stops it earlier)")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) -> dict:
@@ -50,6 +56,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) ->
     summary carries the trained weights (`pretrained`, gathered on every process).
     """
     workdir = Path(workdir)
+    source = inits.follow(config)
     settings = RunConfig.from_dict(config)
     is_main = jax.process_index() == 0
     log = log if is_main else (lambda *args: None)
@@ -58,22 +65,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) ->
     try:
         preflight.check_run(settings, workdir, run.spec.abstract,
                             sharding.data_parallel_size(run.mesh))
-        # Every phase's data before the workdir is touched: a corpus that cannot be read or
-        # a vocabulary that cannot be trained fails a run that has written nothing.
+        # The init's weights and every phase's data before the workdir is touched: a bad
+        # checkpoint, a corpus that cannot be read or a vocabulary that cannot be trained
+        # fail a run that has written nothing.
+        initial = (inits.load(source, log) if source and not workdirs.has_checkpoint(workdir)
+                   else None)
         datasets = {phase: prepare_data(settings, phase, f"phase-{phase.start}")
                     for phase in settings.phases}
-        return _train(config, settings, run, datasets, log)
+        return _train(config, settings, run, datasets, initial, log)
     finally:
         run.close()
 
 
-def _train(config, settings: RunConfig, run: runs.Run, datasets: dict, log) -> dict:
-    state, start, metadata = run.start(config, check_resumable, log)
+def _train(config, settings: RunConfig, run: runs.Run, datasets: dict, initial, log) -> dict:
+    state, start, metadata = run.start(config, check_resumable, log, initial)
     skipped = metadata.get("skipped_batches", {})
+    extended = _extensions(metadata, settings.train.num_steps, start, log)
     header = run_header(run.spec, run.mesh, settings.model.dtype, settings.phases)
     log(f"{header['devices']} {header['platform']} devices, mesh {header['mesh']}, attention "
         f"{header['attention']}")
-    run.writer.write(start, header, split="run")
+    run.writer.write(start, {**header, "num_steps": settings.train.num_steps}, split="run")
     if run.is_main:
         workdirs.write_config(run.workdir, config.to_dict())
     stop = settings.train.stop
@@ -84,7 +95,8 @@ def _train(config, settings: RunConfig, run: runs.Run, datasets: dict, log) -> d
         # The loader's state is the step, which the state holds, plus the batches skipped by
         # rollbacks in each phase (keyed by the phase's first step).
         run.checkpointer.save(step, state, {"config": config.to_dict(),
-                                            "skipped_batches": dict(skipped)}, force=force)
+                                            "skipped_batches": dict(skipped),
+                                            "num_steps_raised": extended}, force=force)
 
     def evaluate_at(state, step):
         summary["validation"] = evaluate(settings, settings.phase_of(step), state,
@@ -125,6 +137,18 @@ def _train(config, settings: RunConfig, run: runs.Run, datasets: dict, log) -> d
         preemption.restore()
     return {"step": step, "preempted": preemption.requested, **summary,
             "seconds": time.perf_counter() - started, "workdir": str(run.workdir)}
+
+
+def _extensions(metadata: dict, num_steps: int, step: int, log) -> list[dict]:
+    """The times a run's `train.num_steps` was raised on resume (`{"step", "from", "to"}`), as
+    its checkpoints record them, with this resume's."""
+    raised = list(metadata.get("num_steps_raised", []))
+    before = metadata["config"]["train"]["num_steps"] if metadata else num_steps
+    if before != num_steps:
+        raised.append({"step": step, "from": before, "to": num_steps})
+        log(f"train.num_steps raised from {before} to {num_steps} at step {step}: the learning "
+            f"rate now decays to step {num_steps}")
+    return raised
 
 
 def _hooks(settings: RunConfig, phase: Phase, run: runs.Run, preemption, save, evaluate_at,

@@ -29,6 +29,15 @@ def is_workdir(path) -> bool:
     return (Path(path) / CHECKPOINTS).is_dir()
 
 
+def has_checkpoint(workdir) -> bool:
+    """Whether a run in `workdir` resumes (nothing is created to find out)."""
+    try:
+        open_checkpoints(workdir).close()
+    except ConfigError:
+        return False
+    return True
+
+
 def write_config(workdir, values: dict) -> None:
     """`WORKDIR/config.json`: what the run was started with, for people and tools to read."""
     Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -43,10 +52,17 @@ def keep_tokenizer(workdir, vocabulary_file) -> None:
 
 
 def lowercase_of(path) -> bool:
-    """`do_lower_case` of an export's tokenizer_config.json (default True)."""
+    """`do_lower_case` of a directory's tokenizer_config.json; without one (a Google
+    checkpoint), whether its vocab.txt is uncased: no token but the `[...]` specials has an
+    uppercase letter (google-research/bert's cased vocabularies have thousands)."""
     config_file = Path(path) / tokenization.TOKENIZER_CONFIG_FILE
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    return bool(config.get("do_lower_case", True))
+    if config_file.is_file():
+        return bool(json.loads(config_file.read_text()).get("do_lower_case", True))
+    vocab = Path(path) / tokenization.VOCAB_FILE
+    if not vocab.is_file():
+        return True
+    return not any(not token.startswith("[") and token != token.lower()
+                   for token in vocab.read_text(errors="replace").split("\n"))
 
 
 def tokenizer_file_of(path) -> Path:
@@ -54,8 +70,8 @@ def tokenizer_file_of(path) -> Path:
     for name in TOKENIZER_FILES:
         if (Path(path) / name).is_file():
             return Path(path) / name
-    raise ConfigError(f"{path} holds no {' or '.join(TOKENIZER_FILES)}: expected a bert-jax "
-                      f"workdir or export")
+    raise ConfigError(f"{path} holds no {' or '.join(TOKENIZER_FILES)}: expected the "
+                      f"tokenizer beside the weights")
 
 
 def load_tokenizer_of(path, lowercase: bool | None = None) -> tokenization.Tokenizer:

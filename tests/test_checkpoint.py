@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
-from bert_jax.checkpoint import Checkpointer
+from bert_jax.checkpoint import Checkpointer, MissingStep
 
 # After a failed read, Orbax leaves the other shards' read coroutines unawaited; Python
 # reports them when they are collected. They are expected in the damage tests, so they are
@@ -166,7 +166,8 @@ def test_no_checkpoint_raises_file_not_found(tmp_path):
         with pytest.raises(FileNotFoundError, match="no checkpoint in"):
             checkpointer.restore_metadata()
         checkpointer.save(1, state, METADATA, force=True)
-        with pytest.raises(FileNotFoundError, match="no checkpoint for step 2"):
+        with pytest.raises(MissingStep, match=r"no checkpoint for step 2 .*: expected one of "
+                                              r"\[1\]"):
             checkpointer.restore(_abstract(state, _single_device(state)), step=2)
 
 

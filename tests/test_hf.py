@@ -25,7 +25,8 @@ def _random_hf_config(seed):
         vocab_size=int(rng.integers(40, 160)), hidden_size=heads * int(rng.integers(3, 10)),
         num_hidden_layers=int(rng.integers(1, 4)), num_attention_heads=heads,
         intermediate_size=int(rng.integers(5, 50)), max_position_embeddings=int(rng.integers(20, 70)),
-        type_vocab_size=int(rng.integers(1, 4)), layer_norm_eps=float(rng.choice([1e-12, 1e-5])))
+        type_vocab_size=int(rng.integers(1, 4)), layer_norm_eps=float(rng.choice([1e-12, 1e-5])),
+        hidden_act=str(rng.choice(["gelu", "gelu_new", "gelu_pytorch_tanh"])))
 
 
 def _inputs(config, seed, batch=3, length=19):
@@ -80,15 +81,16 @@ def test_our_weights_export_with_equal_logits(tmp_path, seed):
         np.testing.assert_array_equal(hf.flatten(again.params)[path], value)
 
 
-def test_config_round_trips_through_config_json():
+@pytest.mark.parametrize("act, hf_act", [("gelu", "gelu"), ("gelu_tanh", "gelu_new")])
+def test_config_round_trips_through_config_json(act, hf_act):
     config = ModelConfig(vocab_size=77, hidden_size=18, num_layers=2, num_heads=3,
                          intermediate_size=29, max_position_embeddings=50, type_vocab_size=4,
                          hidden_dropout_rate=0.2, attention_dropout_rate=0.05,
-                         layer_norm_eps=1e-6, initializer_range=0.03)
+                         layer_norm_eps=1e-6, initializer_range=0.03, hidden_act=act)
     values = hf.config_to_hf(config)
     assert hf.config_from_hf(values) == config
     hf_config = transformers.BertConfig(**values)
-    assert (hf_config.hidden_act, hf_config.num_hidden_layers) == ("gelu", 2)
+    assert (hf_config.hidden_act, hf_config.num_hidden_layers) == (hf_act, 2)
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -156,13 +158,14 @@ def test_tied_decoder_and_position_ids_are_accepted(tmp_path, tiny_checkpoint):
 def test_unsupported_configs_are_refused(tmp_path, tiny_checkpoint):
     path, tensors = tiny_checkpoint
     values = json.loads((path / hf.CONFIG_FILE).read_text())
-    for key, value in [("hidden_act", "gelu_new"), ("position_embedding_type", "relative_key"),
+    for key, value in [("hidden_act", "relu"), ("position_embedding_type", "relative_key"),
                        ("model_type", "roberta")]:
         bad = _write(tmp_path / key, tensors, json.dumps({**values, key: value}))
         with pytest.raises(ValueError, match=f"{key}='{value}'"):
             bert_jax.load(bad)
     with pytest.raises(ValueError, match="nowhere does not exist: expected a bert-jax "
-                                         "workdir or a Hugging Face BERT directory"):
+                                         "workdir, a Hugging Face BERT directory or a "
+                                         "google-research/bert checkpoint"):
         bert_jax.load(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="config.json does not exist"):
@@ -189,7 +192,8 @@ def test_pytorch_bin_loads_and_pickled_code_is_refused(tmp_path, tiny_checkpoint
     evil.mkdir()
     (evil / hf.CONFIG_FILE).write_text((path / hf.CONFIG_FILE).read_text())
     (evil / hf.TORCH_WEIGHTS_FILE).write_bytes(pickle.dumps({"x": Exploit()}, protocol=2))
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ConfigError, match=r"evil/pytorch_model.bin is not a weights-only PyTorch "
+                                          r"file \(torch.load\(weights_only=True\) refused it"):
         bert_jax.load(evil)
     assert not marker.exists()
 
