@@ -10,6 +10,7 @@ the model reads as `hidden_act="gelu_tanh"`, so its logits are the reference gra
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy as np
@@ -43,7 +44,7 @@ def read_config(path) -> ModelConfig:
 def checkpoint_prefix(path) -> str:
     """`bert_model.ckpt`, else the newest checkpoint the directory's `checkpoint` file names
     (run_pretraining.py's `model.ckpt-N`)."""
-    import tensorflow as tf
+    tf = _tensorflow()
 
     if (Path(path) / f"{CHECKPOINT}.index").is_file():
         return str(Path(path) / CHECKPOINT)
@@ -55,7 +56,7 @@ def checkpoint_prefix(path) -> str:
 
 def read_tensors(path) -> dict[str, np.ndarray]:
     """The checkpoint's weights, named and laid out as Hugging Face's `BertForPreTraining`."""
-    import tensorflow as tf
+    tf = _tensorflow()
 
     prefix = checkpoint_prefix(path)
     try:
@@ -65,6 +66,15 @@ def read_tensors(path) -> dict[str, np.ndarray]:
                           f"{str(e).splitlines()[0]}") from e
     return dict(_renamed(name, reader.get_tensor(name))
                 for name in reader.get_variable_to_shape_map() if not _NOT_WEIGHTS.search(name))
+
+
+def _tensorflow():
+    """TensorFlow, imported on this path only, without the oneDNN banner it prints to stderr
+    on import (only checkpoints are read: no kernels run)."""
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    import tensorflow as tf
+
+    return tf
 
 
 def _renamed(name: str, value: np.ndarray) -> tuple[str, np.ndarray]:

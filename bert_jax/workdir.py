@@ -62,7 +62,7 @@ def lowercase_of(path) -> bool:
     if not vocab.is_file():
         return True
     return not any(not token.startswith("[") and token != token.lower()
-                   for token in vocab.read_text(errors="replace").split("\n"))
+                   for token in vocab.read_bytes().decode(errors="replace").split("\n"))
 
 
 def tokenizer_file_of(path) -> Path:

@@ -61,14 +61,17 @@ def test_masked_lm_and_bare_encoder_directories_load_with_their_heads_missing(tm
         init.load(init.describe(str(masked)), print)))
 
 
-def test_pretraining_starts_from_a_hugging_face_masked_lm(tmp_path, straight_run):
-    """One step: the warmup's first rate is 0, so the weights after it are the init's (the
+def test_continue_config_starts_from_a_hugging_face_masked_lm(tmp_path, straight_run):
+    """configs/continue.py:PATH, one step: the warmup's first rate is 0, so the weights after it are the init's (the
     heads it lacks freshly initialized); the architecture and tokenizer are the init's."""
     export = straight_run[0] / "export"
     masked = _as_masked_lm(export, tmp_path / "masked")
     run = tmp_path / "run"
-    result = pretrain(run, [*_data_overrides(tmp_path / "data", **{"train.num_steps": 1}),
-                            f"--config.train.init={masked}"])
+    result = pretrain(run, [f"--config={CONFIGS / 'continue.py'}:{masked}",
+                            f"--config.data.data_dir={tmp_path / 'data'}",
+                            "--config.data.max_seq_length=64",  # the init's positions
+                            "--config.data.max_predictions_per_seq=10",
+                            "--config.train.num_steps=1", "--config.train.global_batch_size=16"])
     assert result.returncode == 0, result.stderr
     assert (f"starting from the Hugging Face weights of {masked} (pooler, nsp: none there, "
             f"they start fresh)") in result.stdout
