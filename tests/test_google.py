@@ -4,12 +4,14 @@ run under tf.compat.v1. bert-jax must read the same model, and `bert-jax convert
 for `transformers`."""
 
 import ast
+import dataclasses
 import importlib.util
 import subprocess
 import sys
 import types
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -18,6 +20,7 @@ import transformers
 from bert import optimization
 
 import bert_jax
+from bert_jax.config import MODEL_RUN_SETTINGS
 
 v1 = tf.compat.v1
 BERT_SOURCES = Path(importlib.util.find_spec("bert").origin).parent
@@ -228,3 +231,25 @@ def test_a_config_without_a_checkpoint_is_refused(reference, tmp_path):
     assert line.startswith(f"bert-jax convert: error: {source} has bert_config.json but no ")
     assert "bert_model.ckpt.index" in line
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_pretraining_starts_from_a_google_checkpoint(reference, tmp_path):
+    """One step of `bert-jax pretrain` from the released directory: the warmup's first rate is
+    0, so the weights after it are Google's; architecture, activation and tokenizer follow."""
+    from pretrain_runs import pretrain
+
+    run = tmp_path / "run"
+    result = pretrain(run, [f"--config.train.init={reference.released}",
+                            f"--config.data.data_dir={tmp_path / 'data'}",
+                            "--config.data.max_seq_length=32",  # the config's 40 positions
+                            "--config.data.max_predictions_per_seq=5",
+                            "--config.train.num_steps=1", "--config.train.global_batch_size=8"])
+    assert result.returncode == 0, result.stderr
+    assert f"starting from the Google weights of {reference.released}\n" in result.stdout
+    trained, released = bert_jax.load(run), bert_jax.load(reference.released)
+    architecture = [{k: v for k, v in dataclasses.asdict(m.config).items()
+                     if k not in MODEL_RUN_SETTINGS} for m in (trained, released)]
+    assert architecture[0] == architecture[1] and trained.config.hidden_act == "gelu_tanh"
+    jax.tree.map(np.testing.assert_array_equal, trained.params, released.params)
+    assert (run / "export" / "vocab.txt").read_text() == "\n".join(VOCAB) + "\n"
