@@ -96,8 +96,7 @@ class Checkpointer:
         A damaged newer step is named in a warning, skipped, and deleted once an older one
         restores (the run writes those steps again, and a stale step would block saving them).
         Raises FileNotFoundError when there is no committed checkpoint, MissingStep when not
-        `step`, and
-        ConfigError when none of the candidates reads (the last error chained)."""
+        `step`, and ConfigError when none of the candidates reads (the last error chained)."""
         def read(candidate):
             path = self._step_path(candidate)
             state = self._state_reader.restore(

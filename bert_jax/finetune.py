@@ -52,7 +52,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict(dict(max_seq_length=128))
     defaults = ModelConfig()
     config.model = {name: getattr(defaults, name) for name in MODEL_RUN_SETTINGS}
-    train = {k: v for k, v in TrainConfig().to_dict().items() if k not in ("phases", "eval_steps", "init", "init_step")}
+    train = {k: v for k, v in TrainConfig().to_dict().items()
+             if k not in ("phases", "eval_steps", "init", "init_step")}
     config.train = ml_collections.ConfigDict({
         **train, "num_steps": 0, "global_batch_size": 32, "learning_rate": 0.0,
         "warmup_steps": 0, "log_every": 50, "on_nonfinite": "stop",

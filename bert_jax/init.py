@@ -72,17 +72,16 @@ def load(source: Source, log=print) -> dict:
 def follow(config, explicit: set[str] = frozenset()) -> Source | None:
     """Makes a pretraining config (`ml_collections.ConfigDict`) take the architecture and
     tokenizer of its `train.init` (None when it has none): the model fields the init decides,
-    `data.vocab_file` and `data.vocab_size`, and, unless set in `explicit`, `data.lowercase`.
-    `explicit` holds the dotted fields the user set ("model.num_layers"): one that contradicts
-    the init is an error naming both values."""
+    `data.vocab_file`, `data.vocab_size` and `data.lowercase`. `explicit` holds the dotted
+    fields the user set ("model.num_layers"): one that contradicts the init is an error naming
+    both values."""
     if not config.train.get("init"):
         return None
     source = describe(config.train.init, config.train.init_step or None)
     wanted = {**{f"model.{k}": v for k, v in source.architecture.items()},
               "data.vocab_file": str(source.tokenizer_file),
-              "data.vocab_size": source.model_config.vocab_size}
-    if "data.lowercase" not in explicit:
-        wanted["data.lowercase"] = source.lowercase
+              "data.vocab_size": source.model_config.vocab_size,
+              "data.lowercase": source.lowercase}
     for key in explicit & wanted.keys():  # all checked before any is set: fields may share
         section, field = key.split(".")    # a value (model.vocab_size is data.vocab_size's)
         if config[section][field] != wanted[key]:

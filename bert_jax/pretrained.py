@@ -101,12 +101,9 @@ def load_params(path) -> tuple[ModelConfig, dict, tuple[str, ...]]:
     `BertModel`, sequence classification: its classifier ignored), and the names of the
     parameter subtrees it lacks (`OPTIONAL_PARAMS`), which a run starts fresh."""
     config, tensors = read_dir(path)
-    shapes = param_shapes(config)
-    flat = hf.from_hf(hf.as_pretraining(tensors), config, shapes,
-                      optional=OPTIONAL_PARAMS)
-    present = {name.split("/")[0] for name in flat}
-    return config, hf.unflatten(flat), tuple(name for name in OPTIONAL_PARAMS
-                                             if name not in present)
+    params = hf.unflatten(hf.from_hf(hf.as_pretraining(tensors), config, param_shapes(config),
+                                     optional=OPTIONAL_PARAMS))
+    return config, params, tuple(name for name in OPTIONAL_PARAMS if name not in params)
 
 
 def load_classifier(path) -> Classifier:
