@@ -105,5 +105,5 @@ def test_a_run_names_its_attention_kernel_in_its_log_and_first_metrics_record(st
     workdir, _, stdout = straight_run
     header = read_metrics(workdir)[0]
     assert header == {"step": 0, "split": "run", "platform": "cpu", "devices": 4,
-                      "mesh": "data 4, fsdp 1, tensor 1", "attention": "xla"}
+                      "mesh": "data 4, fsdp 1, tensor 1", "attention": "xla", "num_steps": 20}
     assert "4 cpu devices, mesh data 4, fsdp 1, tensor 1, attention xla" in stdout

@@ -35,11 +35,12 @@ def _paths():
 def _command_lines(source: Path):
     """Command lines (continuations joined) in a Markdown file's code blocks, or in a
     script's or config's comments, docstrings and usage text: there only lines with an
-    option, which prose ("bert-jax pretrain on a TPU slice: ...") has not."""
+    option, which prose ("bert-jax pretrain on a TPU slice: ...") has not. A `text` block
+    is a program's output (an error message), not a command."""
     text = source.read_text()
     markdown = source.suffix == ".md"
     if markdown:
-        text = "\n".join(re.findall(r"```[a-z]*\n(.*?)```", text, re.S))
+        text = "\n".join(re.findall(r"```(?!text)[a-z]*\n(.*?)```", text, re.S))
     lines = [re.sub(r"^\s*(?:#\s*)?", "", line) for line in text.splitlines()]
     joined = re.sub(r"\\\n", " ", "\n".join(lines))
     for line in joined.splitlines():
