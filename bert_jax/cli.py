@@ -88,7 +88,8 @@ CHECKPOINT_STEP = option("--step", type=int, help="checkpoint step (default: lat
 SYNTHETIC_RUN = {"model": "small", "batch": 16, "seq": 128, "dtype": "float32",
                  "attention": "auto", "scan": False, "remat": "none", "instances_per_row": 1}
 FILL_MASK_EXAMPLE = "Return a new [MASK] containing the items of the list."
-PREEMPTED = " (preempted: checkpoint saved, run again to resume)"
+# A run stopped by SIGTERM or Ctrl-C (bert_jax.loop.Preemption), in its summary's first line.
+STOPPED_EARLY = " (stopped early: checkpoint saved; the same command resumes from it)"
 
 
 def _start_distributed(args) -> None:
@@ -157,7 +158,7 @@ def _pretrain(args, config) -> None:
     if jax.process_index() != 0:
         return
     print(f"\nstopped at step {summary['step']} after {summary['seconds']:.0f}s"
-          f"{PREEMPTED if summary['preempted'] else ''}")
+          f"{STOPPED_EARLY if summary['preempted'] else ''}")
     if metrics := summary["train"]:
         print("  train       loss {loss:.3f}  mlm_accuracy {mlm_accuracy:.3f}  {seq_per_s:.0f} "
               "seq/s  {real_tokens_per_s:.0f} tokens/s (padding not counted)".format(**metrics))
@@ -197,7 +198,7 @@ def _finetune(args, config) -> None:
     examples = ", ".join(f"{n:,} {split}" for split, n in summary["examples"].items())
     print(f"\n{summary['task']}: stopped at step {summary['step']} of {summary['num_steps']} "
           f"after {summary['seconds']:.0f}s ({examples} examples)"
-          f"{PREEMPTED if summary['preempted'] else ''}")
+          f"{STOPPED_EARLY if summary['preempted'] else ''}")
     for name in ("train", "validation", "best"):
         if values := summary[name]:
             shown = [f"{k} {v:.4f}" for k, v in values.items() if k == "loss" or k in scores.SCORES]
@@ -559,6 +560,12 @@ def main(argv: list[str] | None = None) -> int:
         if command.distributed:
             _start_distributed(args)
         command.run(args, config)
+    except KeyboardInterrupt:  # a second Ctrl-C in training, or one before it (nothing to save)
+        if args.debug:
+            raise
+        print(f"bert-jax {command.name}: interrupted: what the last checkpoint holds is kept "
+              f"(the same command resumes from it)", file=sys.stderr)
+        return 130
     except Exception as e:  # noqa: BLE001 (whatever stops a command: one line)
         if args.debug:
             raise

@@ -8,7 +8,9 @@ the host; that is also when too many non-finite steps in a row raise `Diverged`.
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable
 
@@ -26,23 +28,36 @@ def due(step: int, every: int) -> bool:
 
 
 class Preemption:
-    """SIGTERM (the preemption notice of Cloud TPU, GCE and SLURM) as a stop after a step that
-    every process agrees on, so all of them save the same checkpoint.
+    """SIGTERM (the preemption notice of Cloud TPU, GCE and SLURM) and Ctrl-C (SIGINT) as a
+    stop after a step that every process agrees on, so all of them save the same checkpoint; a
+    second Ctrl-C aborts at once (`KeyboardInterrupt`), saving nothing more.
 
     One process: a Python handler sets a flag. Several: JAX's preemption service, which
     catches SIGTERM itself and tells all processes of a notice on any of them, names the sync
     step (the first one every process can still reach); `reached` must then be called by
-    every process after every step.
+    every process after every step, and Ctrl-C is passed on to it as a SIGTERM.
     """
 
     def __init__(self):
-        self.requested = False
+        self.requested = self.interrupted = False
         self._shared = jax.process_count() > 1
+        self._previous = {signal.SIGINT: signal.signal(signal.SIGINT, self._interrupt)}
         if not self._shared:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def _interrupt(self, signum, frame):
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+        tqdm.write("Ctrl-C: stopping after this step to save a checkpoint (Ctrl-C again "
+                   "aborts without saving)", file=sys.stderr)
+        if self._shared:
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            self.requested = True
 
     def reached(self, step: int) -> bool:
         if self._shared and multihost_utils.reached_preemption_sync_point(step):
@@ -50,8 +65,8 @@ class Preemption:
         return self.requested
 
     def restore(self):
-        if not self._shared:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 class NonFiniteError(RuntimeError):

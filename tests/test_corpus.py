@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
-from bert_jax.data.corpus import (ReadStats, builtin_stdlib_root, fingerprint, list_sources,
+from bert_jax.data.corpus import (BUILTIN_PACKAGES, ReadStats, builtin_package_roots,
+                                  builtin_stdlib_root, fingerprint, list_sources,
                                   read_source, split_sentences)
 
 
@@ -118,6 +120,19 @@ def test_builtin_sources_are_stdlib_modules_and_pydoc_topics():
     paths = [source.removeprefix(f"builtin:{root}/") for source in sources[:-1]]
     assert not [path for path in paths if path.startswith(("test/", "idlelib/"))
                 or "/test/" in path or "/tests/" in path]
+
+
+def test_builtin_with_packages_adds_the_dependencies_modules_after_the_standard_library():
+    builtin, sources = list_sources("builtin"), list_sources("builtin+packages")
+    assert sources[:len(builtin)] == builtin and len(sources) > 5 * len(builtin)
+    roots = builtin_package_roots()
+    assert list(roots) == list(BUILTIN_PACKAGES)  # bert-jax's dependencies: all installed
+    assert f"builtin:{roots['numpy'] / '__init__.py'}" in sources
+    added = sources[len(builtin):]
+    assert not [s for s in added if {"tests", "testing", "_vendor"} & set(Path(s).parts)]
+    for package, root in roots.items():  # in the order of BUILTIN_PACKAGES, each sorted
+        own = [s for s in added if s.startswith(f"builtin:{root}/")]
+        assert own and own == sorted(own), package
 
 
 def test_builtin_module_is_one_document_of_its_docstrings():

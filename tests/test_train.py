@@ -3,6 +3,7 @@ exits 0 and resumes exactly, exports load in transformers. (Resuming after stop_
 other process counts and meshes: test_multihost.py.)"""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -123,6 +124,46 @@ def test_sigterm_saves_exits_0_and_resumes_exactly(straight_run, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {tmp_path / 'checkpoints'} at step {saved}" in resumed.stdout
     assert_same_run(reference, tmp_path)
+
+
+def _start_and_wait(workdir, args, records: int) -> subprocess.Popen:
+    """A pretraining process in a session of its own (a terminal's Ctrl-C reaches its whole
+    process group: `os.killpg`), once its metrics hold `records` records."""
+    process = subprocess.Popen([*PRETRAIN, f"--workdir={workdir}", *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=one_process_env(), start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if (workdir / "metrics.jsonl").is_file() and len(read_metrics(workdir)) >= records:
+            break
+        time.sleep(0.01)
+    return process
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_exits_0_and_a_second_ctrl_c_aborts_at_once(straight_run, tmp_path):
+    _, data_dir, _ = straight_run
+    args = overrides(data_dir, **{"checkpoint.every_steps": 1000})
+    process = _start_and_wait(tmp_path, args, 2)
+    os.killpg(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert "Ctrl-C: stopping after this step to save a checkpoint" in stderr
+    assert "stopped early: checkpoint saved; the same command resumes from it" in stdout
+    assert "Traceback" not in stderr
+    saved = read_metrics(tmp_path)[-1]["step"]
+    assert 2 <= saved < 20 and workdirs.has_checkpoint(tmp_path)
+
+    process = _start_and_wait(tmp_path, args, len(read_metrics(tmp_path)) + 2)
+    os.killpg(process.pid, signal.SIGINT)
+    time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "bert-jax pretrain: interrupted: what the last checkpoint holds is kept (the same "
+        "command resumes from it)")
+    assert "Traceback" not in stderr and "stopped early" not in stdout
 
 
 @pytest.mark.slow

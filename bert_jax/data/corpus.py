@@ -1,7 +1,8 @@
 """Corpus readers: raw text in, documents as lists of sentences out.
 
 A corpus (`config.data.corpus`) is file globs separated by commas, `builtin` (the Python
-standard library's documentation: English prose every machine has offline) or `tfds:NAME[:SPLIT]`
+standard library's documentation: English prose every machine has offline), `builtin+packages`
+(that and the documentation of bert-jax's dependencies, 9 times as much) or `tfds:NAME[:SPLIT]`
 (a TFDS dataset already prepared; nothing is downloaded). `list_sources` cuts it into picklable
 units for parallel workers, `read_source` reads one, `fingerprint` digests what they read.
 """
@@ -27,13 +28,20 @@ from pathlib import Path
 from bert_jax.config import ConfigError
 
 BUILTIN = "builtin"
+BUILTIN_WITH_PACKAGES = "builtin+packages"
 TFDS_PREFIX = "tfds:"
 _BUILTIN_PREFIX = f"{BUILTIN}:"
 _PYDOC_TOPICS = f"{BUILTIN}:pydoc_topics"
 
-# Standard-library folders of tests, tools and vendored code, by name or path from the root.
-_BUILTIN_SKIPPED = frozenset({"test", "tests", "idlelib", "lib2to3", "site-packages",
-                              "__pycache__", "turtledemo", "ensurepip/_bundled"})
+# The packages whose documentation follows the standard library's in `builtin+packages`:
+# bert-jax's dependencies, so every machine that runs bert-jax has them (in the versions the
+# data summary names).
+BUILTIN_PACKAGES = ("numpy", "jax", "flax", "optax", "orbax", "keras", "tensorflow",
+                    "tensorflow_datasets")
+# Folders of tests, tools and vendored code, by name or path from the root.
+_BUILTIN_SKIPPED = frozenset({"test", "tests", "testing", "testdata", "idlelib", "lib2to3",
+                              "site-packages", "__pycache__", "turtledemo",
+                              "ensurepip/_bundled", "_vendor", "third_party"})
 
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
@@ -76,8 +84,8 @@ def list_sources(spec: str) -> list[str]:
     `builtin:PATH` per standard-library module and `builtin:pydoc_topics`; or one
     `tfds:NAME:SPLIT` (SPLIT `train` by default, or a slice such as `train[:10%]`)."""
     spec = spec.strip()
-    if spec == BUILTIN:
-        return _builtin_sources()
+    if spec in (BUILTIN, BUILTIN_WITH_PACKAGES):
+        return _builtin_sources(spec == BUILTIN_WITH_PACKAGES)
     if not spec.startswith(TFDS_PREFIX):
         return _file_sources(spec)
     import tensorflow_datasets as tfds  # heavy, and needed on this path only
@@ -260,15 +268,31 @@ def _json_lines_documents(path: str, stats: ReadStats, text_field: str) -> Itera
 
 # --- the builtin corpus: the standard library's documentation -----------------------------
 
-def _builtin_sources() -> list[str]:
-    root = builtin_stdlib_root()
-    paths = []
+def _builtin_sources(with_packages: bool) -> list[str]:
+    """The standard library's modules and its pydoc topics, then (`with_packages`) each of
+    `BUILTIN_PACKAGES`' modules; each folder's files sorted."""
+    roots = [builtin_stdlib_root(), *(builtin_package_roots().values() if with_packages else ())]
+    paths = [sorted(_python_files(root)) for root in roots]
+    return [f"{_BUILTIN_PREFIX}{path}" for path in paths[0]] + [_PYDOC_TOPICS] + [
+        f"{_BUILTIN_PREFIX}{path}" for package in paths[1:] for path in package]
+
+
+def builtin_package_roots() -> dict[str, Path]:
+    """The folders of the installed `BUILTIN_PACKAGES`, by name (bert-jax depends on each)."""
+    roots = {}
+    for name in BUILTIN_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            roots[name] = Path(list(spec.submodule_search_locations)[0])
+    return roots
+
+
+def _python_files(root: Path) -> Iterator[str]:
     for folder, subfolders, files in os.walk(root):
         relative = Path(folder).relative_to(root)
         subfolders[:] = [name for name in subfolders if name not in _BUILTIN_SKIPPED
                          and (relative / name).as_posix() not in _BUILTIN_SKIPPED]
-        paths += [os.path.join(folder, name) for name in files if name.endswith(".py")]
-    return [f"{_BUILTIN_PREFIX}{path}" for path in sorted(paths)] + [_PYDOC_TOPICS]
+        yield from (os.path.join(folder, name) for name in files if name.endswith(".py"))
 
 
 def _read_builtin_module(path: str, stats: ReadStats) -> Iterator[list[str]]:
