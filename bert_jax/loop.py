@@ -16,9 +16,7 @@ from collections.abc import Callable, Iterable
 
 import jax
 from jax.experimental import multihost_utils
-from tqdm import tqdm
-
-from bert_jax import flops
+from bert_jax import flops, progress
 from bert_jax.metrics import MetricsWriter
 
 
@@ -52,8 +50,8 @@ class Preemption:
         if self.interrupted:
             raise KeyboardInterrupt
         self.interrupted = True
-        tqdm.write("Ctrl-C: stopping after this step to save a checkpoint (Ctrl-C again "
-                   "aborts without saving)", file=sys.stderr)
+        progress.write("Ctrl-C: stopping after this step to save a checkpoint (Ctrl-C again "
+                       "aborts without saving)", file=sys.stderr)
         if self._shared:
             os.kill(os.getpid(), signal.SIGTERM)
         else:
@@ -114,12 +112,12 @@ def train_loop(state: dict, batches: Iterable[tuple[int, dict]], step_fn, hooks:
     pending = watched = None
     last, tokens = {}, []
     timer = (start, time.perf_counter())
-    with tqdm(total=stop - start, desc=hooks.description, unit="step",
-              disable=not hooks.writer.enabled) as progress:  # closed on errors too
+    with progress.bar(total=stop - start, desc=hooks.description, unit="step",
+                      disable=not hooks.writer.enabled) as bar:  # closed on errors too
 
         def log(entry):
             nonlocal timer
-            values = _log_train(*entry, timer, hooks, progress)
+            values = _log_train(*entry, timer, hooks, bar)
             timer = (entry[0], time.perf_counter())
             return values
 
@@ -134,7 +132,9 @@ def train_loop(state: dict, batches: Iterable[tuple[int, dict]], step_fn, hooks:
                 last, pending = log(pending), None
             done = step + 1
             watched = (done, metrics)
-            progress.update(1)
+            if done == start + 1:  # the first step compiled: the rate counts from here
+                bar.reset()
+            bar.update(1)
             if due(done, hooks.log_every) or done == stop:
                 pending, tokens = (done, metrics, tokens), []
             if hooks.evaluate is not None and (due(done, hooks.eval_every)
@@ -160,7 +160,10 @@ def _check_finite(step: int, metrics: dict, hooks: Hooks) -> None:
         raise Diverged(step, hooks.phase_start)
 
 
-def _log_train(step, metrics, tokens, timer, hooks: Hooks, progress) -> dict:
+_SHOWN = {"loss": "loss", "mlm_acc": "mlm_accuracy"}  # the bar's postfix: names, metrics
+
+
+def _log_train(step, metrics, tokens, timer, hooks: Hooks, bar) -> dict:
     """Logs the metrics of `step` and the speed since the last log: `tokens_per_s` counts
     row positions, padding included; `real_tokens_per_s` the tokens that are not padding,
     in all the steps since the last log (packing raises this one, not `tokens_per_s`)."""
@@ -176,9 +179,8 @@ def _log_train(step, metrics, tokens, timer, hooks: Hooks, progress) -> dict:
         values["mfu"] = flops.mfu(seq_per_s, hooks.flops_per_row, jax.devices()[0].device_kind,
                                   jax.device_count())
     hooks.writer.write(step, values)
-    shown = {"loss": "loss", "mlm_acc": "mlm_accuracy"}
-    progress.set_postfix({name: f"{values[key]:.3f}" for name, key in shown.items()
-                          if key in values})
+    bar.set_postfix({name: f"{values[key]:.3f}" for name, key in _SHOWN.items()
+                     if key in values})
     return values
 
 
