@@ -152,7 +152,7 @@ def _unknown_field(error: KeyError, overrides: list[str]) -> str:
 def _pretrain(args, config) -> None:
     import jax
 
-    from bert_jax import inference, train, workdir
+    from bert_jax import inference, report, train, workdir
 
     summary = train.train_and_evaluate(config, args.workdir)
     if jax.process_index() != 0:
@@ -168,6 +168,8 @@ def _pretrain(args, config) -> None:
     if summary["validation"]:
         print("  validation  loss {loss:.3f}  mlm_accuracy {mlm_accuracy:.3f}  "
               "nsp_accuracy {nsp_accuracy:.3f}".format(**summary["validation"]))
+    if summary["train"]:  # else no step was logged: maybe no curve to draw
+        print(f"  report: {report.write(args.workdir)[0]}")
     if (out := summary["export"]) is None:
         return
     print(f"  exported to {out} (transformers.BertForPreTraining.from_pretrained loads it)")
@@ -185,6 +187,20 @@ def _eval(args, config) -> None:
     metrics = train.evaluate_workdir(args.workdir, args.step)
     if jax.process_index() == 0:
         print(json.dumps(metrics))
+
+
+def _report(args, config) -> None:
+    from bert_jax import report
+
+    path, figures = report.write(args.workdir)
+    of = f" of {figures['num_steps']:.0f}" if figures["num_steps"] else ""
+    print(f"step {figures['step']}{of}: train loss {figures['loss']:.4f}  mlm_accuracy "
+          f"{figures['mlm_accuracy']:.4f}  median {figures['seq_per_s']:.1f} seq/s")
+    if figures["best_step"] is not None:
+        print(f"  validation mlm_accuracy best {figures['best_mlm_accuracy']:.4f} (step "
+              f"{figures['best_step']}), last {figures['last_mlm_accuracy']:.4f} (step "
+              f"{figures['last_step']}); nsp_accuracy {figures['nsp_accuracy']:.4f}")
+    print(f"  report: {path}")
 
 
 def _finetune(args, config) -> None:
@@ -374,6 +390,12 @@ COMMANDS = (
         "eval", _eval, "evaluate a workdir's checkpoint on the validation split",
         "Prints MLM/NSP loss and accuracy as one JSON line.", distributed=True,
         options=(PRETRAINING_WORKDIR, CHECKPOINT_STEP)),
+    Command(
+        "report", _report, "draw a run's curves from metrics.jsonl into WORKDIR/report.html",
+        "Loss, MLM and NSP accuracy (train and validation), learning rate and seq/s: one "
+        "self-contained HTML page and WORKDIR/curves.png; prints a summary.", options=(
+            option("--workdir", default="runs/default",
+                   help="a bert-jax pretrain workdir (default %(default)s)"),)),
     Command(
         "export", _export, "write a Hugging Face directory (weights + tokenizer) from a workdir",
         "Loaded by transformers' BertForPreTraining and AutoTokenizer.from_pretrained.", options=(

@@ -27,7 +27,7 @@ def test_help_explains_every_subcommand_of_the_table():
     result = _bert_jax("--help")
     assert result.returncode == 0
     assert {"pretrain", "prepare-data", "inspect-data", "benchmark-data", "benchmark", "eval",
-            "export", "convert", "fill-mask", "finetune", "finetune-eval", "compile"} == {
+            "export", "convert", "fill-mask", "finetune", "finetune-eval", "compile", "report"} == {
         command.name for command in cli.COMMANDS}
     for command in cli.COMMANDS:
         listed = re.search(rf"^    {command.name}\s+(.*?)(?=\n    \S|\n\n)", result.stdout,
