@@ -11,6 +11,7 @@ import hashlib
 import io
 import itertools
 import json
+import re
 import tempfile
 from collections.abc import Iterable
 
@@ -31,6 +32,10 @@ PAD, UNK, CLS, SEP, MASK = SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]",
 # sampled here: SentencePiece's own sample differs from run to run whatever its seed.
 MAX_TRAINING_SENTENCES = 2_000_000
 _SAMPLING_CHUNK = 1 << 16
+# A corpus that supports fewer pieces than this is too small to fit a vocabulary to.
+MIN_FITTED_VOCAB_SIZE = 100
+_LARGEST_VOCAB_SIZE = re.compile(  # as SentencePiece's trainer says it
+    r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)")
 
 _SPM = sentencepiece_model_pb2.ModelProto
 # The SentencePiece options (of `train_sentencepiece`) the conversion to `tokenizers` reproduces.
@@ -62,29 +67,51 @@ def kept_file_name(vocabulary_file) -> str:
 
 
 def train_sentencepiece(sentences: Iterable[str], vocab_size: int, model_path, *,
-                        seed: int = 0) -> epath.Path:
+                        seed: int = 0, fit: bool = False,
+                        corpus: str = "this corpus") -> epath.Path:
     """Trains a SentencePiece unigram model on a seeded sample of `sentences` (any size) and
-    writes it whole to `model_path`. [PAD] [UNK] [CLS] [SEP] [MASK] are ids 0..4; a corpus too
-    small for exactly `vocab_size` pieces raises rather than giving fewer ids."""
+    writes it whole to `model_path`. [PAD] [UNK] [CLS] [SEP] [MASK] are ids 0..4. A corpus too
+    small for exactly `vocab_size` pieces raises, or with `fit` gets the largest vocabulary it
+    supports (at least `MIN_FITTED_VOCAB_SIZE`: the model's size says which). `corpus` names
+    the corpus in errors."""
     model_path = epath.Path(model_path)
     if model_path.suffix != ".model":
         raise ConfigError(f"{model_path}: a SentencePiece model path must end in .model")
     sample = _sample(sentences, MAX_TRAINING_SENTENCES, seed)
-    model = io.BytesIO()  # no model_prefix: the model's bytes then do not depend on its path
-    try:
-        sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=iter(sample), model_writer=model, vocab_size=vocab_size,
-            model_type="unigram", pad_id=0, pad_piece=PAD, unk_id=1, unk_piece=UNK,
-            bos_id=-1, eos_id=-1, user_defined_symbols=[CLS, SEP, MASK],
-            # A fixed thread count (SentencePiece's default): EM sums statistics per thread.
-            input_sentence_size=0, num_threads=16, minloglevel=1)
-    except RuntimeError as e:
-        raise ConfigError(f"cannot train a SentencePiece vocabulary of {vocab_size} pieces on "
-                          f"this corpus ({str(e).strip().splitlines()[-1]}): lower "
-                          f"data.vocab_size or give a larger corpus") from e
+    if not sample:
+        raise ConfigError(f"{corpus} has no text: expected text to train a SentencePiece "
+                          f"vocabulary on")
+    size = vocab_size
+    for attempt in range(3):  # SentencePiece names the largest size; it fits at once
+        try:
+            model = _train_unigram(sample, size)
+            break
+        except RuntimeError as e:
+            message = str(e).strip().splitlines()[-1]
+            largest = _LARGEST_VOCAB_SIZE.search(message)
+            if not (fit and largest and attempt < 2):
+                raise ConfigError(f"cannot train a SentencePiece vocabulary of {size} pieces on "
+                                  f"{corpus} ({message}): lower data.vocab_size or give a "
+                                  f"larger corpus") from e
+            size = int(largest.group(1))
+            if size < MIN_FITTED_VOCAB_SIZE:
+                raise ConfigError(f"{corpus} is too small: it supports a vocabulary of at most "
+                                  f"{size} pieces, and bert-jax fits no fewer than "
+                                  f"{MIN_FITTED_VOCAB_SIZE}: give a larger corpus") from None
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    files.write_atomically(model_path, model.getvalue())
+    files.write_atomically(model_path, model)
     return model_path
+
+
+def _train_unigram(sample: list[str], vocab_size: int) -> bytes:
+    model = io.BytesIO()  # no model_prefix: the model's bytes then do not depend on its path
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sample), model_writer=model, vocab_size=vocab_size,
+        model_type="unigram", pad_id=0, pad_piece=PAD, unk_id=1, unk_piece=UNK,
+        bos_id=-1, eos_id=-1, user_defined_symbols=[CLS, SEP, MASK],
+        # A fixed thread count (SentencePiece's default): EM sums statistics per thread.
+        input_sentence_size=0, num_threads=16, minloglevel=1)
+    return model.getvalue()
 
 
 def _sample(items: Iterable, k: int, seed: int) -> list:

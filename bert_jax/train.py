@@ -20,6 +20,7 @@ from bert_jax import run as runs
 from bert_jax import workdir as workdirs
 from bert_jax.config import MODEL_RUN_SETTINGS, ConfigError, Phase, RunConfig, default_config
 from bert_jax.data import pipeline
+from bert_jax.data.checks import check_data_against_model
 from bert_jax.export import export_run
 from bert_jax.pretrained import Pretrained
 
@@ -193,12 +194,22 @@ def prepare_data(settings: RunConfig, phase: Phase, name: str):
     """The dataset of a phase, built by process 0 while the others wait, then opened by all.
 
     A process that cannot see process 0's copy (a data_dir on a host's own disk) builds its
-    own: the build is deterministic, so every copy holds the same examples.
+    own: the build is deterministic, so every copy holds the same examples. Process 0 prints
+    the summary `prepare-data` prints, once a run: for a training phase's name (`phase-...`)
+    whose data no earlier phase has. The model must have the tokenizer's vocabulary
+    (`pipeline.follow_tokenizer` gives it that).
     """
     if jax.process_index() == 0:
         prepared = pipeline.prepare(settings, phase)
+        data = phase.data(settings.data)
+        if name.startswith("phase-") and data not in [
+                earlier.data(settings.data) for earlier in settings.phases
+                if earlier.start < phase.start]:
+            print(pipeline.describe(prepared))
     distributed.barrier(f"prepared-{name}")
-    return pipeline.prepare(settings, phase) if jax.process_index() else prepared
+    prepared = pipeline.prepare(settings, phase) if jax.process_index() else prepared
+    check_data_against_model(phase.data(settings.data), settings.model, prepared.vocab_size)
+    return prepared
 
 
 def evaluate(settings: RunConfig, phase: Phase, state: dict, eval_sums, mesh: Mesh) -> dict:

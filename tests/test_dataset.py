@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pydoc_data.topics
 import pytest
@@ -271,11 +272,14 @@ def test_wordpiece_vocabulary_and_preflight_vocab_check(topics, tmp_path):
                     vocab_size=800, show_progress=False)
     wordpiece.save_model(str(tmp_path))
     size = len((tmp_path / "vocab.txt").read_text().splitlines())
-    with pytest.raises(ValueError, match=f"the tokenizer has {size} tokens but model.vocab_size=1000"):
-        _prepare(_config(tmp_path, config.data.corpus,
-                                 vocab_file=str(tmp_path / "vocab.txt")))
-    prepared = _prepare(_config(tmp_path, config.data.corpus,
-                                        vocab_file=str(tmp_path / "vocab.txt"), vocab_size=size))
+    tied = _config(tmp_path, config.data.corpus, vocab_file=str(tmp_path / "vocab.txt"))
+    prepared = _prepare(tied)  # model.vocab_size is data.vocab_size's: it follows the tokenizer
+    assert prepared.vocab_size == size and pipeline.follow_tokenizer(tied).model.vocab_size == size
+    untied = ml_collections.ConfigDict(tied.to_dict())
+    untied.model.vocab_size = 999
+    with pytest.raises(ValueError,
+                       match=f"the tokenizer has {size} tokens but model.vocab_size=999"):
+        _prepare(untied)
     assert prepared.tokenizer.kind == "wordpiece"
     assert prepared.tokenizer.cls_id == (tmp_path / "vocab.txt").read_text().split().index("[CLS]")
     assert len(prepared.data_source("train")) > 1000

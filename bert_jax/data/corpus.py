@@ -10,6 +10,7 @@ units for parallel workers, `read_source` reads one, `fingerprint` digests what 
 from __future__ import annotations
 
 import ast
+import codecs
 import concurrent.futures
 import dataclasses
 import functools
@@ -43,8 +44,23 @@ _BUILTIN_SKIPPED = frozenset({"test", "tests", "testing", "testdata", "idlelib",
                               "site-packages", "__pycache__", "turtledemo",
                               "ensurepip/_bundled", "_vendor", "third_party"})
 
+# Byte-order marks and the codecs that read past them; UTF-32's before UTF-16's, whose marks
+# begin UTF-32 LE's.
+_BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                     (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
+                     (codecs.BOM_UTF16_BE, "utf-16"))
+_SNIFFED_BYTES = 1 << 16  # how much of each file the encoding and binary checks read
+# Above these shares of undecodable bytes a file is refused (docs/data.md): not UTF-8 (a few
+# stray bytes in a large corpus pass, replaced and counted), or not text at all.
+NOT_UTF8_SHARE = 0.001
+BINARY_SHARE = 0.1
+
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+# Python's "surrogateescape" escapes bytes from 128 only: a UTF-16/32 error can be any byte.
+_ESCAPE_ANY_BYTE = "bert_jax.escape_any_byte"
+codecs.register_error(_ESCAPE_ANY_BYTE, lambda error: (
+    "\udc80" * (error.end - error.start), error.end))
 
 # A possible sentence end: terminal punctuation, closing quotes or brackets, whitespace; the
 # lookahead captures the first character of what follows, past any opening quote or bracket.
@@ -209,7 +225,55 @@ def _file_sources(spec: str) -> list[str]:
                 why = "matches no file" if re.search(r"[*?[]", expanded) else "no such file"
             raise ConfigError(f"corpus {pattern!r}: {why}")
         paths += matches
-    return list(dict.fromkeys(paths))
+    paths = list(dict.fromkeys(paths))
+    sizes = [os.path.getsize(path) for path in paths]
+    if not any(sizes):
+        what = paths[0] if len(paths) == 1 else f"its {len(paths)} files"
+        raise ConfigError(f"corpus {spec!r} is empty: {what} {'has' if len(paths) == 1 else 'have'}"
+                          f" 0 bytes: expected text, a document per line")
+    for path in paths:
+        file_encoding(path)  # refuses binary files before anything reads them whole
+    return paths
+
+
+def file_encoding(path: str) -> str:
+    """The codec that reads corpus file `path`: UTF-8 (a byte-order mark or none), or UTF-16 or
+    UTF-32 by their byte-order marks. A file with NUL bytes in its first 64 KiB and no such
+    mark is refused as binary (UTF-16/32 without a mark included, which look the same)."""
+    stat = os.stat(path)
+    return _sniff_encoding(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.cache
+def _sniff_encoding(path: str, size: int, mtime_ns: int) -> str:
+    del size, mtime_ns  # the cache's key only
+    with open(path, "rb") as file:
+        head = file.read(_SNIFFED_BYTES)
+    for mark, codec in _BYTE_ORDER_MARKS:
+        if head.startswith(mark):
+            return codec
+    if b"\0" in head:
+        raise ConfigError(f"corpus file {path} is binary (it has NUL bytes), not text: expected "
+                          f"UTF-8 text (UTF-16 or UTF-32 with a byte-order mark)")
+    return "utf-8"
+
+
+def check_decoded(source: str, stats: ReadStats) -> None:
+    """After a source is read (`stats` its own counts): a file of which more than
+    `NOT_UTF8_SHARE` of the bytes could not be decoded is refused, naming its share, and above
+    `BINARY_SHARE` as not text at all. Other sources pass (the standard library is UTF-8)."""
+    if not stats.replaced_bytes or source.startswith((TFDS_PREFIX, _BUILTIN_PREFIX)):
+        return
+    size = os.path.getsize(source)
+    share = stats.replaced_bytes / max(size, 1)
+    if share > BINARY_SHARE:
+        raise ConfigError(f"corpus file {source} is not text: {share:.0%} of its bytes "
+                          f"({stats.replaced_bytes:,} of {size:,}) are not UTF-8: expected "
+                          f"UTF-8 text")
+    if share > NOT_UTF8_SHARE:
+        raise ConfigError(f"corpus file {source} is not UTF-8: {share:.2%} of its bytes "
+                          f"({stats.replaced_bytes:,} of {size:,}) cannot be decoded: convert it "
+                          f"(a Latin-1 file: iconv -f latin1 -t utf-8 {source} > NEW.txt)")
 
 
 def _read_file(path: str, stats: ReadStats, text_field: str) -> Iterator[list[str]]:
@@ -228,17 +292,30 @@ def _read_file(path: str, stats: ReadStats, text_field: str) -> Iterator[list[st
 def _separates_documents_by_blank_lines(path: str) -> bool:
     """Whether a blank line stands between non-blank ones: google-research/bert's format.
     Reads only as far as the second document's first line."""
-    with open(path, "rb") as file:
-        text_onward = itertools.dropwhile(lambda line: not line.strip(), file)
+    lines = _decoded_lines(path, ReadStats())
+    try:
+        text_onward = itertools.dropwhile(lambda line: not line.strip(), lines)
         runs = itertools.groupby(text_onward, key=lambda line: bool(line.strip()))
         return len(list(itertools.islice(runs, 3))) == 3  # text, blank, text
+    finally:
+        lines.close()
 
 
 def _decoded_lines(path: str, stats: ReadStats) -> Iterator[str]:
-    with open(path, "rb") as file:
-        for number, raw in enumerate(file):
-            line = _decode_utf8(raw, stats)
-            yield line.removeprefix("\ufeff") if number == 0 else line
+    """The lines of a file (split at \\n only, as bytes are) in its `file_encoding`, without a
+    byte-order mark; undecodable bytes replaced and counted."""
+    codec = file_encoding(path)
+    if codec.startswith("utf-8"):  # bytes a line: the whole file is never in memory
+        with open(path, "rb") as file:
+            for number, raw in enumerate(file):
+                line = _decode_utf8(raw, stats)
+                yield line.removeprefix("\ufeff") if number == 0 else line
+        return
+    with open(path, encoding=codec, errors=_ESCAPE_ANY_BYTE, newline="\n") as file:
+        for line in file:  # the codec reads past the byte-order mark
+            line, replaced = _ESCAPED_BYTE.subn("\ufffd", line)
+            stats.replaced_bytes += replaced
+            yield line
 
 
 def _decode_utf8(raw: bytes, stats: ReadStats) -> str:

@@ -95,6 +95,7 @@ class BertPretraining(tfds.core.GeneratorBasedBuilder):
         self.info.metadata.update({
             "identity": config.identity,
             "tokenizer_file": kept_tokenizer,
+            "vocab_size": tokenizer.vocab_size,  # what the model's vocabulary must be
             "summary": _summary(stats, corpus, instances, rows, data.max_seq_length,
                                 time.perf_counter() - started),
         })
@@ -181,7 +182,8 @@ def tokenize_corpus(data: DataConfig, tokenizer_file) -> tuple[TokenizedCorpus, 
                                               tokenizer_file=str(tokenizer_file)),
                             sources, data.workers, "tokenizing", "source")
     stats = corpora.ReadStats()
-    for *_, source_stats in results:
+    for source, (*_, source_stats) in zip(sources, results):
+        corpora.check_decoded(source, source_stats)
         stats.add(source_stats)
     if stats.replaced_bytes:
         print(f"warning: replaced {stats.replaced_bytes} undecodable (non-UTF-8) bytes in "
@@ -249,7 +251,8 @@ def _summary(stats, corpus: TokenizedCorpus, instances: dict, rows: dict,
 
 def tokenizer_file(data: DataConfig) -> epath.Path:
     """The configured vocabulary file, or a SentencePiece model trained on the corpus once and
-    cached under `data_dir/tokenizers/`, named by the corpus's content (`corpus_fingerprint`)."""
+    cached under `data_dir/tokenizers/`, named by the corpus's content (`corpus_fingerprint`)
+    and the requested `vocab_size` (a corpus too small for it gets the largest it supports)."""
     if data.vocab_file:
         return checks.vocab_file(data)
     key = json.dumps([corpus_fingerprint(data), data.vocab_size, data.seed, data.text_field])
@@ -261,13 +264,23 @@ def tokenizer_file(data: DataConfig) -> epath.Path:
 
 
 def _train_tokenizer(data: DataConfig, path: epath.Path) -> None:
-    sources = tqdm(corpora.list_sources(data.corpus), desc="reading for the tokenizer",
-                   unit="source")
-    sentences = (sentence for source in sources
-                 for document in corpora.read_source(source, text_field=data.text_field,
-                                                     tfds_data_dir=data.tfds_data_dir or None)
-                 for sentence in document)
-    tokenization.train_sentencepiece(sentences, data.vocab_size, path, seed=data.seed)
+    tokenization.train_sentencepiece(_sentences(data), data.vocab_size, path, seed=data.seed,
+                                     fit=True, corpus=f"corpus {data.corpus!r}")
+    size = tokenization.load_tokenizer(path).vocab_size
+    if size < data.vocab_size:
+        print(f"data.vocab_size={data.vocab_size} is more than this corpus supports: "
+              f"using {size:,}")
+
+
+def _sentences(data: DataConfig):
+    """The corpus's sentences, each source checked as decoded text once read."""
+    for source in tqdm(corpora.list_sources(data.corpus), desc="reading for the tokenizer",
+                       unit="source", disable=None):  # None: off where stderr is no terminal
+        stats = corpora.ReadStats()
+        for document in corpora.read_source(source, stats, text_field=data.text_field,
+                                            tfds_data_dir=data.tfds_data_dir or None):
+            yield from document
+        corpora.check_decoded(source, stats)
 
 
 # --- building and opening -----------------------------------------------------------------
@@ -285,6 +298,12 @@ class Prepared:
     @property
     def splits(self) -> list[str]:
         return list(self.metadata["summary"]["instances"])
+
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's vocabulary size, which the model's must be (datasets built before
+        the metadata held it: the tokenizer's)."""
+        return self.metadata.get("vocab_size", self.tokenizer.vocab_size)
 
 
 def prepare(data: DataConfig) -> Prepared:
