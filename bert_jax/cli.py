@@ -88,8 +88,10 @@ CHECKPOINT_STEP = option("--step", type=int, help="checkpoint step (default: lat
 SYNTHETIC_RUN = {"model": "small", "batch": 16, "seq": 128, "dtype": "float32",
                  "attention": "auto", "scan": False, "remat": "none", "instances_per_row": 1}
 FILL_MASK_EXAMPLE = "Return a new [MASK] containing the items of the list."
-# A run stopped by SIGTERM or Ctrl-C (bert_jax.loop.Preemption), in its summary's first line.
-STOPPED_EARLY = " (stopped early: checkpoint saved; the same command resumes from it)"
+# A run stopped by SIGTERM, in its summary's first line: the launchers look for it
+# (launch/tpu_vm.sh, launch/gke/entrypoint.sh).
+PREEMPTED = " (preempted: checkpoint saved, run again to resume)"
+INTERRUPTED = " (Ctrl-C: checkpoint saved, run the same command again to resume)"
 
 
 def _start_distributed(args) -> None:
@@ -149,6 +151,12 @@ def _unknown_field(error: KeyError, overrides: list[str]) -> str:
             + (f": did you mean {guess[1]!r}?" if guess else ""))
 
 
+def _stopped_early(summary: dict) -> str:
+    if summary["interrupted"]:
+        return INTERRUPTED
+    return PREEMPTED if summary["preempted"] else ""
+
+
 def _pretrain(args, config) -> None:
     import jax
 
@@ -158,7 +166,7 @@ def _pretrain(args, config) -> None:
     if jax.process_index() != 0:
         return
     print(f"\nstopped at step {summary['step']} after {summary['seconds']:.0f}s"
-          f"{STOPPED_EARLY if summary['preempted'] else ''}")
+          f"{_stopped_early(summary)}")
     if metrics := summary["train"]:
         print("  train       loss {loss:.3f}  mlm_accuracy {mlm_accuracy:.3f}  {seq_per_s:.0f} "
               "seq/s  {real_tokens_per_s:.0f} tokens/s (padding not counted)".format(**metrics))
@@ -214,7 +222,7 @@ def _finetune(args, config) -> None:
     examples = ", ".join(f"{n:,} {split}" for split, n in summary["examples"].items())
     print(f"\n{summary['task']}: stopped at step {summary['step']} of {summary['num_steps']} "
           f"after {summary['seconds']:.0f}s ({examples} examples)"
-          f"{STOPPED_EARLY if summary['preempted'] else ''}")
+          f"{_stopped_early(summary)}")
     for name in ("train", "validation", "best"):
         if values := summary[name]:
             shown = [f"{k} {v:.4f}" for k, v in values.items() if k == "loss" or k in scores.SCORES]

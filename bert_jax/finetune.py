@@ -195,6 +195,7 @@ def _train(config, run: runs.Run, task, init: Init, encoded: dict, export: bool,
     finally:
         preemption.restore()
     return {**summary, "step": step, "preempted": preemption.requested,
+            "interrupted": preemption.interrupted,
             "seconds": time.perf_counter() - started}
 
 

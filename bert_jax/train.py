@@ -14,7 +14,7 @@ from etils.epath import Path  # local paths and gs:// alike
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from bert_jax import attention, distributed, flops, losses, loop, preflight, sharding
+from bert_jax import attention, distributed, flops, losses, loop, preflight, progress, sharding
 from bert_jax import init as inits
 from bert_jax import run as runs
 from bert_jax import workdir as workdirs
@@ -33,6 +33,8 @@ _FIXED_ON_RESUME = {
               "end_learning_rate", "warmup_steps", "decay_power", "rng_impl"),
 }
 _CHANGEABLE_ON_RESUME = {*MODEL_RUN_SETTINGS, "data_dir", "tfds_data_dir", "workers"}
+# The validation metrics of the log line after each evaluation.
+VALIDATION_SHOWN = ("loss", "mlm_accuracy", "nsp_accuracy", "nsp_loss")
 
 
 def check_resumable(saved: dict, config: ml_collections.ConfigDict) -> None:
@@ -48,7 +50,7 @@ def check_resumable(saved: dict, config: ml_collections.ConfigDict) -> None:
                           f"train.stop_at_step stops it earlier)")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=progress.write) -> dict:
     """Trains until `train.num_steps` (or `train.stop_at_step`), resuming from the workdir's
     latest checkpoint, evaluating on the validation split, and returns a summary.
 
@@ -71,6 +73,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=print) ->
         # fail a run that has written nothing.
         initial = (inits.load(source, log) if source and not workdirs.has_checkpoint(workdir)
                    else None)
+        log("== preparing data")
         datasets = {phase: prepare_data(settings, phase, f"phase-{phase.start}")
                     for phase in settings.phases}
         return _train(config, settings, run, datasets, initial, log)
@@ -89,6 +92,7 @@ def _train(config, settings: RunConfig, run: runs.Run, datasets: dict, initial, 
     if run.is_main:
         workdirs.write_config(run.workdir, config.to_dict())
     stop = settings.train.stop
+    log(f"== training from step {start} to {stop} (the first step compiles)")
     preemption = loop.Preemption()
     summary = {"train": {}, "validation": {}, "pretrained": None, "export": None}
 
@@ -103,6 +107,8 @@ def _train(config, settings: RunConfig, run: runs.Run, datasets: dict, initial, 
         summary["validation"] = evaluate(settings, settings.phase_of(step), state,
                                          run.eval_sums, run.mesh)
         run.writer.write(step, summary["validation"], split="validation")
+        log(f"validation at step {step}: " + "  ".join(
+            f"{name} {summary['validation'][name]:.3f}" for name in VALIDATION_SHOWN))
 
     def every_phase(state, step):
         for phase in settings.phases:
@@ -132,11 +138,13 @@ def _train(config, settings: RunConfig, run: runs.Run, datasets: dict, initial, 
             params = multihost_utils.process_allgather(state["params"], tiled=True)
             summary["pretrained"] = Pretrained(settings.model, params)
             if run.is_main:
+                log("== exporting")
                 summary["export"] = export_run(summary["pretrained"], run.workdir,
                                                settings.data.lowercase, log)
     finally:
         preemption.restore()
-    return {"step": step, "preempted": preemption.requested, **summary,
+    return {"step": step, "preempted": preemption.requested,
+            "interrupted": preemption.interrupted, **summary,
             "seconds": time.perf_counter() - started, "workdir": str(run.workdir)}
 
 
