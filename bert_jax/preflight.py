@@ -22,7 +22,7 @@ def check_run(config: RunConfig, workdir, abstract_state, data_parallel: int) ->
     for the checkpoints kept)."""
     data = config.data
     tokens = (load_tokenizer(vocab_file(data), lowercase=data.lowercase).vocab_size
-              if data.vocab_file else data.vocab_size)  # the size a trained vocabulary gets
+              if data.vocab_file else config.model.vocab_size)  # a trained one: checked later
     for phase in config.phases:
         check_data_against_model(phase.data(data), config.model, tokens)
         check_batch_topology(phase.global_batch_size, data_parallel * phase.grad_accum_steps)

@@ -60,6 +60,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=progress.
     """
     workdir = Path(workdir)
     source = inits.follow(config)
+    # A tied model.vocab_size takes the tokenizer's (trained here, once, by process 0): a
+    # corpus too small for data.vocab_size gets a smaller vocabulary, not an error.
+    followed = pipeline.follow_tokenizer(config) if jax.process_index() == 0 else None
+    distributed.barrier("tokenizer")
+    config = followed if followed is not None else pipeline.follow_tokenizer(config)
     settings = RunConfig.from_dict(config)
     is_main = jax.process_index() == 0
     log = log if is_main else (lambda *args: None)

@@ -150,9 +150,6 @@ def test_a_small_corpus_gets_the_largest_vocabulary_it_supports(tmp_path):
     assert "tokenizer sentencepiece, 286 tokens" in result.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="needs train_and_evaluate to call "
-                   "pipeline.follow_tokenizer before building the run, and preflight to leave "
-                   "a trained vocabulary's size to the data (see the issue 22 report)")
 def test_a_small_corpus_pretrains_with_the_default_vocabulary_size(tmp_path):
     (tmp_path / "small.txt").write_text(_text())
     result = _bert_jax("pretrain", tmp_path, "small.txt")

@@ -125,14 +125,19 @@ def test_preflight_refuses_a_model_vocabulary_unlike_the_tokenizer_before_writin
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
                                 *"abcdefghijklmnopqrstuvwxyz"]) + "\n")
-    result = _bert_jax("pretrain", f"--workdir={tmp_path / 'run'}",
+    config = tmp_path / "untied.py"  # model.vocab_size set apart from the tokenizer's
+    config.write_text("import ml_collections\nfrom bert_jax.config import default_run\n\n\n"
+                      "def get_config():\n    config = default_run()\n    config.model = "
+                      "ml_collections.ConfigDict({**config.model.to_dict(), 'vocab_size': "
+                      "999})\n    return config\n")
+    result = _bert_jax("pretrain", f"--workdir={tmp_path / 'run'}", f"--config={config}",
                        f"--config.data.vocab_file={vocab}",
                        f"--config.data.data_dir={tmp_path / 'data'}")
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
-        "bert-jax pretrain: error: the tokenizer has 31 tokens but model.vocab_size=4096: set "
-        "--config.data.vocab_size=31"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["vocab.txt"]  # nothing written
+        "bert-jax pretrain: error: the tokenizer has 31 tokens but model.vocab_size=999: "
+        "expected model.vocab_size=31 (equal to data.vocab_size, it follows the tokenizer)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["untied.py", "vocab.txt"]
 
 
 def test_a_corpus_that_cannot_be_read_fails_before_anything_is_written(tmp_path):

@@ -22,8 +22,9 @@ def check_data_against_model(data: DataConfig, model: ModelConfig, tokenizer_voc
     """A one-line ConfigError naming both values when data and model cannot work together."""
     if tokenizer_vocab_size != model.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer_vocab_size} tokens but "
-                          f"model.vocab_size={model.vocab_size}: set "
-                          f"--config.data.vocab_size={tokenizer_vocab_size}")
+                          f"model.vocab_size={model.vocab_size}: expected "
+                          f"model.vocab_size={tokenizer_vocab_size} (equal to data.vocab_size, "
+                          f"it follows the tokenizer)")
     if data.max_seq_length > model.max_position_embeddings:
         raise ConfigError(f"data.max_seq_length={data.max_seq_length} exceeds "
                           f"model.max_position_embeddings={model.max_position_embeddings}")
