@@ -32,6 +32,18 @@ def _with(model, **changes):
     return Pretrained(ModelConfig(**{**model.config.to_dict(), **changes}), params).model()
 
 
+def _jitted(model):
+    """`model`'s training forward, compiled once per shape (eagerly, each of its hundreds of
+    operations compiles on its own at each new shape: most of a small test's time)."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, *inputs, dropout_key=None):
+        return nnx.merge(graphdef, state)(*inputs, dropout_key=dropout_key)
+
+    return lambda *inputs, dropout_key=None: forward(state, *inputs, dropout_key=dropout_key)
+
+
 def test_forward_shapes_and_float32_logits():
     model = create(SMALL)
     ids, types, mask = _inputs()
@@ -107,7 +119,9 @@ def test_training_gradients_equal_those_of_the_full_forward(layer_norm):
         mlm, nsp = model.full_logits(ids, types, mask)
         return jnp.take_along_axis(mlm, positions[..., None], axis=1), nsp
 
-    model = create(ModelConfig(**{**SMALL.to_dict(), "layer_norm": layer_norm}), seed=6)
+    # 2 layers: the last (run only at the heads' positions) and one before it.
+    model = create(ModelConfig(**{**SMALL.to_dict(), "layer_norm": layer_norm,
+                                  "num_layers": 2}), seed=6)
     loss, grads = _loss_and_grads(_with(model, remat_policy="full"), None)
     full_loss, full_grads = _loss_and_grads(model, None, full_forward)
     np.testing.assert_allclose(loss, full_loss, rtol=1e-6)
@@ -130,7 +144,8 @@ def test_scan_and_remat_match_the_unrolled_stack_with_dropout(layer_norm):
 
 
 def test_dropout_is_keyed_and_off_without_a_key():
-    model = create(ModelConfig(**{**SMALL.to_dict(), "attention_dropout_rate": 0.1}), seed=6)
+    model = _jitted(create(ModelConfig(**{**SMALL.to_dict(), "attention_dropout_rate": 0.1,
+                                          "num_layers": 2}), seed=6))
     ids, types, mask = _inputs()
     positions = np.array([[1, 2], [3, 4]], np.int32)
     eval_a = model(ids, types, mask, positions)[0]
