@@ -59,6 +59,16 @@ def _integer(least: int, expected: str):
     return parse
 
 
+def _dropout(text: str):
+    """An argparse type: a rate in [0, 1), or the word 'pretraining'."""
+    try:
+        if text == "pretraining" or 0.0 <= float(text) < 1.0:
+            return text if text == "pretraining" else float(text)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r}: expected a rate in [0, 1) or 'pretraining'")
+
+
 PRETRAINING = DefaultConfig("the built-in one: BERT-tiny on the built-in corpus", default_run)
 FINETUNING = DefaultConfig("the fine-tuning defaults", finetune_default)
 _positive, _non_negative = _integer(1, "a positive integer"), _integer(0, "an integer >= 0")
@@ -81,13 +91,14 @@ TASK = Group("task", "builtin (from the built-in corpus), glue/NAME (TFDS, prepa
     option("--validation-file", dest="task.validation_file", metavar="FILE", help="validation set"),
     option("--labels", dest="task.labels", metavar="A,B,...", help="a local-file classification "
            "task's classes (default: the training file's, sorted); others are an error")))
-PRETRAINING_WORKDIR = option("--workdir", required=True, help="a bert-jax pretrain workdir")
+DEFAULT_WORKDIR = "runs/default"  # pretrain's, and so where the other commands look
+PRETRAINING_WORKDIR = option("--workdir", default=DEFAULT_WORKDIR,
+                             help="a bert-jax pretrain workdir (default %(default)s)")
 CHECKPOINT_STEP = option("--step", type=int, help="checkpoint step (default: latest)")
 # benchmark's synthetic run, in `benchmark_config`'s order; applied in `_benchmark`, not by
 # argparse, so that a flag given with --config is seen (and refused), not ignored.
 SYNTHETIC_RUN = {"model": "small", "batch": 16, "seq": 128, "dtype": "float32",
                  "attention": "auto", "scan": False, "remat": "none", "instances_per_row": 1}
-FILL_MASK_EXAMPLE = "Return a new [MASK] containing the items of the list."
 # A run stopped by SIGTERM, in its summary's first line: the launchers look for it
 # (launch/tpu_vm.sh, launch/gke/entrypoint.sh).
 PREEMPTED = " (preempted: checkpoint saved, run again to resume)"
@@ -160,7 +171,7 @@ def _stopped_early(summary: dict) -> str:
 def _pretrain(args, config) -> None:
     import jax
 
-    from bert_jax import inference, report, train, workdir
+    from bert_jax import report, train, workdir
 
     summary = train.train_and_evaluate(config, args.workdir)
     if jax.process_index() != 0:
@@ -181,10 +192,24 @@ def _pretrain(args, config) -> None:
     if (out := summary["export"]) is None:
         return
     print(f"  exported to {out} (transformers.BertForPreTraining.from_pretrained loads it)")
-    tokenizer = workdir.load_tokenizer_of(out)
-    guesses = inference.fill_mask(summary["pretrained"], tokenizer, FILL_MASK_EXAMPLE)[0]
-    print(f"  fill-mask: {FILL_MASK_EXAMPLE!r} -> " +
-          ", ".join(f"{token} ({p:.2f})" for token, p in guesses))
+    _fill_mask_probe(summary["pretrained"], workdir.load_tokenizer_of(out), config)
+
+
+def _fill_mask_probe(pretrained, tokenizer, config) -> None:
+    """The end of a run's summary: fill-mask on a sentence of the run's own validation split
+    (the first with a one-token word to mask), the masked word and the model's guesses."""
+    from bert_jax import inference
+    from bert_jax.data import pipeline
+
+    prepared = pipeline.prepare(RunConfig.from_dict(config))
+    probe = inference.masked_sentence(tokenizer, inference.validation_segments(prepared))
+    if probe is None:
+        print("  fill-mask: no validation sentence with a one-token word to mask")
+        return
+    text, word = probe
+    guesses = inference.fill_mask(pretrained, tokenizer, text)[0]
+    print(f"  fill-mask (validation): {text!r}, masked {word!r} -> " +
+          ", ".join(f"{inference.shown(token)} ({p:.2f})" for token, p in guesses))
 
 
 def _eval(args, config) -> None:
@@ -242,10 +267,20 @@ def _finetune_eval(args, config) -> None:
     print(f"scored {len(records)} new checkpoints; all scores: {out / 'metrics.jsonl'}")
 
 
+def _on_host() -> None:
+    """Runs JAX on the CPU unless JAX_PLATFORMS says otherwise: export and fill-mask need no
+    accelerator (one may be busy training), and looking for a TPU costs seconds at start."""
+    if "jax" not in sys.modules:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
 def _export(args, config) -> None:
+    _on_host()
     from bert_jax import export
 
-    out = export.export(args.workdir, args.out, args.step)
+    dropout = {None: export.FINETUNING_DROPOUT, "pretraining": None}.get(args.dropout,
+                                                                          args.dropout)
+    out = export.export(args.workdir, args.out, args.step, dropout)
     step = "" if args.step is None else f" (step {args.step})"
     print(f"exported {args.workdir}{step} to {out}")
 
@@ -315,12 +350,14 @@ def _benchmark(args, config) -> None:
 
 
 def _fill_mask(args, config) -> None:
+    _on_host()
     from bert_jax import inference
 
     pretrained, tokenizer = inference.load_with_tokenizer(args.path)
     guesses = inference.fill_mask(pretrained, tokenizer, args.text, args.top_k)
     for number, top in enumerate(guesses, 1):
-        print(f"[MASK] {number}: " + ", ".join(f"{t} ({p:.3f})" for t, p in top))
+        print(f"[MASK] {number}: " + ", ".join(f"{inference.shown(t)} ({p:.3f})"
+                                               for t, p in top))
 
 
 def _prepare_data(args, config) -> None:
@@ -408,7 +445,12 @@ COMMANDS = (
         "export", _export, "write a Hugging Face directory (weights + tokenizer) from a workdir",
         "Loaded by transformers' BertForPreTraining and AutoTokenizer.from_pretrained.", options=(
             PRETRAINING_WORKDIR, CHECKPOINT_STEP,
-            option("--out", required=True, help="a new or empty folder, or an export to replace"))),
+            option("--out", required=True, help="a new or empty folder, or an earlier export "
+                   "of bert-jax to replace"),
+            option("--dropout", type=_dropout, metavar="P", help="config.json's hidden and "
+                   "attention-probs dropout, what transformers fine-tunes with (default 0.1, "
+                   "BERT's; 'pretraining': the run's own, recorded in bert_jax_export.json "
+                   "either way)"))),
     Command(
         "convert", _convert, "a google-research/bert checkpoint -> a Hugging Face directory",
         "Reads bert_config.json, bert_model.ckpt.* and vocab.txt; writes what export writes.",
@@ -419,7 +461,8 @@ COMMANDS = (
     Command(
         "fill-mask", _fill_mask, "predict the [MASK] tokens of a text with a workdir or export",
         "Prints the likeliest tokens of each [MASK] in TEXT, with probabilities.", options=(
-            option("path", help="a workdir or an exported Hugging Face directory"),
+            option("path", nargs="?", default=DEFAULT_WORKDIR, help="a workdir or an exported "
+                   "Hugging Face directory (default %(default)s)"),
             option("text", help='text with [MASK], e.g. "Return a new [MASK]."'),
             option("--top-k", type=_positive, default=5, help="guesses per [MASK] (default 5)"))),
     Command(

@@ -28,7 +28,8 @@ def param_shapes(config: ModelConfig, num_labels: int | None = None) -> dict[str
 
 class _Weights:
     """A model's config and float32 parameters (the nested dict of numpy arrays that
-    `nnx.to_pure_dict` gives), with the model's inference forward jitted."""
+    `nnx.to_pure_dict` gives), with the model's inference forward jitted. The NNX model is
+    built on first use: an export needs the parameters only."""
 
     head = "pretraining"  # the Hugging Face class `save_hf` writes (`hf.save`)
     labels: tuple[str, ...] = ()
@@ -36,24 +37,35 @@ class _Weights:
     def __init__(self, config: ModelConfig, params: dict, num_labels: int | None, forward):
         self.config = config
         self.params = params
-        self._graphdef, self._state = nnx.split(abstract(config, num_labels))
-        nnx.replace_by_pure_dict(self._state, jax.tree.map(jnp.asarray, params))
-        self._forward = jax.jit(lambda state, *inputs: forward(nnx.merge(self._graphdef, state),
-                                                               *inputs))
+        self._num_labels, self._forward_of_model = num_labels, forward
+        self._built = None  # (graphdef, state, jitted forward)
+
+    def _build(self):
+        if self._built is None:
+            graphdef, state = nnx.split(abstract(self.config, self._num_labels))
+            nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, self.params))
+            forward = self._forward_of_model
+            self._built = graphdef, state, jax.jit(
+                lambda state, *inputs: forward(nnx.merge(graphdef, state), *inputs))
+        return self._built
 
     def model(self):
         """A live NNX model holding these parameters."""
-        return nnx.merge(self._graphdef, self._state)
+        graphdef, state, _ = self._build()
+        return nnx.merge(graphdef, state)
 
     def logits(self, input_ids, token_type_ids=None, attention_mask=None):
         """Float32 numpy logits: (MLM [B, S, V], NSP [B, 2]) of a `Pretrained`, [B, num_labels]
         of a `Classifier`. The model checks shapes and dtypes and fills the defaults."""
-        return jax.tree.map(np.asarray, self._forward(self._state, input_ids, token_type_ids,
-                                                      attention_mask))
+        _, state, forward = self._build()
+        return jax.tree.map(np.asarray, forward(state, input_ids, token_type_ids,
+                                                attention_mask))
 
-    def save_hf(self, out_dir) -> None:
-        """Writes a Hugging Face directory (config.json + model.safetensors)."""
-        hf.save(out_dir, self.config, hf.flatten(self.params), self.head, self.labels)
+    def save_hf(self, out_dir, config: ModelConfig | None = None) -> None:
+        """Writes a Hugging Face directory (config.json + model.safetensors); `config`, where
+        given, is the one config.json carries (an export's fine-tuning dropout)."""
+        hf.save(out_dir, config or self.config, hf.flatten(self.params), self.head,
+                self.labels)
 
 
 class Pretrained(_Weights):

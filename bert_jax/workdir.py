@@ -7,18 +7,17 @@ helpers here read either.
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
-import jax
 import ml_collections
-import numpy as np
 from etils.epath import Path  # local paths and gs:// alike
 
-from bert_jax import run as runs
-from bert_jax import sharding
 from bert_jax import tokenizer as tokenization
-from bert_jax.checkpoint import Checkpointer
 from bert_jax.config import ConfigError, MeshConfig, RunConfig
-from bert_jax.pretrained import Pretrained
+
+if TYPE_CHECKING:  # imported where used: tokenizer look-ups need neither JAX nor Orbax
+    from bert_jax.checkpoint import Checkpointer
+    from bert_jax.pretrained import Pretrained
 
 CHECKPOINTS = "checkpoints"
 EXPORT = "export"
@@ -82,6 +81,8 @@ def load_tokenizer_of(path, lowercase: bool | None = None) -> tokenization.Token
 
 def open_checkpoints(workdir) -> Checkpointer:
     """The checkpoints of an existing workdir (nothing is created for a wrong path)."""
+    from bert_jax.checkpoint import Checkpointer
+
     if is_workdir(workdir):
         checkpointer = Checkpointer(Path(workdir) / CHECKPOINTS)
         if checkpointer.latest_step() is not None:
@@ -105,6 +106,8 @@ def pretraining_config(checkpointer: Checkpointer, workdir,
 def restore(workdir, step: int | None = None, mesh=None):
     """(config, run, state, step) of a pretraining workdir's checkpoint (default the latest),
     on `mesh` (default the run's own). The run has no checkpointer: nothing is written."""
+    from bert_jax import run as runs
+
     checkpointer = open_checkpoints(workdir)
     try:
         config = RunConfig.from_dict(pretraining_config(checkpointer, workdir, step))
@@ -117,6 +120,12 @@ def restore(workdir, step: int | None = None, mesh=None):
 
 def load_weights(workdir, step: int | None = None) -> tuple[Pretrained, RunConfig]:
     """The parameters of a workdir's checkpoint (`step`, default the latest) on the host."""
+    import jax
+    import numpy as np
+
+    from bert_jax import sharding
+    from bert_jax.pretrained import Pretrained
+
     one_device = sharding.make_mesh(MeshConfig(data=1).to_dict(),
                                     devices=jax.local_devices()[:1])
     config, _, state, _ = restore(workdir, step, one_device)

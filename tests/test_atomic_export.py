@@ -99,3 +99,39 @@ def test_an_export_replaces_nothing_but_an_earlier_export(tiny, tmp_path):
             export.write_export(pretrained, workdir, target, lowercase=True)
     assert (notes / "todo.txt").read_text() == a_file.read_text() == "keep"
     assert sorted(p.name for p in workdir.iterdir()) == ["checkpoints", "vocab.txt"]
+
+
+def test_a_folder_that_is_not_an_export_of_bert_jax_is_never_replaced(tiny, tmp_path):
+    pretrained, workdir = tiny
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "config.json").write_text('{"mine": true}')  # a name an export also writes
+    with pytest.raises(ValueError, match=f"export directory {own} holds 'config.json' but no "
+                                         f"bert_jax_export.json, so it is not an export of "
+                                         f"bert-jax"):
+        export.write_export(pretrained, workdir, own, lowercase=True)
+    assert [p.name for p in own.iterdir()] == ["config.json"]
+    assert (own / "config.json").read_text() == '{"mine": true}'
+    out = export.write_export(pretrained, workdir, tmp_path / "export", lowercase=True)
+    assert export.MARKER_FILE in {p.name for p in out.iterdir()}
+    (out / export.MARKER_FILE).unlink()  # what bert-jax wrote, but no longer marked as such
+    with pytest.raises(ValueError, match="not an export of bert-jax"):
+        export.write_export(pretrained, workdir, out, lowercase=True)
+
+
+def test_export_into_a_users_folder_is_one_line_and_exit_code_2(tmp_path):
+    import subprocess
+    import sys
+
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "config.json").write_text("{}")
+    result = subprocess.run([sys.executable, "-m", "bert_jax.cli", "export",
+                             f"--workdir={tmp_path / 'run'}", f"--out={own}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"bert-jax export: error: export directory {own} holds 'config.json' but no "
+        f"bert_jax_export.json, so it is not an export of bert-jax: expected a new directory, "
+        f"an empty one or an earlier export of bert-jax"]
+    assert (own / "config.json").read_text() == "{}"
