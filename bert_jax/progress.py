@@ -17,9 +17,12 @@ LOG_EVERY_S = 30.0
 
 
 def bar(iterable=None, *, total: int | None = None, desc: str, unit: str,
-        disable: bool = False, every_s: float = LOG_EVERY_S):
-    """tqdm's bar on a terminal, else `Lines`: both count, take a postfix and `reset()` (a
-    loop calls it after its first step, so the rate and ETA leave compilation out)."""
+        disable: bool | None = False, every_s: float = LOG_EVERY_S):
+    """tqdm's bar on a terminal, else `Lines` (`disable=None`: nothing, for stages brief
+    enough that their heading and summary say all): both count, take a postfix and `reset()`
+    (a loop calls it after its first step, so the rate and ETA leave compilation out)."""
+    if disable is None:
+        disable = not sys.stderr.isatty()
     if disable or sys.stderr.isatty():
         return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable,
                     dynamic_ncols=True)

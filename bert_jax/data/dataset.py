@@ -22,9 +22,8 @@ import time
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
-from tqdm import tqdm
 
-from bert_jax import files
+from bert_jax import files, progress
 from bert_jax import tokenizer as tokenization
 from bert_jax.config import ConfigError, DataConfig
 from bert_jax.data import checks
@@ -83,7 +82,8 @@ class BertPretraining(tfds.core.GeneratorBasedBuilder):
         splits = _split_documents(corpus.num_documents, data)
         options = InstanceOptions(data.max_seq_length, data.short_seq_prob, data.objective)
         instances = {name: create_instances(corpus.subset(docs), options, data.seed,
-                                            data.dupe_factor, tokenizer, data.workers)
+                                            data.dupe_factor, tokenizer, data.workers,
+                                            f"creating {name} instances")
                      for name, docs in splits.items()}
         kept_tokenizer = tokenization.kept_file_name(config.tokenizer_file)
         epath.Path(config.tokenizer_file).copy(epath.Path(self.data_dir) / kept_tokenizer,
@@ -143,12 +143,14 @@ def _run_parallel(function, items: list, workers: int, desc: str, unit: str,
     if workers <= 1:
         if initializer:
             initializer(*initargs)
-        return [function(item) for item in tqdm(items, desc=desc, unit=unit)]
+        return [function(item) for item in progress.bar(items, desc=desc, unit=unit,
+                                                        disable=None)]
     with concurrent.futures.ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context("spawn"), initializer=initializer,
             initargs=initargs) as pool:
         results = pool.map(function, items, chunksize=max(1, len(items) // (8 * workers)))
-        return list(tqdm(results, total=len(items), desc=desc, unit=unit))
+        return list(progress.bar(results, total=len(items), desc=desc, unit=unit,
+                                 disable=None))
 
 
 _worker_tokenizer = functools.lru_cache(maxsize=4)(tokenization.load_tokenizer)
@@ -220,13 +222,14 @@ def _instances_of(documents: range, options: InstanceOptions, seed: int, dupe_fa
 
 
 def create_instances(corpus: TokenizedCorpus, options: InstanceOptions, seed: int,
-                     dupe_factor: int, tokenizer, workers: int = 0) -> list:
+                     dupe_factor: int, tokenizer, workers: int = 0,
+                     desc: str = "creating instances") -> list:
     """All instances of `corpus`, in document order."""
     bounds = np.linspace(0, corpus.num_documents, 64 + 1).astype(int)
     chunks = [range(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     create = functools.partial(_instances_of, options=options, seed=seed, dupe_factor=dupe_factor,
                                cls_id=tokenizer.cls_id, sep_id=tokenizer.sep_id)
-    results = _run_parallel(create, chunks, workers, "creating instances", "chunk",
+    results = _run_parallel(create, chunks, workers, desc, "chunk",
                             initializer=_set_worker_corpus, initargs=(corpus,))
     return [instance for result in results for instance in result]
 
@@ -273,14 +276,21 @@ def _train_tokenizer(data: DataConfig, path: epath.Path) -> None:
 
 
 def _sentences(data: DataConfig):
-    """The corpus's sentences, each source checked as decoded text once read."""
-    for source in tqdm(corpora.list_sources(data.corpus), desc="reading for the tokenizer",
-                       unit="source", disable=None):  # None: off where stderr is no terminal
-        stats = corpora.ReadStats()
-        for document in corpora.read_source(source, stats, text_field=data.text_field,
-                                            tfds_data_dir=data.tfds_data_dir or None):
-            yield from document
-        corpora.check_decoded(source, stats)
+    """The corpus's sentences, read in parallel over sources."""
+    read = functools.partial(_source_sentences, data=data)
+    for sentences in _run_parallel(read, corpora.list_sources(data.corpus), data.workers,
+                                   "reading for the tokenizer", "source"):
+        yield from sentences
+
+
+def _source_sentences(source: str, data: DataConfig) -> list[str]:
+    """A source's sentences, the source checked as decoded text once read."""
+    stats = corpora.ReadStats()
+    sentences = [sentence for document in corpora.read_source(
+        source, stats, text_field=data.text_field, tfds_data_dir=data.tfds_data_dir or None)
+        for sentence in document]
+    corpora.check_decoded(source, stats)
+    return sentences
 
 
 # --- building and opening -----------------------------------------------------------------
@@ -317,6 +327,8 @@ def prepare(data: DataConfig) -> Prepared:
         data_dir=str(files.path(data.data_dir)))
     if not (epath.Path(builder.data_dir) / "dataset_info.json").is_file():
         # TFDS prints "Downloading and preparing dataset ...", though nothing is downloaded.
+        # Nor its bars, 240 characters of a temporary path: bert-jax's own say what is done.
+        tfds.display_progress_bar(False)
         with contextlib.redirect_stdout(io.StringIO()):
             builder.download_and_prepare(file_format=tfds.core.FileFormat.ARRAY_RECORD)
     return open_prepared(builder.data_dir, expected=values)
