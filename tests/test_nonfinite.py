@@ -82,8 +82,9 @@ BAD_BATCHES = {6, 7}  # loader indexes: steps 7 and 8, counted from 1
 
 
 def _run(workdir, data_dir, monkeypatch, **train_overrides):
-    """12 tiny steps in this process (8 CPU devices) on the built-in corpus, loader batches
-    `BAD_BATCHES` overflowing, checkpoints every 4 steps. Returns (summary, iterate starts)."""
+    """12 tiny steps (a 1-layer model) in this process (8 CPU devices) on the built-in
+    corpus, loader batches `BAD_BATCHES` overflowing, checkpoints every 4 steps.
+    Returns (summary, iterate starts)."""
     starts = []
     make_loader = pipeline.loader
 
@@ -98,9 +99,11 @@ def _run(workdir, data_dir, monkeypatch, **train_overrides):
 
     monkeypatch.setattr(pipeline, "loader", loader_with_faults)
     config = default_run()
-    config.data.update(data_dir=str(data_dir), vocab_size=2000, max_seq_length=64,
-                       max_predictions_per_seq=10)
-    config.model.max_position_embeddings = 64
+    config.data.update(data_dir=str(data_dir), corpus="builtin", vocab_size=2000,
+                       validation_fraction=0.02, max_seq_length=64, max_predictions_per_seq=10)
+    # One narrow layer: what is tested is the loop around the step, not the model.
+    config.model.update(max_position_embeddings=64, num_layers=1, hidden_size=32,
+                        intermediate_size=64)
     config.train.update(num_steps=12, global_batch_size=16, warmup_steps=2, learning_rate=1e-3,
                         log_every=1, eval_steps=1, nonfinite_patience=2, **train_overrides)
     config.checkpoint.update(every_steps=4, async_save=False)

@@ -63,14 +63,16 @@ def _decays(name: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, straight_run):
     """The batches of the 20 steps and the workdirs of an AdamW and a LAMB run from one
-    initial model: a tokenizer trained on the built-in corpus, the dataset built once by
+    initial model: the tokenizer trained on the built-in corpus (the reference run's, of the
+    same data settings: trained once per test run, copied here), the dataset built once by
     `inspect-data` and read by both runs. Returns (batches, init dir, {optimizer: workdir})."""
     from bert_jax.data import dataset
 
     root = tmp_path_factory.mktemp("torch-parity")
     data_dir, init = root / "data", root / "init"
+    shutil.copytree(straight_run[1] / "tokenizers", data_dir / "tokenizers")
     _init_weights(init, dataset.tokenizer_file(DataConfig(data_dir=str(data_dir),
                                                           vocab_size=VOCAB)))
     args = overrides(data_dir, **SETTINGS, **{"train.init": init})
