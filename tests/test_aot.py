@@ -104,12 +104,13 @@ def test_compile_for_cuda_prints_the_kernel_and_its_calls_for_each_phase():
 @pytest.mark.slow
 def test_the_aot_table_compiles_splash_and_writes_memory_per_chip(tmp_path):
     """bench/aot_table.py, as docs/scale-out.md's table is made, on one small case: libtpu
-    compiles the step, Splash's Mosaic kernels included, for a v5e-4 (BERT-tiny packed at
-    length 128, in bfloat16: a compile of minutes on 2 cores), and the table gets its row."""
+    compiles the step, Splash's Mosaic kernels included, for a v5e-4 (BERT-tiny with 1 layer,
+    packed at length 128, in bfloat16), and the table gets its row."""
     config = tmp_path / "tiny_packed.py"
     config.write_text(
         "from bert_jax.config import default_config\n\n\ndef get_config():\n"
         "    config = default_config('tiny')\n    config.model.dtype = 'bfloat16'\n"
+        "    config.model.num_layers = 1\n"
         "    config.train.update(num_steps=10, phases=((0, 128, 20, 32, 1, 3),))\n"
         "    return config\n")
     doc = tmp_path / "doc.md"
