@@ -333,16 +333,19 @@ def default_config(size: str = "tiny") -> ml_collections.ConfigDict:
 
 
 def default_run() -> ml_collections.ConfigDict:
-    """What plain `bert-jax pretrain` runs: BERT-tiny on the built-in corpus, within 10 minutes
-    on a 2-core CPU (README): length 64, no hidden dropout (as short Cramming-style runs; it
-    saves the dropout RNG, costly on CPU), 4,096 pieces, learning rate 1e-3, Adam's beta2 0.98."""
+    """What plain `bert-jax pretrain` runs: BERT-tiny (post-LN, MLM + NSP) on `builtin+packages`,
+    to a validation MLM accuracy above 30% within 10 minutes on a 2-core CPU (README). The
+    corpus is the larger built-in one so that NSP does not overfit and validation holds over
+    1,000 sequences (3%); length 64, 2,048 pieces, no hidden dropout (as short Cramming-style
+    runs; it saves the dropout RNG, costly on CPU), a high learning rate (3e-3: the MLM
+    plateau breaks after step 1,000 instead of near 2,750 at 1e-3), Adam's beta2 0.98, and
+    validation every 250 steps for a learning curve."""
     config = default_config("tiny")
-    config.data.vocab_size = 4096
-    config.data.max_seq_length = 64
-    config.data.max_predictions_per_seq = 10
+    config.data.update(corpus="builtin+packages", vocab_size=2048, max_seq_length=64,
+                       max_predictions_per_seq=10, validation_fraction=0.03)
     config.model.hidden_dropout_rate = 0.0
-    config.train.update(num_steps=1500, global_batch_size=64, learning_rate=1e-3,
-                        warmup_steps=150, adam_b2=0.98, log_every=100)
+    config.train.update(num_steps=2500, global_batch_size=64, learning_rate=3e-3,
+                        warmup_steps=200, adam_b2=0.98, log_every=100, eval_every=250)
     config.checkpoint.every_steps = 500
     return config
 

@@ -12,6 +12,7 @@ import numpy as np
 from bert_jax import files
 from bert_jax.config import ConfigError, RunConfig
 from bert_jax.data.checks import check_batch_topology, check_data_against_model, vocab_file
+from bert_jax.data.pipeline import follows_tokenizer
 from bert_jax.export import check_export_dir
 from bert_jax.tokenizer import load_tokenizer
 
@@ -21,8 +22,11 @@ def check_run(config: RunConfig, workdir, abstract_state, data_parallel: int) ->
     phase's lengths, each phase's batch against the devices, and the workdir (writable, room
     for the checkpoints kept)."""
     data = config.data
-    tokens = (load_tokenizer(vocab_file(data), lowercase=data.lowercase).vocab_size
-              if data.vocab_file else config.model.vocab_size)  # a trained one: checked later
+    if follows_tokenizer(config.model, data):  # it takes the tokenizer's size, known later
+        tokens = config.model.vocab_size
+    else:
+        tokens = (load_tokenizer(vocab_file(data), lowercase=data.lowercase).vocab_size
+                  if data.vocab_file else data.vocab_size)
     for phase in config.phases:
         check_data_against_model(phase.data(data), config.model, tokens)
         check_batch_topology(phase.global_batch_size, data_parallel * phase.grad_accum_steps)

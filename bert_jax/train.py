@@ -60,30 +60,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, log=progress.
     """
     workdir = Path(workdir)
     source = inits.follow(config)
-    # A tied model.vocab_size takes the tokenizer's (trained here, once, by process 0): a
-    # corpus too small for data.vocab_size gets a smaller vocabulary, not an error.
-    followed = pipeline.follow_tokenizer(config) if jax.process_index() == 0 else None
-    distributed.barrier("tokenizer")
-    config = followed if followed is not None else pipeline.follow_tokenizer(config)
     settings = RunConfig.from_dict(config)
     is_main = jax.process_index() == 0
     log = log if is_main else (lambda *args: None)
-    run = runs.build(settings.model, settings.train, settings.mesh, workdir=workdir,
-                     checkpoint=settings.checkpoint)
+    run = _build(settings, workdir)
     try:
         preflight.check_run(settings, workdir, run.spec.abstract,
                             sharding.data_parallel_size(run.mesh))
+        log("== preparing data")
+        # A tied model.vocab_size takes the tokenizer's (trained here, once, by process 0): a
+        # corpus too small for data.vocab_size gets a smaller vocabulary, not an error.
+        followed = pipeline.follow_tokenizer(config) if is_main else None
+        distributed.barrier("tokenizer")
+        followed = followed if is_main else pipeline.follow_tokenizer(config)
+        if followed is not config:
+            config, settings = followed, RunConfig.from_dict(followed)
+            run.close()
+            run = _build(settings, workdir)
         # The init's weights and every phase's data before the workdir is touched: a bad
         # checkpoint, a corpus that cannot be read or a vocabulary that cannot be trained
         # fail a run that has written nothing.
         initial = (inits.load(source, log) if source and not workdirs.has_checkpoint(workdir)
                    else None)
-        log("== preparing data")
         datasets = {phase: prepare_data(settings, phase, f"phase-{phase.start}")
                     for phase in settings.phases}
         return _train(config, settings, run, datasets, initial, log)
     finally:
         run.close()
+
+
+def _build(settings: RunConfig, workdir) -> runs.Run:
+    return runs.build(settings.model, settings.train, settings.mesh, workdir=workdir,
+                      checkpoint=settings.checkpoint)
 
 
 def _train(config, settings: RunConfig, run: runs.Run, datasets: dict, initial, log) -> dict:

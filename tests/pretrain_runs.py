@@ -19,7 +19,8 @@ PRETRAIN = [sys.executable, "-m", "bert_jax.cli", "pretrain"]
 
 
 def overrides(data_dir, **extra) -> list[str]:
-    values = {"data.data_dir": data_dir, "data.vocab_size": 2000, "data.max_seq_length": 64,
+    values = {"data.data_dir": data_dir, "data.corpus": "builtin", "data.vocab_size": 2000,
+              "data.validation_fraction": 0.02, "data.max_seq_length": 64,
               "data.max_predictions_per_seq": 10, "train.num_steps": 20,
               "train.global_batch_size": 16, "train.warmup_steps": 5, "train.learning_rate": 1e-3,
               "train.log_every": 1, "checkpoint.every_steps": 5,

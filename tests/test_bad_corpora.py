@@ -137,14 +137,14 @@ def test_a_utf16_corpus_trains(tmp_path):
 
 
 def test_a_small_corpus_gets_the_largest_vocabulary_it_supports(tmp_path):
-    """prepare-data with the default vocabulary size (4,096): one line says it is lowered, the
+    """prepare-data with the default vocabulary size (2,048): one line says it is lowered, the
     dataset's metadata records the size, and the tokenizer has it."""
     (tmp_path / "small.txt").write_text(_text())
     result = _bert_jax("prepare-data", tmp_path, "small.txt")
     assert result.returncode == 0, result.stderr
-    assert default_run().data.vocab_size == 4096
+    assert default_run().data.vocab_size == 2048
     assert result.stdout.startswith(
-        "data.vocab_size=4096 is more than this corpus supports: using 286\n")
+        "data.vocab_size=2048 is more than this corpus supports: using 286\n")
     [metadata] = (tmp_path / "data" / "bert_pretraining").glob("*/*/metadata.json")
     assert json.loads(metadata.read_text())["vocab_size"] == 286
     assert "tokenizer sentencepiece, 286 tokens" in result.stdout
@@ -155,14 +155,14 @@ def test_a_small_corpus_pretrains_with_the_default_vocabulary_size(tmp_path):
     result = _bert_jax("pretrain", tmp_path, "small.txt")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert out.count("data.vocab_size=4096 is more than this corpus supports: using 286") == 1
+    assert out.count("data.vocab_size=2048 is more than this corpus supports: using 286") == 1
     assert out.count("dataset: ") == 1  # the summary, once
     validation = int(re.search(r"instances [\d,]+ train, (\d+) validation", out).group(1))
     assert (f"warning: the validation split has {validation} instances, too few to measure on "
-            f"(at least 100 are wanted): raise data.validation_fraction=0.02 or give a larger "
+            f"(at least 100 are wanted): raise data.validation_fraction=0.03 or give a larger "
             f"corpus") in out
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert (saved["model"]["vocab_size"], saved["data"]["vocab_size"]) == (286, 4096)
+    assert (saved["model"]["vocab_size"], saved["data"]["vocab_size"]) == (286, 2048)
     exported = json.loads((tmp_path / "run" / "export" / "config.json").read_text())
     assert exported["vocab_size"] == 286
 
@@ -189,8 +189,8 @@ def test_the_model_follows_a_given_vocabulary_where_tied(tmp_path):
     config = default_run()
     config.data.vocab_file = str(vocab)
     followed = pipeline.follow_tokenizer(config)
-    assert (followed.model.vocab_size, followed.data.vocab_size) == (31, 4096)
-    assert config.model.vocab_size == 4096  # a copy
+    assert (followed.model.vocab_size, followed.data.vocab_size) == (31, 2048)
+    assert config.model.vocab_size == 2048  # a copy
     untied = ml_collections.ConfigDict(config.to_dict())
     untied.model.vocab_size = 999  # set on its own: the tokenizer must fit it
     assert pipeline.follow_tokenizer(untied) is untied
