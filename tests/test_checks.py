@@ -11,7 +11,7 @@ def test_matching_data_and_model_pass():
 
 @pytest.mark.parametrize("data, model, tokens, words", [
     (DataConfig(), preset("tiny", vocab_size=8192), 30522,
-     ["30522 tokens", "model.vocab_size=8192", "--config.data.vocab_size=30522"]),
+     ["30522 tokens", "model.vocab_size=8192", "expected model.vocab_size=30522"]),
     (DataConfig(max_seq_length=1024, max_predictions_per_seq=160), preset("tiny", vocab_size=8),
      8, ["data.max_seq_length=1024", "max_position_embeddings=512"]),
     (DataConfig(max_seq_length=512, max_predictions_per_seq=20), preset("tiny", vocab_size=8),
