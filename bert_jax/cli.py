@@ -370,19 +370,7 @@ def _prepare_data(args, config) -> None:
         if prepared.path in printed:
             continue
         printed.add(prepared.path)
-        summary = prepared.metadata["summary"]
-        instances = ", ".join(f"{n:,} {split}" for split, n in summary["instances"].items())
-        per_row = prepared.metadata["identity"].get("instances_per_row", 1)
-        if per_row > 1:
-            rows = ", ".join(f"{n:,} {split}" for split, n in summary["examples"].items())
-            instances += f" packed into rows of up to {per_row}: {rows}"
-        print(f"dataset: {prepared.path}\n"
-              f"  documents {summary['documents']:,}  sentences {summary['sentences']:,}  "
-              f"tokens {summary['tokens']:,}\n"
-              f"  instances {instances}  fill ratio {summary['fill_ratio']:.3f}\n"
-              f"  tokenizer {prepared.tokenizer.kind}, {prepared.tokenizer.vocab_size:,} tokens\n"
-              f"  replaced non-UTF-8 bytes {summary['replaced_bytes']:,}  "
-              f"built in {summary['seconds']}s")
+        print(pipeline.describe(prepared))
 
 
 def _check_out_folder(out: str | None) -> None:
