@@ -35,8 +35,8 @@ _BUILTIN_PREFIX = f"{BUILTIN}:"
 _PYDOC_TOPICS = f"{BUILTIN}:pydoc_topics"
 
 # The packages whose documentation follows the standard library's in `builtin+packages`:
-# bert-jax's dependencies, so every machine that runs bert-jax has them (in the versions the
-# data summary names).
+# bert-jax's dependencies, so every machine that runs bert-jax has them (as installed: the
+# corpus fingerprint hashes every file read, so other versions name another dataset).
 BUILTIN_PACKAGES = ("numpy", "jax", "flax", "optax", "orbax", "keras", "tensorflow",
                     "tensorflow_datasets")
 # Folders of tests, tools and vendored code, by name or path from the root.
