@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import subprocess
 import sys
@@ -262,3 +263,16 @@ def test_benchmark_times_the_first_phase_of_a_config():
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert (figures["batch"], figures["seq"], figures["predictions"]) == (8, 32, 5)
     assert figures["model"] == {"num_layers": 1, "hidden_size": 128, "num_heads": 2}
+
+
+@pytest.mark.parametrize("setting", [None, ""])
+def test_compilations_are_kept_under_the_users_cache_unless_turned_off(tmp_path, setting):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT_CACHE")
+           and k != "JAX_COMPILATION_CACHE_DIR"} | {"XDG_CACHE_HOME": str(tmp_path)}
+    if setting is not None:
+        env["JAX_COMPILATION_CACHE_DIR"] = setting
+    program = ("from bert_jax import cli; cli.use_compilation_cache(); import jax; "
+               "jax.jit(lambda x: x * 2)(1.0).block_until_ready()")
+    subprocess.run([sys.executable, "-c", program], env=env, check=True, timeout=120)
+    kept = tmp_path / "bert-jax" / "jax"
+    assert (sorted(kept.iterdir()) != []) if setting is None else not kept.exists()

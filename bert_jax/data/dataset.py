@@ -252,13 +252,15 @@ def _summary(stats, corpus: TokenizedCorpus, instances: dict, rows: dict,
 
 # --- the tokenizer, trained on the corpus when no vocabulary file is given ----------------
 
-def tokenizer_file(data: DataConfig) -> epath.Path:
+def tokenizer_file(data: DataConfig, fingerprint: str | None = None) -> epath.Path:
     """The configured vocabulary file, or a SentencePiece model trained on the corpus once and
-    cached under `data_dir/tokenizers/`, named by the corpus's content (`corpus_fingerprint`)
-    and the requested `vocab_size` (a corpus too small for it gets the largest it supports)."""
+    cached under `data_dir/tokenizers/`, named by the corpus's content (`fingerprint`, computed
+    here unless the caller has it) and the requested `vocab_size` (a corpus too small for it
+    gets the largest it supports)."""
     if data.vocab_file:
         return checks.vocab_file(data)
-    key = json.dumps([corpus_fingerprint(data), data.vocab_size, data.seed, data.text_field])
+    key = json.dumps([fingerprint or corpus_fingerprint(data), data.vocab_size, data.seed,
+                      data.text_field])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = files.path(data.data_dir) / "tokenizers" / f"spm_{data.vocab_size}_{digest}.model"
     if not path.is_file():
@@ -318,9 +320,10 @@ class Prepared:
 
 def prepare(data: DataConfig) -> Prepared:
     """Builds the dataset for `data` unless it exists; returns it either way."""
-    vocab = tokenizer_file(data)
+    fingerprint = corpus_fingerprint(data)  # once: it reads every file of the corpus
+    vocab = tokenizer_file(data, fingerprint)
     tokenizer = tokenization.load_tokenizer(vocab, lowercase=data.lowercase)
-    values = identity(data, tokenizer.fingerprint, corpus_fingerprint(data))
+    values = identity(data, tokenizer.fingerprint, fingerprint)
     builder = BertPretraining(
         config=BertPretrainingConfig(name=dataset_name(values), data_config=data,
                                      tokenizer_file=str(vocab), identity=values),
